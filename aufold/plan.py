@@ -1,0 +1,205 @@
+"""The Plan: per-unit sign counts from localization, their ranking, and selection of an Edit.
+
+A plan keeps the full counts (not just the top units), so any k, alpha or subset
+of sites can be chosen later without running the model again. On disk it is a
+folder with ``plan.json`` (a readable summary) and ``counts.safetensors`` (the
+counts themselves); neither format can execute code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from aufold.atomic import atomic_folder, check_output_folder
+from aufold.edit import Edit, SteeredUnit
+from aufold.errors import AufoldError
+from aufold.sites import SITE_ORDER, site_kind
+from aufold.version import __version__
+
+PLAN_JSON = "plan.json"
+COUNTS_FILE = "counts.safetensors"
+SUMMARY_TOP = 100  # how many ranked units plan.json lists; the counts hold all of them
+
+
+@dataclass(frozen=True)
+class SiteCounts:
+    """For one site: per layer and unit, how many pairs had x_pos > x_neg and x_pos < x_neg."""
+
+    positive: torch.Tensor  # int64 [layers, width]
+    negative: torch.Tensor  # int64 [layers, width]
+
+    def __post_init__(self) -> None:
+        if self.positive.shape != self.negative.shape or self.positive.dim() != 2:
+            raise AufoldError("site counts must be two [layers, width] tensors of one shape")
+
+
+@dataclass(frozen=True)
+class RankedUnit:
+    """A unit with its counts; r_pos, r_neg, score and the steering sign follow from them."""
+
+    site: str
+    layer: int
+    unit: int
+    positive: int
+    negative: int
+    num_pairs: int
+
+    @property
+    def r_pos(self) -> float:
+        return self.positive / self.num_pairs
+
+    @property
+    def r_neg(self) -> float:
+        return self.negative / self.num_pairs
+
+    @property
+    def score(self) -> float:
+        return max(self.r_pos, self.r_neg)
+
+    @property
+    def promotes(self) -> bool:
+        """A tie promotes, as in the authors' code."""
+        return self.positive >= self.negative
+
+    def gamma(self, alpha: float) -> float:
+        return alpha * self.r_pos if self.promotes else -alpha * self.r_neg
+
+    def direction_word(self) -> str:
+        return "promote" if self.promotes else "suppress"
+
+    def to_record(self) -> dict[str, Any]:
+        return {"site": self.site, "layer": self.layer, "unit": self.unit,
+                "r_pos": self.r_pos, "r_neg": self.r_neg, "score": self.score,
+                "direction": self.direction_word()}
+
+
+@dataclass
+class Plan:
+    """Localization results for one model: counts per site plus what they were made from."""
+
+    model: str
+    fingerprint: str
+    num_pairs: int
+    counts: dict[str, SiteCounts]
+    settings: dict[str, Any] = field(default_factory=dict)
+    aufold_version: str = __version__
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return tuple(sorted(self.counts, key=SITE_ORDER.__getitem__))
+
+    def num_units(self, sites: Sequence[str] | None = None) -> int:
+        return sum(self.counts[site].positive.numel() for site in self._sites(sites))
+
+    def ranking(self, sites: Sequence[str] | None = None, k: int | None = None) -> list[RankedUnit]:
+        """Units ranked by score, descending; ties broken by (layer, site, unit) ascending."""
+        chosen = self._sites(sites)
+        scores, layers, orders, units, positives, negatives = [], [], [], [], [], []
+        for site in chosen:
+            counts = self.counts[site]
+            n_layers, width = counts.positive.shape
+            positive = counts.positive.numpy().ravel()
+            negative = counts.negative.numpy().ravel()
+            scores.append(np.maximum(positive, negative))
+            layers.append(np.repeat(np.arange(n_layers), width))
+            units.append(np.tile(np.arange(width), n_layers))
+            orders.append(np.full(n_layers * width, SITE_ORDER[site]))
+            positives.append(positive)
+            negatives.append(negative)
+        score, layer, order, unit = (np.concatenate(a) for a in (scores, layers, orders, units))
+        # np.lexsort sorts by the last key first: score descending, then layer, site, unit.
+        ranked = np.lexsort((unit, order, layer, -score))
+        if k is not None:
+            ranked = ranked[:k]
+        positive, negative = np.concatenate(positives), np.concatenate(negatives)
+        site_names = {SITE_ORDER[site]: site for site in chosen}
+        return [RankedUnit(site_names[int(order[i])], int(layer[i]), int(unit[i]),
+                           int(positive[i]), int(negative[i]), self.num_pairs) for i in ranked]
+
+    def select(self, k: int, alpha: float, sites: Sequence[str] | None = None) -> Edit:
+        """The top-k units as an Edit with gamma = alpha * signed score."""
+        check_alpha(alpha)
+        available = self.num_units(sites)
+        if not isinstance(k, int) or k < 1:
+            raise AufoldError(f"k must be a positive integer, got {k!r}")
+        if k > available:
+            raise AufoldError(f"k={k} is larger than the {available} units available in sites "
+                              f"{', '.join(self._sites(sites))}; choose k <= {available}")
+        return Edit.of(SteeredUnit(u.site, u.layer, u.unit, u.gamma(alpha))
+                       for u in self.ranking(sites, k))
+
+    def check_fingerprint(self, fingerprint: str, *, force: bool = False) -> None:
+        """Refuse to apply the plan to a model of another shape, unless forced."""
+        if fingerprint != self.fingerprint and not force:
+            raise AufoldError(f"the plan was made for another model ({self.model}, fingerprint "
+                              f"{self.fingerprint}; this model has {fingerprint}); localize "
+                              f"this model, or pass --force if you are sure")
+
+    def summary(self, top: int = SUMMARY_TOP) -> dict[str, Any]:
+        return {
+            "format": "aufold-plan",
+            "aufold_version": self.aufold_version,
+            "model": self.model,
+            "fingerprint": self.fingerprint,
+            "sites": list(self.sites),
+            "num_pairs": self.num_pairs,
+            "shapes": {site: list(c.positive.shape) for site, c in self.counts.items()},
+            "settings": self.settings,
+            "ranking_rule": "score = max(r_pos, r_neg) descending; ties by layer, site "
+                            "(head, mlp, mlp-out, residual), unit ascending",
+            "top_units": [u.to_record() for u in self.ranking(k=min(top, self.num_units()))],
+        }
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the plan folder atomically."""
+        out = check_output_folder(path, overwrite=overwrite)
+        with atomic_folder(out) as staging:
+            tensors = {}
+            for site, counts in self.counts.items():
+                tensors[f"{site}.positive"] = counts.positive.contiguous()
+                tensors[f"{site}.negative"] = counts.negative.contiguous()
+            save_file(tensors, staging / COUNTS_FILE, metadata={"format": "aufold-plan"})
+            (staging / PLAN_JSON).write_text(json.dumps(self.summary(), indent=2) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        folder = Path(path)
+        if not (folder / PLAN_JSON).is_file() or not (folder / COUNTS_FILE).is_file():
+            raise AufoldError(f"{folder} is not a plan folder (needs {PLAN_JSON} and "
+                              f"{COUNTS_FILE}); make one with `aufold localize`")
+        try:
+            meta = json.loads((folder / PLAN_JSON).read_text())
+            tensors = load_file(folder / COUNTS_FILE)
+            counts = {site: SiteCounts(tensors[f"{site}.positive"], tensors[f"{site}.negative"])
+                      for site in meta["sites"]}
+        except (json.JSONDecodeError, KeyError, OSError) as error:
+            raise AufoldError(f"plan {folder} is damaged ({error}); localize again") from None
+        for site in counts:
+            site_kind(site)
+        return cls(model=meta["model"], fingerprint=meta["fingerprint"],
+                   num_pairs=int(meta["num_pairs"]), counts=counts,
+                   settings=meta.get("settings", {}), aufold_version=meta["aufold_version"])
+
+    def _sites(self, sites: Sequence[str] | None) -> tuple[str, ...]:
+        if sites is None:
+            return self.sites
+        for site in sites:
+            if site not in self.counts:
+                raise AufoldError(f"site {site!r} is not in this plan; it has: "
+                                  f"{', '.join(self.sites)}")
+        return tuple(sorted(set(sites), key=SITE_ORDER.__getitem__))
+
+
+def check_alpha(alpha: float) -> None:
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise AufoldError(f"alpha must be a finite number, got {alpha!r}")

@@ -1,0 +1,62 @@
+"""Hook mode: steer a loaded model at run time, ``with steer(model, edit): ...``.
+
+Each selected unit's activation is multiplied by ``1 + gamma`` at every token
+position. Input sites use forward pre-hooks on their projection, output sites
+forward hooks; the hooks are removed on exit, also when the block raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from aufold.edit import Edit, UnitGroup, scaled
+from aufold.modeling import check_site_exists, site_module
+from aufold.sites import site_kind
+
+
+@contextmanager
+def steer(model: PreTrainedModel, edit: Edit) -> Iterator[PreTrainedModel]:
+    """Apply an edit with hooks for the duration of the ``with`` block."""
+    for site in edit.sites:
+        check_site_exists(model, site)
+    handles = []
+    try:
+        for group in edit.groups():
+            module = site_module(model, group.site, group.layer)
+            handles.append(_register(module, group))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _register(module: nn.Module, group: UnitGroup) -> torch.utils.hooks.RemovableHandle:
+    if site_kind(group.site).placement == "input":
+        def scale_input(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if args:
+                return (_scale_units(args[0], group), *args[1:]), kwargs
+            name = next(iter(kwargs))  # projections take one tensor: (x) or (input=x)
+            return args, {**kwargs, name: _scale_units(kwargs[name], group)}
+
+        return module.register_forward_pre_hook(scale_input, with_kwargs=True)
+
+    def scale_output(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
+        if isinstance(output, tuple):  # decoder layers of some models return tuples
+            return (_scale_units(output[0], group), *output[1:])
+        return _scale_units(output, group)
+
+    return module.register_forward_hook(scale_output)
+
+
+def _scale_units(hidden: torch.Tensor, group: UnitGroup) -> torch.Tensor:
+    """Scale the group's units along the last axis, leaving the input tensor untouched."""
+    index = group.index.to(hidden.device)
+    steered = hidden.clone()
+    steered[..., index] = scaled(hidden[..., index], group.scale)
+    return steered

@@ -1,0 +1,69 @@
+"""Finding the benchmark data and reading its files, with errors that say where we looked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from aufold.errors import AufoldError
+
+Record = dict[str, Any]
+
+# The data lives beside the repository, never inside it: repo/../shared/data.
+# This file is repo/aufold/tasks/files.py, so the repository root is three levels up.
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+_SHARED_DATA = _REPO_ROOT.parent / "shared" / "data"
+
+
+def default_data_dir() -> Path | None:
+    """Return ``../shared/data`` next to the repository when it exists, else ``None``."""
+    return _SHARED_DATA if _SHARED_DATA.is_dir() else None
+
+
+def require_file(data_dir: Path, relative: str, task: str) -> Path:
+    """Return ``data_dir / relative``, or raise an error naming the missing folder or file."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise AufoldError(f"{task}: data folder {data_dir} does not exist; point the data "
+                          f"directory at the folder that holds {relative}")
+    path = data_dir / relative
+    if not path.is_file():
+        raise AufoldError(f"{task}: data file {relative} not found (looked for {path}); put "
+                          f"the file there or point the data directory elsewhere")
+    return path
+
+
+def read_jsonl(path: Path) -> list[Record]:
+    """Read one JSON object per non-blank line; a bad line is reported with its number."""
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            records.append(parse_json_object(line, f"{path}, line {line_number}"))
+    return records
+
+
+def read_json_list(path: Path) -> list[Record]:
+    """Read a JSON file that holds one list of objects."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise AufoldError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}); "
+                          f"restore the original file") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise AufoldError(f"{path}: expected a JSON list of objects; restore the original file")
+    return records
+
+
+def parse_json_object(line: str, where: str) -> Record:
+    """Parse one JSONL line that must hold a JSON object."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise AufoldError(f"{where}: not valid JSON ({error.msg}); each line must be one "
+                          f"JSON object") from None
+    if not isinstance(record, dict):
+        raise AufoldError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
