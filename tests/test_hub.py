@@ -22,6 +22,9 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+from tiny_models import save_tiny_model
+
+from aufold.pairs import ContrastivePair, write_pairs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAKE_TOKEN = "hf_aufoldFakeToken0123456789abcdefXYZ"
@@ -130,8 +133,8 @@ def model_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def run_push(endpoint: str, folder: Path, hf_home: Path) -> subprocess.CompletedProcess[str]:
-    """Push ``folder`` from a fresh interpreter that only knows the fake hub and the fake token."""
+def hub_env(endpoint: str, hf_home: Path) -> dict[str, str]:
+    """An environment that only knows the fake hub and the fake token."""
     # Drop the caller's HF_* settings (offline mode, OIDC, a real token or login) and proxies.
     env = {
         key: value
@@ -142,10 +145,15 @@ def run_push(endpoint: str, folder: Path, hf_home: Path) -> subprocess.Completed
     env.update(
         HF_ENDPOINT=endpoint, HF_TOKEN=FAKE_TOKEN, HF_HUB_DISABLE_XET="1", HF_HOME=str(hf_home)
     )
+    return env
+
+
+def run_push(endpoint: str, folder: Path, hf_home: Path) -> subprocess.CompletedProcess[str]:
+    """Push ``folder`` from a fresh interpreter (huggingface_hub reads HF_ENDPOINT on import)."""
     return subprocess.run(
         [sys.executable, "-c", PUSH_SCRIPT, str(folder), REPO_ID, COMMIT_MESSAGE],
         cwd=REPO_ROOT,
-        env=env,
+        env=hub_env(endpoint, hf_home),
         capture_output=True,
         text=True,
         timeout=60,
@@ -207,3 +215,26 @@ def test_unreachable_hub_becomes_a_clear_aufold_error(model_folder: Path, tmp_pa
     assert result.returncode == 2, result.stderr
     assert result.stdout.startswith(f"AufoldError: cannot reach the Hugging Face Hub at {endpoint}")
     assert FAKE_TOKEN not in result.stdout + result.stderr
+
+
+def test_export_push_to_hub_uploads_the_exported_folder(fake_hub: FakeHub, tmp_path: Path) -> None:
+    base = save_tiny_model("llama", tmp_path / "base")
+    write_pairs([ContrastivePair(f"{a} and", f" {a}", f" {a + 1}") for a in range(5)], tmp_path / "p.jsonl")
+    aufold = [sys.executable, "-c", "import cli; cli.main()"]
+    env = hub_env(fake_hub.url, tmp_path / "hf_home")
+    subprocess.run([*aufold, "localize", str(base), "--pairs", str(tmp_path / "p.jsonl"), "--site", "mlp",
+                    "--out", str(tmp_path / "plan")], cwd=REPO_ROOT, env=env, check=True, timeout=120)
+    out = tmp_path / "folded"
+    result = subprocess.run([*aufold, "export", str(base), "--plan", str(tmp_path / "plan"), "--k", "3",
+                             "--alpha", "2", "--out", str(out), "--push-to-hub", REPO_ID, "--private"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"pushed to {fake_hub.url}/{REPO_ID}/commit/{COMMIT_OID}" in result.stdout
+    assert FAKE_TOKEN not in result.stdout + result.stderr
+    created = [json.loads(c.body) for c in fake_hub.calls if c.path == "/api/repos/create"]
+    assert created and created[0]["visibility"] == "private"
+    commits = [call for call in fake_hub.calls if call.path == f"/api/models/{REPO_ID}/commit/main"]
+    assert len(commits) == 1
+    uploaded = {entry["value"]["path"]: base64.b64decode(entry["value"]["content"])
+                for entry in map(json.loads, commits[0].body.splitlines()[1:])}
+    assert uploaded == {path.name: path.read_bytes() for path in out.iterdir()}
