@@ -48,8 +48,3 @@ def atomic_folder(out: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
-
-def require_file(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise AufoldError(f"{what} not found: {path}")
-    return path

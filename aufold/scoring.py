@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from aufold.encoding import chat_prompt, encode, pad_id, pad_right
 from aufold.modeling import input_device
 from aufold.tasks import Item
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @torch.inference_mode()
@@ -52,9 +56,9 @@ def choice_logliks(
 
 
 def loglik_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                    items: Sequence[Item], **kwargs: object) -> float:
+                    items: Sequence[Item], *, batch_size: int = 16, chat_template: bool = False) -> float:
     """The fraction of items whose gold answer has the highest log-likelihood."""
-    logliks = choice_logliks(model, tokenizer, items, **kwargs)  # type: ignore[arg-type]
+    logliks = choice_logliks(model, tokenizer, items, batch_size=batch_size, chat_template=chat_template)
     correct = sum(item.choices[max(range(len(s)), key=s.__getitem__)] == item.answer
                   for item, s in zip(items, logliks))
     return correct / len(items)
