@@ -13,9 +13,15 @@ import click
 
 from aufold.encoding import DEFAULT_MAX_LENGTH
 from aufold.errors import AufoldError
+from aufold.evaluate import DEFAULT_EVAL_MAX_LENGTH, SCORERS
+from aufold.evaluate.batches import DEFAULT_BATCH_SIZE as EVAL_BATCH_SIZE
+from aufold.evaluate.math import DEFAULT_MAX_NEW_TOKENS
+from aufold.formats import CHECKPOINT, FORMATS
 from aufold.localize import DEFAULT_BATCH_SIZE
 from aufold.modeling import DTYPES
-from aufold.sites import SITES
+from aufold.sites import SITES, VECTOR_SITES
+from aufold.tasks.base import SPLITS
+from aufold.tune import ALPHA_GRID, K_GRID
 from aufold.version import __version__
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -38,15 +44,22 @@ def reports_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def selection_options(command: F) -> F:
-    """The options that turn a plan into an edit: --plan, --k, --alpha, --site, --force."""
+def selection_options(command: F, *, required: bool = True) -> F:
+    """The options that turn a plan into an edit: --plan, --k, --alpha, --site, --force.
+
+    ``required=False`` (export, eval) also offers --tuned, the tune.json of `aufold tune`,
+    in place of --plan/--k/--alpha/--site; aufold.tuned.resolve_selection checks the mix.
+    """
+    tuned = [click.option("--tuned", type=click.Path(path_type=Path), default=None,
+                          help="tune.json of `aufold tune`: its plan, site, k and alpha.")]
     for option in reversed([
-        click.option("--plan", "plan_dir", required=True, type=click.Path(path_type=Path),
+        click.option("--plan", "plan_dir", required=required, type=click.Path(path_type=Path),
                      help="Plan folder written by `aufold localize`."),
-        click.option("--k", type=int, required=True, help="Number of top-ranked units to steer."),
-        click.option("--alpha", type=float, required=True, help="Strength: gamma = alpha * signed score."),
+        click.option("--k", type=int, required=required, help="Number of top-ranked units to steer."),
+        click.option("--alpha", type=float, required=required, help="Strength: gamma = alpha * signed score."),
         click.option("--site", "sites", multiple=True, type=click.Choice(list(SITES)),
                      help="Rank only these sites of the plan (default: all of its sites)."),
+        *([] if required else tuned),
         click.option("--force", is_flag=True, help="Use a plan whose model fingerprint differs."),
         dtype_option,
     ]):
@@ -54,11 +67,48 @@ def selection_options(command: F) -> F:
     return command
 
 
+def optional_selection_options(command: F) -> F:
+    return selection_options(command, required=False)
+
+
 dtype_option = click.option("--dtype", default="auto", show_default=True, type=click.Choice(list(DTYPES)),
                             help="Dtype to load the model in (auto: the checkpoint's own).")
+data_dir_option = click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+                               help="Folder of the task's files (default: ../shared/data beside the "
+                                    "repository; for --task generic, the folder of pairs/tune/test.jsonl).")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def eval_options(command: F) -> F:
+    """How evaluation runs: --batch-size, --max-length, --max-new-tokens, --chat-template."""
+    for option in reversed([
+        click.option("--batch-size", default=EVAL_BATCH_SIZE, show_default=True, type=click.IntRange(min=1)),
+        click.option("--max-length", default=DEFAULT_EVAL_MAX_LENGTH, show_default=True,
+                     type=click.IntRange(min=1), help="Longer prompts keep their last tokens."),
+        click.option("--max-new-tokens", default=DEFAULT_MAX_NEW_TOKENS, show_default=True,
+                     type=click.IntRange(min=1), help="Generation budget of math tasks."),
+        click.option("--chat-template", is_flag=True,
+                     help="Wrap each prompt in the tokenizer's chat template (instruct models)."),
+    ]):
+        command = option(command)
+    return command
+
+
+class OneLineErrors(click.Group):
+    """A group whose usage errors are one line, like aufold's own, instead of usage text."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as error:
+            command = f" {error.ctx.command_path.split(' ', 1)[-1]}" if getattr(error, "ctx", None) else ""
+            click.echo(f"aufold: error: {error.format_message()} (see `aufold{command} --help`)", err=True)
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="aufold")
 def main() -> None:
     """Fine-grained activation steering (AUSteer), folded into model weights.
@@ -69,8 +119,10 @@ def main() -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("--pairs", "pairs_file", required=True, type=click.Path(path_type=Path),
-              help="JSONL with prompt, positive and negative per line.")
+@click.option("--pairs", "pairs_file", default=None, type=click.Path(path_type=Path),
+              help="JSONL with prompt, positive and negative per line (or use --task).")
+@click.option("--task", default=None, help="Localize on this task's pairs split instead of --pairs.")
+@data_dir_option
 @click.option("--site", "sites", multiple=True, required=True, type=click.Choice(list(SITES)),
               help="Site to localize; repeat for several.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Plan folder to write.")
@@ -81,26 +133,37 @@ def main() -> None:
 @dtype_option
 @click.option("--device", default=None, help="Device to run on, e.g. cuda or cpu.")
 @click.option("--device-map", default=None, help="Spread a large model over devices, e.g. auto.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Count only part I (from 0) of N of the pairs; add the parts with merge-counts. "
+                   "Under torchrun the ranks split the pairs by themselves.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
 @reports_errors
-def localize(model: str, pairs_file: Path, sites: tuple[str, ...], out: Path, batch_size: int,
-             max_length: int, chat_template: bool, dtype: str, device: str | None,
-             device_map: str | None, overwrite: bool) -> None:
+def localize(model: str, pairs_file: Path | None, task: str | None, data_dir: Path | None,
+             sites: tuple[str, ...], out: Path, batch_size: int, max_length: int, chat_template: bool,
+             dtype: str, device: str | None, device_map: str | None, shard: str | None,
+             overwrite: bool) -> None:
     """Rank the atomic units of MODEL by how consistently they separate the pairs."""
     from aufold.atomic import check_output_folder
-    from aufold.localize import localize as run_localize
     from aufold.modeling import load_model
-    from aufold.pairs import read_pairs
+    from aufold.shards import is_main_process, localize_pairs, rank_device
+    from aufold.tasks import read_pairs_or_task
 
-    pairs = read_pairs(pairs_file)
+    pairs = read_pairs_or_task(pairs_file, task, data_dir)
     check_output_folder(out, overwrite=overwrite)
-    loaded, tokenizer, source = load_model(model, dtype=dtype, device=device, device_map=device_map)
-    plan = run_localize(loaded, tokenizer, pairs, sites, batch_size=batch_size, max_length=max_length,
-                        chat_template=chat_template, model_id=source.ref)
+    loaded, tokenizer, source = load_model(model, dtype=dtype, device=rank_device(device),
+                                           device_map=device_map)
+    plan = localize_pairs(loaded, tokenizer, pairs, sites, shard=shard, batch_size=batch_size,
+                          max_length=max_length, chat_template=chat_template, model_id=source.ref)
+    if not is_main_process():
+        return
     truncated = plan.settings["truncated_texts"]
     if truncated:
         click.echo(f"note: {truncated} text(s) were longer than {max_length} tokens and were cut "
                    f"from the left", err=True)
+    if plan.settings["full_text_pairs"]:
+        click.echo(f"note: {plan.settings['full_text_pairs']} of {plan.num_pairs} pair(s) ran as two "
+                   f"full texts (their prompt's tokens are not a prefix of both texts' tokens, or a "
+                   f"text was cut); the others shared their prompt", err=True)
     plan.save(out, overwrite=overwrite)
     click.echo(f"localized {plan.num_units()} units over {plan.num_pairs} pairs; top units:")
     for unit in plan.ranking(k=10):
@@ -109,25 +172,63 @@ def localize(model: str, pairs_file: Path, sites: tuple[str, ...], out: Path, ba
     click.echo(f"plan written to {out}")
 
 
+@main.command("merge-counts")
+@click.argument("parts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Plan folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@reports_errors
+def merge_counts(parts: tuple[Path, ...], out: Path, overwrite: bool) -> None:
+    """Add the partial plans of `aufold localize --shard I/N` (all N parts) into one plan."""
+    from aufold.atomic import check_output_folder
+    from aufold.plan import Plan
+    from aufold.shards import merge_counts as run_merge
+
+    check_output_folder(out, overwrite=overwrite)
+    plan = run_merge([Plan.load(part) for part in parts])
+    plan.save(out, overwrite=overwrite)
+    click.echo(f"merged {len(parts)} parts: {plan.num_pairs} pairs, {plan.num_units()} units; "
+               f"plan written to {out}")
+
+
 @main.command()
 @click.argument("model")
-@selection_options
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint folder to write.")
+@optional_selection_options
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder to write: the checkpoint, the adapter or the GGUF file, with card.")
+@click.option("--format", "output_format", default=CHECKPOINT, show_default=True,
+              type=click.Choice(list(FORMATS)),
+              help="checkpoint: full folded model; lora / ia3: exact PEFT adapter; gguf: fold into "
+                   "a copy of MODEL's .gguf file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
 @click.option("--base-model-id", default=None, help="Hub id of the base model for the model card.")
 @click.option("--push-to-hub", "repo_id", default=None, help="Also upload the folder to this hub repo.")
 @click.option("--private", is_flag=True, help="Create the hub repo as private.")
+@click.option("--link-unchanged", is_flag=True,
+              help="Hard-link shards that hold no edit instead of copying them (same file system; "
+                   "the output then shares those files with the input).")
+@click.option("--allow-pickle", is_flag=True,
+              help="Load a checkpoint that has pickle (.bin) weights only through transformers.")
 @reports_errors
-def export(model: str, plan_dir: Path, k: int, alpha: float, sites: tuple[str, ...], force: bool,
-           dtype: str, out: Path, overwrite: bool, base_model_id: str | None, repo_id: str | None,
-           private: bool) -> None:
-    """Fold the top-k units of a plan into MODEL and write a standard checkpoint."""
+def export(model: str, plan_dir: Path | None, k: int | None, alpha: float | None,
+           sites: tuple[str, ...], tuned: Path | None, force: bool, dtype: str, out: Path,
+           output_format: str, overwrite: bool, base_model_id: str | None, repo_id: str | None,
+           private: bool, link_unchanged: bool, allow_pickle: bool) -> None:
+    """Fold the top-k units of a plan (or the choice of `aufold tune`) into MODEL and write a
+    standard checkpoint (or --format)."""
     from aufold.export import export as run_export
+    from aufold.tuned import resolve_selection
 
-    result = run_export(model, plan_dir, k=k, alpha=alpha, out=out, sites=sites or None, dtype=dtype,
+    chosen = resolve_selection(plan_dir=plan_dir, k=k, alpha=alpha, sites=sites, tuned=tuned, required=True)
+    assert chosen is not None
+    result = run_export(model, chosen.plan_dir, k=chosen.k, alpha=chosen.alpha, out=out, sites=chosen.sites,
+                        dtype=dtype,
                         overwrite=overwrite, force=force, base_model_id=base_model_id,
-                        push_to_hub=repo_id, private=private)
-    click.echo(f"folded {len(result.edit)} units ({', '.join(result.edit.sites)}) into {result.out}")
+                        push_to_hub=repo_id, private=private, link_unchanged=link_unchanged,
+                        allow_pickle=allow_pickle, format=output_format)
+    if result.streamed:
+        click.echo(result.streamed.summary())
+    written = "folded" if output_format == CHECKPOINT else f"wrote as {output_format}"
+    click.echo(f"{written} {len(result.edit)} units ({', '.join(result.edit.sites)}) into {result.out}")
     if result.url:
         click.echo(f"pushed to {result.url}")
 
@@ -166,16 +267,140 @@ def verify(model: str, plan_dir: Path, k: int, alpha: float, sites: tuple[str, .
 @click.option("--prompt", required=True, help="Prompt to complete.")
 @click.option("--max-new-tokens", default=40, show_default=True, type=click.IntRange(min=1))
 @click.option("--chat-template", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@click.option("--device", default=None, help="Device to run on, e.g. cuda or cpu.")
+@click.option("--device-map", default=None, help="Spread a large model over devices, e.g. auto.")
 @reports_errors
 def generate(model: str, plan_dir: Path, k: int, alpha: float, sites: tuple[str, ...], force: bool,
-             dtype: str, prompt: str, max_new_tokens: int, chat_template: bool) -> None:
+             dtype: str, prompt: str, max_new_tokens: int, chat_template: bool, device: str | None,
+             device_map: str | None) -> None:
     """Print MODEL's greedy completion of a prompt without and with steering (hook mode)."""
     from aufold.generate import compare_completions
 
     plain, steered = compare_completions(model, plan_dir, k=k, alpha=alpha, sites=sites or None,
                                          dtype=dtype, prompt=prompt, max_new_tokens=max_new_tokens,
-                                         chat_template=chat_template, force=force)
+                                         chat_template=chat_template, force=force, device=device,
+                                         device_map=device_map)
     click.echo(f"--- unsteered ---\n{plain}\n--- steered (k={k}, alpha={alpha:g}) ---\n{steered}")
+
+
+@main.command("fold-vector")
+@click.argument("model")
+@click.option("--vector", "vector_path", required=True, type=click.Path(path_type=Path),
+              help="Per-layer vectors: a repeng/llama.cpp .gguf control vector, a .safetensors or "
+                   ".json file, or a folder of per-layer files (CAA layout).")
+@click.option("--site", default="residual", show_default=True, type=click.Choice(list(VECTOR_SITES)),
+              help="Where the vectors are added: the residual stream after each layer, or the "
+                   "attention / MLP output.")
+@click.option("--scale", type=float, default=1.0, show_default=True,
+              help="Multiplier of the vectors (repeng's coeff).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@click.option("--base-model-id", default=None, help="Hub id of the base model for the model card.")
+@dtype_option
+@reports_errors
+def fold_vector(model: str, vector_path: Path, site: str, scale: float, out: Path, overwrite: bool,
+                base_model_id: str | None, dtype: str) -> None:
+    """Fold additive steering vectors into MODEL's biases and write a standard checkpoint."""
+    from aufold.vectors.export import fold_vector_checkpoint
+
+    result = fold_vector_checkpoint(model, vector_path, out=out, site=site, scale=scale, dtype=dtype,
+                                    overwrite=overwrite, base_model_id=base_model_id)
+    flags = f"; switched on {', '.join(result.fold.flags)}" if result.fold.flags else ""
+    click.echo(f"folded {len(result.fold.modules)} vectors ({site}, scale {scale:g}) into biases "
+               f"of {result.out}{flags}")
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--task", required=True, help="Task: copa, boolq, winogrande, svamp, mawps or generic.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(list(SPLITS)))
+@data_dir_option
+@click.option("--scorer", default=None, type=click.Choice(list(SCORERS)),
+              help="first-token (the authors' protocol) or loglik for choice tasks; math tasks "
+                   "generate. Default: first-token, or math for math tasks.")
+@optional_selection_options
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N items of the split.")
+@eval_options
+@click.option("--device", default=None, help="Device to run on, e.g. cuda or cpu.")
+@click.option("--report", type=click.Path(path_type=Path), default=None,
+              help="JSON report to write, with every item's prediction.")
+@reports_errors
+def evaluate(model: str, task: str, split: str, data_dir: Path | None, scorer: str | None,
+             plan_dir: Path | None, k: int | None, alpha: float | None, sites: tuple[str, ...],
+             tuned: Path | None, force: bool, dtype: str, limit: int | None, batch_size: int,
+             max_length: int, max_new_tokens: int, chat_template: bool, device: str | None,
+             report: Path | None) -> None:
+    """Evaluate MODEL (or MODEL steered by a plan's top-k units) on a task split."""
+    from aufold.evaluate import evaluate_model
+    from aufold.tuned import resolve_selection
+
+    chosen = resolve_selection(plan_dir=plan_dir, k=k, alpha=alpha, sites=sites, tuned=tuned)
+    result = evaluate_model(model, task, split, selection=chosen, scorer=scorer, data_dir=data_dir,
+                            limit=limit, dtype=dtype, device=device, force=force, report=report,
+                            batch_size=batch_size, chat_template=chat_template,
+                            max_length=max_length, max_new_tokens=max_new_tokens)
+    steering = f"steered k={chosen.k} alpha={chosen.alpha:g}" if chosen else "unsteered"
+    click.echo(f"{task} {split} ({result.scorer}, {steering}): {result.summary_line()}")
+    if result.settings["truncated_prompts"]:
+        click.echo(f"note: {result.settings['truncated_prompts']} prompt(s) were longer than "
+                   f"{max_length} tokens and kept their last tokens", err=True)
+    if report is not None:
+        click.echo(f"report written to {report}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--task", required=True, help="Task: copa, boolq, winogrande, svamp, mawps or generic.")
+@click.option("--site", "sites", multiple=True, type=click.Choice(list(SITES)),
+              help="Site to tune; repeat for several (default: the --plan's sites).")
+@click.option("--plan", "plan_dir", type=click.Path(path_type=Path), default=None,
+              help="Use this plan instead of localizing on the task's pairs split.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for tune.json, the test reports, the plan and the heatmaps.")
+@click.option("--k-grid", default=",".join(map(str, K_GRID)), show_default=True, help="Values of k.")
+@click.option("--alpha-grid", default=",".join(f"{a:g}" for a in ALPHA_GRID), show_default=True,
+              help="Values of alpha.")
+@data_dir_option
+@click.option("--scorer", default=None, type=click.Choice(list(SCORERS)),
+              help="As for `aufold eval`; default first-token, or math for math tasks.")
+@click.option("--pairs-size", type=int, default=None, help="Localize on the first N pairs only.")
+@click.option("--tune-size", type=int, default=None, help="Sweep on the first N tune items only.")
+@click.option("--test-size", type=int, default=None, help="Report on the first N test items only.")
+@eval_options
+@dtype_option
+@click.option("--device", default=None, help="Device to run on, e.g. cuda or cpu.")
+@click.option("--force", is_flag=True, help="Use a plan whose model fingerprint differs.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@click.option("--no-plot", is_flag=True, help="Skip the heatmaps (they need matplotlib).")
+@reports_errors
+def tune(model: str, task: str, sites: tuple[str, ...], plan_dir: Path | None, out: Path, k_grid: str,
+         alpha_grid: str, data_dir: Path | None, scorer: str | None, pairs_size: int | None,
+         tune_size: int | None, test_size: int | None, batch_size: int, max_length: int,
+         max_new_tokens: int, chat_template: bool, dtype: str, device: str | None, force: bool,
+         overwrite: bool, no_plot: bool) -> None:
+    """Sweep alpha x k per site on the tune split, pick the best, evaluate it once on test."""
+    from aufold.tune import parse_grid
+    from aufold.tune import tune as run_tune
+
+    outcome = run_tune(model, task, out=out, sites=sites, plan_dir=plan_dir,
+                       ks=parse_grid(k_grid, int, "--k-grid"),
+                       alphas=parse_grid(alpha_grid, float, "--alpha-grid"), scorer=scorer,
+                       data_dir=data_dir, pairs_size=pairs_size, tune_size=tune_size,
+                       test_size=test_size, batch_size=batch_size, chat_template=chat_template,
+                       max_length=max_length, max_new_tokens=max_new_tokens, dtype=dtype,
+                       device=device, force=force, overwrite=overwrite, plot=not no_plot,
+                       echo=click.echo)
+    for site in outcome.sweep.sites():
+        click.echo(outcome.sweep.table(site))
+    best = outcome.record["best"]
+    click.echo(f"best on tune: {outcome.best.label()} (tune accuracy {best['tune_accuracy']:.4f}, "
+               f"unsteered {outcome.sweep.base.accuracy:.4f})")
+    click.echo(f"test, unsteered: {outcome.test_base.summary_line()}")
+    click.echo(f"test, steered:   {outcome.test_steered.summary_line()}; gain "
+               f"{outcome.record['test']['gain']:+.4f}")
+    for note in outcome.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"results in {outcome.out} (export with --tuned {outcome.out / 'tune.json'})")
 
 
 @main.command()

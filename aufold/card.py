@@ -15,6 +15,18 @@ PROVENANCE_FILE = "aufold.json"
 
 
 @dataclass(frozen=True)
+class Artifact:
+    """The parts of the card that depend on what was written: checkpoint, adapter or GGUF file."""
+
+    format: str  # as named by ``aufold export --format``
+    library_name: str  # the Hub's name for the library that loads it
+    summary: str  # the paragraph under the title (markdown)
+    usage: str  # the body of the Usage section (markdown)
+    written: str  # what the export step did: step 3 of "How it was made"
+    settings: tuple[tuple[str, str], ...] = ()  # extra rows for the settings table
+
+
+@dataclass(frozen=True)
 class ExportRecord:
     """Everything the card and the provenance file say about one export."""
 
@@ -25,6 +37,7 @@ class ExportRecord:
     alpha: float
     sites: Sequence[str]
     dtype: str
+    artifact: Artifact | None = None  # None: a standard checkpoint (:func:`checkpoint_artifact`)
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -39,17 +52,56 @@ class ExportRecord:
                      "sites": list(self.plan.sites), "settings": self.plan.settings,
                      "aufold_version": self.plan.aufold_version},
             "dtype": self.dtype,
+            "output_format": self.artifact.format if self.artifact else "checkpoint",
             "units": [{**unit.to_record(), "gamma": unit.gamma(self.alpha)} for unit in self.units],
         }
 
 
+def card_files(record: ExportRecord) -> dict[str, str]:
+    """The texts every export folder holds, by file name: the card and the provenance."""
+    return {"README.md": model_card(record),
+            PROVENANCE_FILE: json.dumps(record.provenance(), indent=2) + "\n"}
+
+
+def units_sentence(record: ExportRecord) -> str:
+    """What the edit does, in the words every card uses."""
+    return (f"{len(record.units)} atomic units (site {', '.join(record.sites)}) are scaled by "
+            f"`1 + gamma`, where gamma = alpha x the unit's signed consistency score.")
+
+
+def checkpoint_artifact(record: ExportRecord) -> Artifact:
+    """The card texts of a standard checkpoint with the edit folded into its weights."""
+    return Artifact(
+        format="checkpoint",
+        library_name="transformers",
+        summary=f"""This checkpoint is `{record.base_model}` with fine-grained activation steering
+(AUSteer, arXiv 2602.04428) folded into its weights. {units_sentence(record)}
+Because the steering is proportional to the activation, it is an exact scaling of
+weight columns (unit inputs of `o_proj` / `down_proj`) or rows (outputs of `down_proj`),
+so the model keeps its architecture, size and speed.""",
+        usage="""```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("path/or/repo-id")
+tokenizer = AutoTokenizer.from_pretrained("path/or/repo-id")
+```
+
+No custom code and no aufold install are needed; it runs on any stack that runs the
+base model (transformers, vLLM, llama.cpp after conversion).""",
+        written="""`aufold export`: the matching weight slices were multiplied by `1 + gamma` in float32
+   and rounded once; every other weight is bitwise unchanged.""",
+    )
+
+
 def model_card(record: ExportRecord) -> str:
     """A README.md with Hub metadata, what was changed, and how to load the result."""
+    artifact = record.artifact or checkpoint_artifact(record)
     sites = ", ".join(record.sites)
+    extra_settings = "".join(f"\n| {name} | {value} |" for name, value in artifact.settings)
     header = "\n".join([
         "---",
         f"base_model: {json.dumps(record.base_model)}",
-        "library_name: transformers",
+        f"library_name: {artifact.library_name}",
         "tags:",
         "- aufold",
         "- activation-steering",
@@ -62,12 +114,7 @@ def model_card(record: ExportRecord) -> str:
 
 # {record.base_model}, steered with aufold
 
-This checkpoint is `{record.base_model}` with fine-grained activation steering
-(AUSteer, arXiv 2602.04428) folded into its weights. {len(record.units)} atomic units
-(site {sites}) are scaled by `1 + gamma`, where gamma = alpha x the unit's signed
-consistency score. Because the steering is proportional to the activation, it is an
-exact scaling of weight columns (unit inputs of `o_proj` / `down_proj`) or rows
-(outputs of `down_proj`), so the model keeps its architecture, size and speed.
+{artifact.summary}
 
 | setting | value |
 |---|---|
@@ -76,19 +123,11 @@ exact scaling of weight columns (unit inputs of `o_proj` / `down_proj`) or rows
 | alpha | {record.alpha:g} |
 | contrastive pairs | {record.plan.num_pairs} |
 | dtype | {record.dtype} |
-| aufold | {__version__} |
+| aufold | {__version__} |{extra_settings}
 
 ## Usage
 
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("path/or/repo-id")
-tokenizer = AutoTokenizer.from_pretrained("path/or/repo-id")
-```
-
-No custom code and no aufold install are needed; it runs on any stack that runs the
-base model (transformers, vLLM, llama.cpp after conversion).
+{artifact.usage}
 
 ## How it was made
 
@@ -97,8 +136,7 @@ base model (transformers, vLLM, llama.cpp after conversion).
    (r_neg) for the positive text than for the negative one; score = max(r_pos, r_neg).
 2. The top {record.k} units by score were kept; gamma = alpha x r_pos for units that
    promote, -alpha x r_neg for units that suppress.
-3. `aufold export`: the matching weight slices were multiplied by `1 + gamma` in float32
-   and rounded once; every other weight is bitwise unchanged.
+3. {artifact.written}
 
 `{PROVENANCE_FILE}` records the same in machine-readable form.
 

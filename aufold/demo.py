@@ -15,17 +15,23 @@ import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from transformers import PreTrainedTokenizerBase
 
 from aufold.atomic import atomic_folder, check_output_folder
+from aufold.evaluate import evaluate_items
 from aufold.export import export_loaded
 from aufold.localize import localize
 from aufold.modeling import load_model, resolve_source, smollm2_gguf_path
 from aufold.pairs import write_pairs
-from aufold.scoring import loglik_accuracy
 from aufold.steer import steer
 from aufold.tasks import Item
 from aufold.tasks.contrast import choice_pairs
 from aufold.verify import VerifyReport, verify_loaded
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 SPLIT_SIZES = {"pairs": 160, "tune": 100, "test": 200}
 DEMO_SITES = ("head", "mlp")
@@ -57,6 +63,12 @@ def arithmetic_items(split: str) -> list[Item]:
     return items
 
 
+def _loglik_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                     items: list[Item]) -> float:
+    """The fraction of items whose right sum has the higher log-likelihood."""
+    return evaluate_items(model, tokenizer, items, scorer="loglik", progress=False).accuracy
+
+
 @dataclass(frozen=True)
 class DemoReport:
     model: str
@@ -84,11 +96,11 @@ def run_demo(out: str | Path, *, model_ref: str | None = None, overwrite: bool =
     plan = localize(model, tokenizer, pairs, DEMO_SITES, progress=progress, model_id=source.ref)
 
     tune, test = arithmetic_items("tune"), arithmetic_items("test")
-    grid = {"base": loglik_accuracy(model, tokenizer, tune)}
+    grid = {"base": _loglik_accuracy(model, tokenizer, tune)}
     for k in K_GRID:
         for alpha in ALPHA_GRID:
             with steer(model, plan.select(k, alpha)):
-                grid[f"k={k},alpha={alpha:g}"] = loglik_accuracy(model, tokenizer, tune)
+                grid[f"k={k},alpha={alpha:g}"] = _loglik_accuracy(model, tokenizer, tune)
             echo(f"  tune  k={k:<3} alpha={alpha:<4g} accuracy {grid[f'k={k},alpha={alpha:g}']:.3f}")
     # Best tune accuracy; ties go to the smaller k, then the smaller alpha (grid order).
     best = max(((k, a) for k in K_GRID for a in ALPHA_GRID),
@@ -107,8 +119,8 @@ def run_demo(out: str | Path, *, model_ref: str | None = None, overwrite: bool =
         check: VerifyReport = verify_loaded(model, tokenizer, plan.select(k, alpha), folded_model)
         report = DemoReport(
             model=source.ref, sites=plan.sites, k=k, alpha=alpha, tune_grid=grid,
-            test_accuracy_base=loglik_accuracy(model, tokenizer, test),
-            test_accuracy_folded=loglik_accuracy(folded_model, tokenizer, test),
+            test_accuracy_base=_loglik_accuracy(model, tokenizer, test),
+            test_accuracy_folded=_loglik_accuracy(folded_model, tokenizer, test),
             test_items=len(test), verify=check.to_dict())
         (staging / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report

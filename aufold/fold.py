@@ -11,14 +11,17 @@ streamed checkpoint share both functions, so they cannot disagree.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel
 
 from aufold.edit import Edit, scaled
 from aufold.errors import AufoldError
 from aufold.modeling import model_architecture
 from aufold.sites import Architecture, check_foldable, site_kind
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -50,6 +53,16 @@ def fold_tensor(tensor: torch.Tensor, tensor_edit: TensorEdit) -> torch.Tensor:
     an edited row and an edited column (``mlp`` and ``mlp-out`` in one layer)
     gets the product of both factors, computed the same way in either slice.
     """
+    return fold_tensor_(tensor.clone(), tensor_edit)
+
+
+def fold_tensor_(tensor: torch.Tensor, tensor_edit: TensorEdit) -> torch.Tensor:
+    """:func:`fold_tensor` in place, for a streamed tensor that nothing else shares.
+
+    Every edited slice is read before any is written, so an element in both an
+    edited row and an edited column is scaled once by the product, bitwise as
+    :func:`fold_tensor` does; the extra memory is the edited slices only.
+    """
     full = {}
     for axis, (index, scale) in tensor_edit.axes.items():
         if axis >= tensor.dim() or int(index.max()) >= tensor.shape[axis]:
@@ -57,7 +70,7 @@ def fold_tensor(tensor: torch.Tensor, tensor_edit: TensorEdit) -> torch.Tensor:
                               f"(axis {axis}, unit {int(index.max())}); the plan was made for "
                               f"another model")
         full[axis] = torch.ones(tensor.shape[axis]).index_copy(0, index, scale)
-    result = tensor.clone()
+    blocks = []
     for axis, (index, _) in tensor_edit.axes.items():
         factor = torch.ones(())
         for other_axis, vector in full.items():
@@ -65,9 +78,11 @@ def fold_tensor(tensor: torch.Tensor, tensor_edit: TensorEdit) -> torch.Tensor:
             shape[other_axis] = -1
             part = vector.index_select(0, index) if other_axis == axis else vector
             factor = factor * part.view(shape)
-        block = tensor.index_select(axis, index.to(tensor.device))
-        result.index_copy_(axis, index.to(tensor.device), scaled(block, factor))
-    return result
+        index = index.to(tensor.device)
+        blocks.append((axis, index, scaled(tensor.index_select(axis, index), factor)))
+    for axis, index, block in blocks:
+        tensor.index_copy_(axis, index, block)
+    return tensor
 
 
 @torch.no_grad()

@@ -2,26 +2,40 @@
 
 For each pair and unit, m = x_pos - x_neg at the last real token of each text;
 the plan keeps #(m > 0) and #(m < 0). Only these two integer arrays per site
-live across batches, so memory does not grow with the number of pairs, and only
-the decoder runs: the LM head is never computed.
+live across batches, on the model's device, copied back once at the end, so
+memory does not grow with the number of pairs.
+
+The forward passes do the least work the method needs:
+
+- only the decoder runs (never the LM head), in padded batches, and each pass
+  stops right after the last site it reads (:class:`_Stop`);
+- the two texts of a pair share their prompt: when the tokens of ``prompt +
+  answer`` begin with the tokens of ``prompt`` for both answers, the prompt runs
+  once and both answers run on its cached keys and values. Other pairs (a
+  tokenizer that merges across the boundary, or a text cut by ``max_length``)
+  run as two full texts; the plan's settings say how many did.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
-from aufold.encoding import DEFAULT_MAX_LENGTH, chat_prompt, encode, pad_id, pad_right
+from aufold.encoding import DEFAULT_MAX_LENGTH, Batch, chat_prompt, encode, pad_id, pad_right
 from aufold.errors import AufoldError
 from aufold.modeling import check_site_exists, fingerprint, input_device, num_layers, site_module, site_width
 from aufold.pairs import ContrastivePair, validate_pairs
 from aufold.plan import Plan, SiteCounts
-from aufold.sites import site_kind
+from aufold.sites import SITE_ORDER, site_kind
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -44,46 +58,141 @@ def localize(
     sites = _check_sites(model, sites)
     if batch_size < 1 or max_length < 2:
         raise AufoldError("batch size must be >= 1 and max length >= 2")
-    prompts = [chat_prompt(tokenizer, p.prompt) if chat_template else p.prompt for p in pairs]
-    texts = [prompt + p.positive for prompt, p in zip(prompts, pairs)]
-    texts += [prompt + p.negative for prompt, p in zip(prompts, pairs)]
-    # A chat template writes its own special tokens; plain text gets the tokenizer's.
-    ids, truncated = encode(tokenizer, texts, max_length=max_length,
-                            add_special_tokens=not chat_template)
-    n = len(pairs)
-    positive_ids, negative_ids = ids[:n], ids[n:]
+    encoded, truncated = encode_pairs(tokenizer, pairs, max_length=max_length,
+                                      chat_template=chat_template)
+    shared = [pair for pair in encoded if pair.prompt]
+    full = [pair for pair in encoded if not pair.prompt]
 
     device = input_device(model)
     layers = num_layers(model)
     counts = {site: SiteCounts(torch.zeros(layers, site_width(model, site), dtype=torch.long, device=device),
                                torch.zeros(layers, site_width(model, site), dtype=torch.long, device=device))
               for site in sites}
-    reader = _LastTokenReader(model, sites, layers)
-    # Similar lengths in one batch waste less compute on padding; counts are order-free.
-    order = sorted(range(n), key=lambda i: max(len(positive_ids[i]), len(negative_ids[i])))
-    with reader, tqdm(total=n, desc="localize", unit="pair", disable=not progress) as bar:
-        for start in range(0, n, batch_size):
-            chosen = order[start:start + batch_size]
-            rows = [positive_ids[i] for i in chosen] + [negative_ids[i] for i in chosen]
-            batch = pad_right(rows, pad_id(tokenizer)).to(device)
-            reader.last = batch.last
-            model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             use_cache=False)
-            for site in sites:
-                for layer, activations in enumerate(reader.activations[site]):
-                    x_pos, x_neg = activations.to(device).split(len(chosen))
-                    counts[site].positive[layer] += (x_pos > x_neg).sum(0)
-                    counts[site].negative[layer] += (x_pos < x_neg).sum(0)
-            bar.update(len(chosen))
+    padding = pad_id(tokenizer)
+    window = getattr(model.config, "sliding_window", None)
+    with _LastTokenReader(model, sites, layers) as reader, \
+            tqdm(total=len(encoded), desc="localize", unit="pair", disable=not progress) as bar:
+        for chunk in _shared_batches(shared, batch_size, window):
+            _run_shared(model, reader, chunk, padding, device)
+            _count(reader, counts, device)
+            bar.update(len(chunk))
+        for chunk in _full_batches(full, batch_size):
+            _run_full(model, reader, chunk, padding, device)
+            _count(reader, counts, device)
+            bar.update(len(chunk))
 
     return Plan(
         model=model_id or str(getattr(model.config, "_name_or_path", "")),
         fingerprint=fingerprint(model),
-        num_pairs=n,
+        num_pairs=len(pairs),
         counts={site: SiteCounts(c.positive.cpu(), c.negative.cpu()) for site, c in counts.items()},
         settings={"max_length": max_length, "chat_template": chat_template,
-                  "truncated_texts": truncated, "dtype": str(model.dtype).removeprefix("torch.")},
+                  "truncated_texts": truncated, "dtype": str(model.dtype).removeprefix("torch."),
+                  "full_text_pairs": len(full)},
     )
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """A pair's token ids: a shared prompt and two answer suffixes, or (no prompt) two full texts."""
+
+    prompt: list[int]  # empty when the pair runs as two full texts
+    positive: list[int]
+    negative: list[int]
+
+
+def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[ContrastivePair], *,
+                 max_length: int = DEFAULT_MAX_LENGTH, chat_template: bool = False
+                 ) -> tuple[list[EncodedPair], int]:
+    """Split each pair into prompt and answer tokens where its tokenization allows; count cut texts.
+
+    The full texts are tokenized exactly as without sharing, so a shared pair
+    reads the same tokens: its prompt's tokens are a prefix of both texts' tokens,
+    both answers add at least one token, and neither text was cut.
+    """
+    prompts = [chat_prompt(tokenizer, p.prompt) if chat_template else p.prompt for p in pairs]
+    texts = [prompt + p.positive for prompt, p in zip(prompts, pairs)]
+    texts += [prompt + p.negative for prompt, p in zip(prompts, pairs)]
+    # A chat template writes its own special tokens; plain text gets the tokenizer's.
+    special = not chat_template
+    ids, truncated = encode(tokenizer, texts, max_length=max_length, add_special_tokens=special)
+    prompt_ids = tokenizer(prompts, add_special_tokens=special)["input_ids"]
+    n = len(pairs)
+    encoded = []
+    for prompt, positive, negative in zip(prompt_ids, ids[:n], ids[n:]):
+        cut = max(len(positive), len(negative)) >= max_length
+        if prompt and not cut and all(len(text) > len(prompt) and text[:len(prompt)] == prompt
+                                      for text in (positive, negative)):
+            encoded.append(EncodedPair(prompt, positive[len(prompt):], negative[len(prompt):]))
+        else:
+            encoded.append(EncodedPair([], positive, negative))
+    return encoded, truncated
+
+
+def _shared_batches(pairs: list[EncodedPair], batch_size: int,
+                    window: int | None) -> Iterator[list[EncodedPair]]:
+    """Batches of similar prompt length (less padding). With sliding-window attention, prompts
+    of different lengths share a batch only while every text fits in the window, since the
+    window counts cached positions, padding included."""
+    batch: list[EncodedPair] = []
+    longest = 0
+    for pair in sorted(pairs, key=lambda p: (len(p.prompt), max(len(p.positive), len(p.negative)))):
+        total = len(pair.prompt) + max(len(pair.positive), len(pair.negative))
+        mixed = bool(batch) and len(pair.prompt) != len(batch[0].prompt)
+        if batch and (len(batch) == batch_size or (window is not None and mixed
+                                                     and max(longest, total) >= window)):
+            yield batch
+            batch, longest = [], 0
+        batch.append(pair)
+        longest = max(longest, total)
+    if batch:
+        yield batch
+
+
+def _full_batches(pairs: list[EncodedPair], batch_size: int) -> Iterator[list[EncodedPair]]:
+    # Similar lengths in one batch waste less compute on padding; counts are order-free.
+    ordered = sorted(pairs, key=lambda p: max(len(p.positive), len(p.negative)))
+    for start in range(0, len(ordered), batch_size):
+        yield ordered[start:start + batch_size]
+
+
+def _run_shared(model: PreTrainedModel, reader: _LastTokenReader, chunk: list[EncodedPair],
+                padding: int, device: torch.device) -> None:
+    """The prompts once, filling a cache; then both answers of every pair on that cache.
+
+    Rows of the answer pass interleave positive and negative (2i, 2i + 1). Prompts
+    are right-padded; the answers carry their true positions and a mask that hides
+    the padding between prompt and answer.
+    """
+    prompts = pad_right([pair.prompt for pair in chunk], padding).to(device)
+    cache = DynamicCache(config=model.config)
+    reader.run(model, prompts, cache=cache, capture=False)
+    cache.batch_repeat_interleave(2)
+    answers = pad_right([ids for pair in chunk for ids in (pair.positive, pair.negative)],
+                        padding).to(device)
+    prompt_mask = prompts.attention_mask.repeat_interleave(2, dim=0)
+    start = (prompts.last + 1).repeat_interleave(2)
+    width = answers.input_ids.shape[1]
+    positions = start[:, None] + torch.arange(width, device=device)
+    mask = torch.cat([prompt_mask, answers.attention_mask], dim=1)
+    reader.run(model, Batch(answers.input_ids, mask, answers.last), cache=cache,
+               position_ids=positions)
+
+
+def _run_full(model: PreTrainedModel, reader: _LastTokenReader, chunk: list[EncodedPair],
+              padding: int, device: torch.device) -> None:
+    rows = [ids for pair in chunk for ids in (pair.positive, pair.negative)]
+    reader.run(model, pad_right(rows, padding).to(device))
+
+
+def _count(reader: _LastTokenReader, counts: dict[str, SiteCounts], device: torch.device) -> None:
+    """Add this batch's signs to the counters, on the device; rows are (positive, negative) pairs."""
+    for site, per_layer in reader.activations.items():
+        for layer, activations in enumerate(per_layer):
+            pairs = activations.to(device).unflatten(0, (-1, 2))
+            x_pos, x_neg = pairs[:, 0], pairs[:, 1]
+            counts[site].positive[layer] += (x_pos > x_neg).sum(0)
+            counts[site].negative[layer] += (x_pos < x_neg).sum(0)
 
 
 def _check_sites(model: PreTrainedModel, sites: Sequence[str]) -> tuple[str, ...]:
@@ -96,15 +205,27 @@ def _check_sites(model: PreTrainedModel, sites: Sequence[str]) -> tuple[str, ...
     return unique
 
 
+class _Stop(Exception):
+    """Raised by a hook once a forward pass has computed everything that will be read."""
+
+
 class _LastTokenReader:
-    """Hooks that keep each site's activation at the last real token of every row."""
+    """Hooks that keep each site's activation at the last real token of every row.
+
+    A forward pass stops right after the last site read (the last layer's, in the
+    order a layer computes them: head, mlp, mlp-out, residual). A pass that only
+    fills a cache stops once the last layer's attention has written its keys and
+    values, i.e. at the input of its output projection.
+    """
 
     def __init__(self, model: PreTrainedModel, sites: Sequence[str], layers: int) -> None:
         self.model = model
         self.sites = sites
         self.layers = layers
         self.last: torch.Tensor | None = None
+        self.capture = True
         self.activations: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
+        self._final = max(sites, key=SITE_ORDER.__getitem__)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> _LastTokenReader:
@@ -113,12 +234,29 @@ class _LastTokenReader:
             for layer in range(self.layers):
                 module = site_module(self.model, site, layer)
                 self._handles.append(self._hook(module, site, layer))
+        attention_out = site_module(self.model, "head", self.layers - 1)
+        self._handles.append(attention_out.register_forward_pre_hook(self._stop_filling))
         return self
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def run(self, model: PreTrainedModel, batch: Batch, *, cache: DynamicCache | None = None,
+            position_ids: torch.Tensor | None = None, capture: bool = True) -> None:
+        """One decoder forward pass, read at ``batch.last`` (or only filling ``cache``)."""
+        self.last, self.capture = batch.last, capture
+        extra: dict[str, Any] = {"position_ids": position_ids} if position_ids is not None else {}
+        try:
+            model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             past_key_values=cache, use_cache=cache is not None, **extra)
+        except _Stop:
+            pass
+
+    def _stop_filling(self, _module: nn.Module, _args: Any) -> None:
+        if not self.capture:
+            raise _Stop
 
     def _hook(self, module: nn.Module, site: str, layer: int) -> torch.utils.hooks.RemovableHandle:
         store = self._store(site, layer)
@@ -130,8 +268,14 @@ class _LastTokenReader:
             lambda _m, _args, output: store(output[0] if isinstance(output, tuple) else output))
 
     def _store(self, site: str, layer: int) -> Callable[[torch.Tensor], Any]:
+        final = site == self._final and layer == self.layers - 1
+
         def store(hidden: torch.Tensor) -> None:
+            if not self.capture:
+                return
             assert self.last is not None
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             self.activations[site][layer] = hidden[rows, self.last.to(hidden.device)]
+            if final:
+                raise _Stop
         return store

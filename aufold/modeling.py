@@ -9,14 +9,17 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from aufold.errors import AufoldError
 from aufold.sites import Architecture, architecture_for, site_kind
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DTYPES: Mapping[str, torch.dtype | str] = {
     "auto": "auto",
@@ -104,19 +107,32 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+    architecture_for(_model_type(source))  # fail before loading any weights
     if device_map:
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except OSError as error:
         raise AufoldError(f"could not load model {source.ref!r}: {_first_line(error)}") from None
-    architecture_for(model.config.model_type)
     if source.gguf_file:
         _forget_gguf_quantization(model)
     if device and not device_map:
         model.to(device)
     model.eval()
     return model, load_tokenizer(source), source
+
+
+def _model_type(source: ModelSource) -> str:
+    if source.local_dir is not None and not source.gguf_file:
+        try:
+            return str(json.loads((source.local_dir / "config.json").read_text())["model_type"])
+        except (json.JSONDecodeError, KeyError) as error:
+            raise AufoldError(f"{source.local_dir}/config.json is not a valid model config "
+                              f"({error}); re-save the model with save_pretrained") from None
+    try:
+        return str(AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file).model_type)
+    except (OSError, ValueError) as error:
+        raise AufoldError(f"could not read the config of {source.ref!r}: {_first_line(error)}") from None
 
 
 def _forget_gguf_quantization(model: PreTrainedModel) -> None:

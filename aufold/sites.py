@@ -15,15 +15,24 @@ either the *input* or the *output* of a module inside each decoder layer:
 ``torch.nn.Linear`` stores ``W`` as ``[out, in]``; GPT-2's ``Conv1D`` stores it
 transposed as ``[in, out]``, so the stored axis that a unit occupies depends on
 the layout, and this table is where that fact lives.
+
+The table also knows, per architecture, what the export formats need: the names
+of the same projections inside a GGUF file (always stored [out, in]), and for
+additive steering vectors (:data:`VECTOR_SITES`) which config flag gives a
+projection a bias and whether a norm sits between the MLP down projection and
+the residual add.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal
 
 from aufold.errors import AufoldError
+
+if TYPE_CHECKING:
+    import torch
 
 Placement = Literal["input", "output"]
 WeightLayout = Literal["linear", "conv1d"]
@@ -59,6 +68,40 @@ SITE_ORDER: Mapping[str, int] = {name: index for index, name in enumerate(SITES)
 
 
 @dataclass(frozen=True)
+class VectorSite:
+    """Where an additive steering vector ``h <- h + v`` applies, at every token."""
+
+    name: str
+    projection: Literal["attention_out", "mlp_down"]  # whose bias holds the vector
+    residual: bool  # meant for the residual stream after the layer, not the projection itself
+    description: str
+
+
+VECTOR_SITES: Mapping[str, VectorSite] = {
+    site.name: site
+    for site in (
+        VectorSite("residual", "mlp_down", True,
+                   "the residual stream after the decoder layer"),  # repeng, CAA, llama.cpp
+        VectorSite("attention-out", "attention_out", False,
+                   "the attention output: the output of the attention output projection"),
+        VectorSite("mlp-out", "mlp_down", False,
+                   "the MLP output: the output of the MLP down projection"),
+    )
+}
+
+BUILT_IN_BIAS = "built-in"  # the projection always has a bias (GPT-2's Conv1D)
+GGUF_LAYERS = "blk"  # GGUF names decoder-layer tensors blk.{layer}.<name>
+
+
+@dataclass(frozen=True)
+class VectorBias:
+    """The bias that folds a vector: its module, and the config flag to switch on (if any)."""
+
+    module: str
+    config_flag: str | None
+
+
+@dataclass(frozen=True)
 class Architecture:
     """Where the foldable projections of one model type live, as name templates."""
 
@@ -67,6 +110,16 @@ class Architecture:
     attention_out: str  # relative to a decoder layer
     mlp_down: str  # relative to a decoder layer
     layout: WeightLayout = "linear"
+    # What gives each projection a bias: a config flag (which also adds zero biases to
+    # its sibling projections), BUILT_IN_BIAS, or None when the class has no way to.
+    attention_out_bias: str | None = None
+    mlp_down_bias: str | None = None
+    # A norm between the MLP down projection and the residual add, if the layer has one.
+    norm_after_mlp_down: str | None = None
+    # The same projections inside a GGUF file, ``blk.{layer}.<name>.weight``: llama.cpp's
+    # converters store every one as [out, in] (GPT-2's Conv1D weights are transposed).
+    gguf_attention_out: str = "attn_output"
+    gguf_mlp_down: str = "ffn_down"
 
     def module_path(self, site: str, layer: int) -> str:
         """The dotted module path of a site in a layer, e.g. ``model.layers.3.mlp.down_proj``."""
@@ -84,18 +137,70 @@ class Architecture:
         input_axis, output_axis = (1, 0) if self.layout == "linear" else (0, 1)
         return input_axis if kind.placement == "input" else output_axis
 
+    def out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        """A stored weight as the [out, in] matrix ``W`` of ``y = W x`` (a view, no copy)."""
+        return weight if self.layout == "linear" else weight.T
+
+    def gguf_naming(self) -> Architecture:
+        """This architecture as its tensors are named and laid out in a GGUF file.
+
+        ``module_path`` then gives ``blk.{layer}.attn_output`` and ``weight_axis`` the
+        axis of the [out, in] array, so :func:`aufold.fold.weight_edits` maps an
+        Edit to GGUF tensors as it does to state-dict tensors.
+        """
+        return replace(self, layers=GGUF_LAYERS, attention_out=self.gguf_attention_out,
+                       mlp_down=self.gguf_mlp_down, layout="linear")
+
+    def vector_module(self, target: str, layer: int) -> str:
+        """The module whose output a vector at ``target`` of ``layer`` is added to (hook mode)."""
+        vector_site = vector_target(target)
+        base = f"{self.layers}.{layer}"
+        return base if vector_site.residual else f"{base}.{getattr(self, vector_site.projection)}"
+
+    def vector_bias(self, target: str, layer: int) -> VectorBias:
+        """Where an additive vector at ``target`` of ``layer`` folds: a bias, and its switch.
+
+        Refuses, with the reason, a target that no bias of this architecture can hold
+        exactly: no config flag adds that bias, or a norm sits between the bias and
+        the residual stream that the vector was meant for.
+        """
+        vector_site = vector_target(target)
+        projection = vector_site.projection
+        module = f"{self.layers}.{layer}.{getattr(self, projection)}"
+        if vector_site.residual and self.norm_after_mlp_down:
+            raise AufoldError(
+                f"a residual-stream vector cannot be folded into {self.model_type}: its layers "
+                f"apply {self.norm_after_mlp_down} between {self.mlp_down} and the residual add, "
+                f"so no bias adds the vector to the residual stream; apply it with hooks instead "
+                f"(aufold.vectors.add_vectors)")
+        switch = getattr(self, f"{projection}_bias")
+        if switch is None:
+            raise AufoldError(
+                f"a vector at {target!r} folds into a bias of {getattr(self, projection)}, but "
+                f"{self.model_type} has no config flag that adds one, so the result would not "
+                f"load as the same class; apply the vector with hooks instead "
+                f"(aufold.vectors.add_vectors)")
+        return VectorBias(module=module, config_flag=None if switch == BUILT_IN_BIAS else switch)
+
 
 ARCHITECTURES: Mapping[str, Architecture] = {
     arch.model_type: arch
     for arch in (
-        Architecture("llama", "model.layers", "self_attn.o_proj", "mlp.down_proj"),
+        Architecture("llama", "model.layers", "self_attn.o_proj", "mlp.down_proj",
+                     attention_out_bias="attention_bias", mlp_down_bias="mlp_bias"),
         Architecture("mistral", "model.layers", "self_attn.o_proj", "mlp.down_proj"),
         Architecture("qwen2", "model.layers", "self_attn.o_proj", "mlp.down_proj"),
-        Architecture("qwen3", "model.layers", "self_attn.o_proj", "mlp.down_proj"),
-        Architecture("gemma2", "model.layers", "self_attn.o_proj", "mlp.down_proj"),
-        Architecture("gemma3_text", "model.layers", "self_attn.o_proj", "mlp.down_proj"),
+        Architecture("qwen3", "model.layers", "self_attn.o_proj", "mlp.down_proj",
+                     attention_out_bias="attention_bias"),
+        Architecture("gemma2", "model.layers", "self_attn.o_proj", "mlp.down_proj",
+                     attention_out_bias="attention_bias",
+                     norm_after_mlp_down="post_feedforward_layernorm"),
+        Architecture("gemma3_text", "model.layers", "self_attn.o_proj", "mlp.down_proj",
+                     attention_out_bias="attention_bias",
+                     norm_after_mlp_down="post_feedforward_layernorm"),
         Architecture("phi3", "model.layers", "self_attn.o_proj", "mlp.down_proj"),
-        Architecture("gpt2", "transformer.h", "attn.c_proj", "mlp.c_proj", layout="conv1d"),
+        Architecture("gpt2", "transformer.h", "attn.c_proj", "mlp.c_proj", layout="conv1d",
+                     attention_out_bias=BUILT_IN_BIAS, mlp_down_bias=BUILT_IN_BIAS),
     )
 }
 
@@ -106,6 +211,15 @@ def site_kind(site: str) -> SiteKind:
         return SITES[site]
     except KeyError:
         raise AufoldError(f"unknown site {site!r}; choose from: {', '.join(SITES)}") from None
+
+
+def vector_target(name: str) -> VectorSite:
+    """Look up where a steering vector applies, with an error that lists the choices."""
+    try:
+        return VECTOR_SITES[name]
+    except KeyError:
+        raise AufoldError(f"unknown vector site {name!r}; choose from: "
+                          f"{', '.join(VECTOR_SITES)}") from None
 
 
 def architecture_for(model_type: str) -> Architecture:

@@ -6,10 +6,10 @@ import gc
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from aufold.edit import Edit
 from aufold.encoding import Batch, encode, pad_id, pad_right
@@ -17,6 +17,9 @@ from aufold.errors import AufoldError
 from aufold.modeling import fingerprint, input_device, load_model, resolve_source
 from aufold.plan import Plan
 from aufold.steer import steer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DEFAULT_PROMPTS = (
     "The capital of France is",

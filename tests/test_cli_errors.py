@@ -94,8 +94,10 @@ def test_unknown_model_and_plan(workspace: Path) -> None:
 def test_unknown_site_and_missing_option_are_one_line(workspace: Path) -> None:
     fails_cleanly(workspace, ["localize", "{root}/base", "--pairs", "{root}/pairs.jsonl", "--site", "attn",
                               "--out", "{root}/p"], "'attn' is not one of")
+    fails_cleanly(workspace, ["localize", "{root}/base", "--pairs", "{root}/pairs.jsonl", "--site", "mlp"],
+                  "Missing option '--out'")
     fails_cleanly(workspace, ["localize", "{root}/base", "--site", "mlp", "--out", "{root}/p"],
-                  "Missing option '--pairs'")
+                  "give either --pairs FILE or --task NAME")
 
 
 def test_unsupported_architecture(workspace: Path) -> None:

@@ -16,6 +16,7 @@ from aufold.tasks.benchmark import BenchmarkTask, Split
 from aufold.tasks.files import default_data_dir
 from aufold.tasks.generic import GenericTask
 from aufold.tasks.item import Item
+from aufold.tasks.loading import load_split, read_pairs_or_task, resolve_data_dir, task_pairs
 from aufold.tasks.numbers import format_number
 from aufold.tasks.registry import get_task, task_names
 
@@ -30,5 +31,9 @@ __all__ = [
     "default_data_dir",
     "format_number",
     "get_task",
+    "load_split",
+    "read_pairs_or_task",
+    "resolve_data_dir",
+    "task_pairs",
     "task_names",
 ]

@@ -13,12 +13,12 @@ Record = dict[str, Any]
 # The data lives beside the repository, never inside it: repo/../shared/data.
 # This file is repo/aufold/tasks/files.py, so the repository root is three levels up.
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-_SHARED_DATA = _REPO_ROOT.parent / "shared" / "data"
+SHARED_DATA = _REPO_ROOT.parent / "shared" / "data"
 
 
 def default_data_dir() -> Path | None:
     """Return ``../shared/data`` next to the repository when it exists, else ``None``."""
-    return _SHARED_DATA if _SHARED_DATA.is_dir() else None
+    return SHARED_DATA if SHARED_DATA.is_dir() else None
 
 
 def require_file(data_dir: Path, relative: str, task: str) -> Path:

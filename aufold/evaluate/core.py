@@ -1,0 +1,161 @@
+"""Evaluating a model, optionally steered by an edit, on a task split: the common entry point."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from aufold.edit import Edit
+from aufold.errors import AufoldError
+from aufold.evaluate.batches import DEFAULT_BATCH_SIZE, model_logits
+from aufold.evaluate.choices import ChoiceScorer, prepare_choices, run_choices
+from aufold.evaluate.first_token import FirstTokenScorer
+from aufold.evaluate.loglik import LoglikScorer
+from aufold.evaluate.math import DEFAULT_MAX_NEW_TOKENS, score_math
+from aufold.evaluate.report import EvalResult, check_report_path, write_report
+from aufold.modeling import fingerprint, input_device, load_model
+from aufold.plan import Plan
+from aufold.steer import steer
+from aufold.tasks import Item, TaskKind, get_task, load_split, resolve_data_dir
+from aufold.tuned import Selection
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+# Long enough for every prompt of the built-in tasks (BoolQ's longest is about 1,300
+# tokens with SmolLM2's tokenizer); longer prompts keep their last tokens.
+DEFAULT_EVAL_MAX_LENGTH = 2048
+
+CHOICE_SCORERS: Mapping[str, ChoiceScorer] = {s.name: s for s in (FirstTokenScorer(), LoglikScorer())}
+MATH_SCORER = "math"
+SCORERS: tuple[str, ...] = (*CHOICE_SCORERS, MATH_SCORER)
+# The authors' protocol for choice tasks; math answers are generated.
+DEFAULT_SCORER: Mapping[TaskKind, str] = {"choice": "first-token", "math": MATH_SCORER}
+
+
+def resolve_scorer(kind: TaskKind, scorer: str | None) -> str:
+    """The scorer to use for a task of ``kind``: the given one if it fits, else the default."""
+    if scorer is None:
+        return DEFAULT_SCORER[kind]
+    if scorer not in SCORERS:
+        raise AufoldError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
+    if (scorer == MATH_SCORER) != (kind == "math"):
+        fits = MATH_SCORER if kind == "math" else " or ".join(CHOICE_SCORERS)
+        raise AufoldError(f"scorer {scorer!r} does not fit a {kind} task; use {fits} "
+                          f"(or leave --scorer out)")
+    return scorer
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: str,
+    split: str,
+    scorer: str | None = None,
+    edit: Edit | None = None,
+    *,
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+    **options: Any,
+) -> EvalResult:
+    """Evaluate on a task's fixed split (its first ``limit`` items); see :func:`evaluate_items`."""
+    items = load_split(task, split, data_dir, size=limit)
+    result = evaluate_items(model, tokenizer, items, kind=get_task(task).kind, scorer=scorer,
+                            edit=edit, **options)
+    result.settings.update(task=task, split=split)
+    return result
+
+
+@torch.inference_mode()
+def evaluate_items(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[Item],
+    *,
+    kind: TaskKind = "choice",
+    scorer: str | None = None,
+    edit: Edit | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    chat_template: bool = False,
+    max_length: int = DEFAULT_EVAL_MAX_LENGTH,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    progress: bool = True,
+) -> EvalResult:
+    """Score ``items`` with the model, steered by ``edit`` in hook mode when one is given."""
+    name = resolve_scorer(kind, scorer)
+    check_eval_options(items, batch_size=batch_size, max_length=max_length,
+                       max_new_tokens=max_new_tokens)
+    started = time.perf_counter()
+    with steer(model, edit) if edit is not None else nullcontext():
+        if name == MATH_SCORER:
+            results, truncated = score_math(model, tokenizer, items, chat_template=chat_template,
+                                            max_length=max_length, batch_size=batch_size,
+                                            max_new_tokens=max_new_tokens, progress=progress)
+        else:
+            prepared = prepare_choices(CHOICE_SCORERS[name], tokenizer, items,
+                                       chat_template=chat_template, max_length=max_length,
+                                       batch_size=batch_size)
+            results = run_choices(prepared, lambda batch, keep: model_logits(model, batch, keep),
+                                  input_device(model), progress=progress)
+            truncated = prepared.truncated
+    settings: dict[str, Any] = {
+        "model": str(getattr(model.config, "_name_or_path", "")),
+        "chat_template": chat_template, "batch_size": batch_size, "max_length": max_length,
+        "truncated_prompts": truncated, "steered_units": len(edit) if edit is not None else 0,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if name == MATH_SCORER:
+        settings["max_new_tokens"] = max_new_tokens
+    return EvalResult(name, tuple(results), settings)
+
+
+def check_eval_options(items: Sequence[Item], *, batch_size: int, max_length: int,
+                       max_new_tokens: int) -> None:
+    if not items:
+        raise AufoldError("no items to evaluate; give a split with at least one item")
+    if batch_size < 1 or max_length < 1 or max_new_tokens < 1:
+        raise AufoldError("batch size, max length and max new tokens must each be at least 1")
+
+
+def evaluate_model(
+    model_ref: str | Path,
+    task: str,
+    split: str,
+    *,
+    selection: Selection | None = None,
+    scorer: str | None = None,
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+    force: bool = False,
+    report: str | Path | None = None,
+    **options: Any,
+) -> EvalResult:
+    """Load a model (base, or base + the selected edit in hook mode) and evaluate it.
+
+    Every input is checked before the model loads; ``report`` gets the JSON report.
+    """
+    items = load_split(task, split, data_dir, size=limit)
+    kind = get_task(task).kind
+    resolve_scorer(kind, scorer)
+    if report is not None:
+        check_report_path(report)
+    plan = Plan.load(selection.plan_dir) if selection else None
+    edit = plan.select(selection.k, selection.alpha, selection.sites) if plan and selection else None
+    model, tokenizer, source = load_model(model_ref, dtype=dtype, device=device)
+    if plan is not None:
+        plan.check_fingerprint(fingerprint(model), force=force)
+    result = evaluate_items(model, tokenizer, items, kind=kind, scorer=scorer, edit=edit, **options)
+    result.settings.update(model=source.ref, task=task, split=split,
+                           data_dir=str(resolve_data_dir(data_dir)),
+                           steering=selection.describe() if selection else None)
+    if report is not None:
+        write_report(result, report)
+    return result

@@ -1,0 +1,45 @@
+"""Writing a PEFT adapter folder: adapter_config.json, adapter_model.safetensors, card, provenance.
+
+PEFT saves a module's adapter weights under ``base_model.model.<module path>.<name>``
+(its wrapper's path, without the adapter's own name); PEFT, vLLM and the Hub all
+read that layout, so both adapter formats write it through here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftConfig
+from safetensors.torch import save_file
+
+from aufold.atomic import atomic_folder
+from aufold.card import ExportRecord, card_files
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # what PeftModel prefixes the base model's parameter names with
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A complete adapter: its PEFT config and its tensors, by the names PEFT saves."""
+
+    config: PeftConfig
+    tensors: dict[str, torch.Tensor]
+
+
+def adapter_key(module: str, name: str) -> str:
+    """The saved name of an adapter tensor: ``base_model.model.<module>.lora_A.weight``, ..."""
+    return f"{PEFT_PREFIX}{module}.{name}"
+
+
+def write_adapter(adapter: Adapter, record: ExportRecord, out: Path) -> None:
+    """The adapter folder, with card and provenance, written atomically."""
+    with atomic_folder(out) as staging:
+        adapter.config.save_pretrained(str(staging))
+        tensors = {name: tensor.contiguous() for name, tensor in adapter.tensors.items()}
+        save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        for name, text in card_files(record).items():
+            (staging / name).write_text(text)

@@ -1,0 +1,82 @@
+"""``aufold export --format lora|ia3|gguf``: realize a plan's edit in one format and write its folder.
+
+Called by :func:`aufold.export.export` once the plan, k, alpha, sites and the output
+folder have been checked. Every check that can still fail (fingerprint, adapter
+rank, GGUF tensor types) runs before the folder is written, atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from aufold.atomic import atomic_folder
+from aufold.card import Artifact, ExportRecord, card_files
+from aufold.edit import Edit
+from aufold.errors import AufoldError
+from aufold.export import ExportResult
+from aufold.formats import check_format
+from aufold.formats.adapter import Adapter, write_adapter
+from aufold.formats.gguf import fold_gguf, gguf_artifact, read_gguf_model
+from aufold.formats.ia3 import ia3_adapter, ia3_artifact
+from aufold.formats.lora import lora_adapter, lora_artifact
+from aufold.hub import push_folder_to_hub
+from aufold.modeling import ModelSource, fingerprint, load_model
+from aufold.plan import Plan
+
+AdapterBuilder = Callable[..., Adapter]  # (model, edit, *, base_model) -> Adapter
+AdapterCard = Callable[[ExportRecord, Adapter], Artifact]
+ADAPTERS: dict[str, tuple[AdapterBuilder, AdapterCard]] = {
+    "lora": (lora_adapter, lora_artifact),
+    "ia3": (ia3_adapter, ia3_artifact),
+}
+
+
+def export_format(
+    format: str,
+    source: ModelSource,
+    plan: Plan,
+    *,
+    k: int,
+    alpha: float,
+    out: Path,
+    sites: Sequence[str],
+    dtype: str,
+    force: bool,
+    base_model: str,
+    push_to_hub: str | None = None,
+    private: bool = False,
+) -> ExportResult:
+    """Write the top-k units of ``plan`` applied to ``source`` as ``format`` into ``out``."""
+    check_format(format)
+    edit = plan.select(k, alpha, sites)
+    record = ExportRecord(base_model=base_model, plan=plan, units=plan.ranking(sites, k), k=k,
+                          alpha=alpha, sites=tuple(sites), dtype=dtype)
+    if format == "gguf":
+        _export_gguf(source, plan, edit, record, out, force=force)
+    else:
+        build, describe = ADAPTERS[format]  # a checkpoint is aufold.export's own job
+        model, _, _ = load_model(source.ref, dtype=dtype)
+        plan.check_fingerprint(fingerprint(model), force=force)
+        adapter = build(model, edit, base_model=base_model)
+        record = replace(record, dtype=str(model.dtype).removeprefix("torch."))
+        write_adapter(adapter, replace(record, artifact=describe(record, adapter)), out)
+    url = push_folder_to_hub(out, push_to_hub, private=private) if push_to_hub else None
+    return ExportResult(out, edit, url)
+
+
+def _export_gguf(source: ModelSource, plan: Plan, edit: Edit, record: ExportRecord, out: Path,
+                 *, force: bool) -> None:
+    if not source.gguf_file:
+        raise AufoldError(f"--format gguf folds into a GGUF file, but {source.ref} is not one; "
+                          f"pass a .gguf MODEL (convert a checkpoint with llama.cpp's "
+                          f"convert_hf_to_gguf.py first)")
+    model = read_gguf_model(Path(source.path) / source.gguf_file)
+    plan.check_fingerprint(model.fingerprint, force=force)
+    with atomic_folder(out) as staging:
+        report = fold_gguf(model, edit, staging / source.gguf_file)
+        record = replace(record, dtype=", ".join(report.tensor_types),
+                         artifact=gguf_artifact(record, source.gguf_file, report))
+        for name, text in card_files(record).items():
+            (staging / name).write_text(text)

@@ -1,0 +1,63 @@
+"""Heatmaps of a tuning sweep (accuracy over alpha x k, like the AUSteer paper's Figure 10).
+
+matplotlib is an optional extra (``pip install 'aufold[plot]'``); nothing else in
+aufold needs it. Figures are drawn without pyplot, so no global backend is chosen
+for the caller's process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+
+from aufold.errors import AufoldError
+
+INSTALL_HINT = "pip install 'aufold[plot]' (or pip install matplotlib)"
+
+
+def matplotlib_available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def plot_heatmap(accuracy: Sequence[Sequence[float]], ks: Sequence[int], alphas: Sequence[float],
+                 path: str | Path, *, title: str, base: float | None = None) -> Path:
+    """Write a PNG heatmap: one row per alpha, one column per k, each cell's accuracy printed.
+
+    ``accuracy[i][j]`` belongs to ``alphas[i]`` and ``ks[j]``. With ``base`` (the
+    unsteered accuracy) the colours are centred on it: red is worse, blue better.
+    """
+    if not matplotlib_available():
+        raise AufoldError(f"the heatmap needs matplotlib, which is not installed; {INSTALL_HINT}")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure
+
+    values = [list(row) for row in accuracy]
+    flat = [value for row in values for value in row]
+    figure = Figure(figsize=(1.0 + 0.8 * len(ks), 1.2 + 0.5 * len(alphas)), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    norm = None
+    if base is not None:
+        low, high = min(flat + [base]), max(flat + [base])
+        spread = max(high - base, base - low, 1e-6)
+        norm = TwoSlopeNorm(vcenter=base, vmin=base - spread, vmax=base + spread)
+    image = axes.imshow(values, cmap="RdBu", norm=norm, aspect="auto", origin="lower")
+    axes.set_xticks(range(len(ks)), [str(k) for k in ks])
+    axes.set_yticks(range(len(alphas)), [f"{alpha:g}" for alpha in alphas])
+    axes.set_xlabel("k (steered units)")
+    axes.set_ylabel("alpha")
+    axes.set_title(title, fontsize=9)
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            # White text on the darkest cells, where black would be hard to read.
+            dark = norm is not None and abs(float(norm(value)) - 0.5) > 0.35
+            axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                      color="white" if dark else "black")
+    colorbar = figure.colorbar(image, ax=axes)
+    colorbar.set_label("accuracy" + (f" (base {base:.3f} at centre)" if base is not None else ""))
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path)
+    return path

@@ -1,0 +1,299 @@
+"""The streaming fold: a safetensors checkpoint folded tensor by tensor, without building the model.
+
+For each shard that holds an edited tensor, the new shard is the old one with
+only the edited tensors' bytes replaced: the header and every other tensor are
+copied file to file by the kernel, and each edited tensor is read alone, scaled
+in place by :func:`aufold.fold.fold_tensor_` (the in-memory fold's own
+arithmetic, so the two agree bitwise) and written back at the same offset.
+Shards without edits are copied whole, or hard-linked with ``link_unchanged``.
+The index, config, tokenizer and generation files are copied as they are.
+
+Peak memory is the largest edited tensor plus the interpreter, whatever the
+model size; nothing is memory-mapped, so reading does not grow resident memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from aufold.atomic import atomic_folder
+from aufold.card import PROVENANCE_FILE, ExportRecord, model_card
+from aufold.checkpoint import (
+    DTYPE_NAMES,
+    FLOAT_DTYPES,
+    PICKLE_SUFFIXES,
+    Checkpoint,
+    TensorEntry,
+    copy_range,
+    has_safetensors,
+    open_checkpoint,
+    pickle_weight_files,
+    read_tensor,
+    tensor_bytes,
+    write_all,
+)
+from aufold.edit import Edit
+from aufold.errors import AufoldError
+from aufold.fold import TensorEdit, fold_tensor_, weight_edits
+from aufold.modeling import DTYPES, ModelSource, fingerprint_of
+from aufold.plan import Plan
+from aufold.sites import Architecture, architecture_for
+
+# Files of a model folder that the streamed output never copies: weights in other
+# formats (a repo may hold the same weights several times) and what export writes itself.
+_SKIPPED_SUFFIXES = (*PICKLE_SUFFIXES, ".safetensors", ".gguf", ".h5", ".msgpack", ".onnx")
+_WRITTEN_BY_EXPORT = ("README.md", PROVENANCE_FILE)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass(frozen=True)
+class StreamReport:
+    """What the streaming fold did with each weight file of the checkpoint."""
+
+    folded: tuple[str, ...]  # shards rewritten with edited tensors
+    copied: tuple[str, ...]  # unchanged shards copied
+    linked: tuple[str, ...]  # unchanged shards hard-linked
+    edited_tensors: int
+    bytes_written: int
+
+    def summary(self) -> str:
+        return (f"streamed {len(self.folded) + len(self.copied) + len(self.linked)} shard(s): "
+                f"{len(self.folded)} folded ({self.edited_tensors} tensors), "
+                f"{len(self.copied)} copied, {len(self.linked)} hard-linked")
+
+
+def streamable_folder(source: ModelSource, *, dtype: str = "auto",
+                      allow_pickle: bool = False) -> Path | None:
+    """The safetensors folder to fold without loading the model, or None to load it in memory.
+
+    A local folder or a hub id already complete in the local cache streams; a GGUF
+    file, a hub id that is not cached, a dtype conversion, or pickle weights with
+    ``allow_pickle`` go through transformers. Pickle weights without it are refused.
+    """
+    if source.gguf_file:
+        return None
+    folder = source.local_dir
+    if folder is None:
+        return _cached_snapshot(source.path)
+    if not has_safetensors(folder):
+        if allow_pickle and pickle_weight_files(folder):
+            return None
+        open_checkpoint(folder)  # raises the error that says what is wrong
+    if dtype != "auto" and not _stored_as(open_checkpoint(folder), dtype):
+        return None  # converting dtypes is the in-memory path's job
+    return folder
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+        open_checkpoint(folder)
+    except (OSError, ValueError, AufoldError):
+        return None  # not (completely) cached: transformers downloads it
+    return folder
+
+
+def _stored_as(checkpoint: Checkpoint, dtype: str) -> bool:
+    wanted = DTYPE_NAMES.get(DTYPES[dtype])  # type: ignore[arg-type]
+    stored = {entry.dtype for entry in checkpoint.entries() if entry.dtype in FLOAT_DTYPES}
+    return stored == {wanted}
+
+
+def checkpoint_architecture(folder: Path) -> tuple[dict[str, object], Architecture]:
+    """The config (as transformers completes it) and the sites table entry of a folder."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as error:
+        raise AufoldError(f"could not read the config of {folder}: "
+                          f"{str(error).splitlines()[0] if str(error) else error!r}") from None
+    return config.to_dict(), architecture_for(config.model_type)
+
+
+def checkpoint_fingerprint(checkpoint: Checkpoint, config: Mapping[str, object],
+                           architecture: Architecture) -> str:
+    """The fingerprint that :func:`aufold.modeling.fingerprint` gives the loaded model."""
+    layers = int(config.get("num_hidden_layers", config.get("n_layer", 0)))  # type: ignore[arg-type]
+    shapes = {}
+    for layer in range(layers):
+        for site in ("head", "mlp"):
+            name = architecture.module_path(site, layer) + ".weight"
+            stored = _stored_name(name, checkpoint.weight_map)
+            if stored is None:
+                raise AufoldError(f"{checkpoint.folder} has no tensor {name}; it is not a complete "
+                                  f"{config.get('model_type')} checkpoint")
+            shapes[name] = list(checkpoint.entry(stored).shape)
+    return fingerprint_of(config, shapes)
+
+
+def export_streamed(
+    folder: Path,
+    plan: Plan,
+    *,
+    k: int,
+    alpha: float,
+    out: Path,
+    sites: Sequence[str],
+    base_model: str,
+    force: bool = False,
+    link_unchanged: bool = False,
+) -> tuple[Edit, StreamReport]:
+    """Fold the plan's top-k units into the checkpoint in ``folder`` and write ``out``."""
+    checkpoint = open_checkpoint(folder)
+    config, architecture = checkpoint_architecture(folder)
+    plan.check_fingerprint(checkpoint_fingerprint(checkpoint, config, architecture), force=force)
+    edit = plan.select(k, alpha, sites)
+    edits = stored_edits(checkpoint, weight_edits(edit, architecture))
+    first = next(entry for shard in edits.values() for entry in shard)
+    record = ExportRecord(base_model=base_model, plan=plan, units=plan.ranking(sites, k), k=k,
+                          alpha=alpha, sites=tuple(sites),
+                          dtype=str(FLOAT_DTYPES[first.dtype]).removeprefix("torch."))
+    texts = {"README.md": model_card(record),
+             PROVENANCE_FILE: _json(record.provenance())}
+    report = fold_checkpoint(checkpoint, edits, out, link_unchanged=link_unchanged, texts=texts)
+    return edit, report
+
+
+def stored_edits(checkpoint: Checkpoint, edits: Mapping[str, TensorEdit]
+                 ) -> dict[str, dict[TensorEntry, TensorEdit]]:
+    """The edits by shard file and stored tensor, each checked against the stored shape."""
+    by_shard: dict[str, dict[TensorEntry, TensorEdit]] = {}
+    for name, tensor_edit in edits.items():
+        stored = _stored_name(name, checkpoint.weight_map)
+        if stored is None:
+            if tensor_edit.optional:
+                continue
+            raise AufoldError(f"the checkpoint has no tensor {name}; the plan does not fit it")
+        entry = checkpoint.entry(stored)
+        for axis, (index, _) in tensor_edit.axes.items():
+            if axis >= len(entry.shape) or int(index.max()) >= entry.shape[axis]:
+                raise AufoldError(f"tensor {stored} has shape {list(entry.shape)}, which has no "
+                                  f"unit {int(index.max())} on axis {axis}; the plan was made for "
+                                  f"another model")
+        if entry.dtype not in FLOAT_DTYPES:
+            raise AufoldError(f"tensor {stored} is stored as {entry.dtype}; aufold folds "
+                              f"floating-point weights only, not quantized ones")
+        by_shard.setdefault(checkpoint.weight_map[stored], {})[entry] = tensor_edit
+    return by_shard
+
+
+def fold_checkpoint(
+    checkpoint: Checkpoint,
+    edits: Mapping[str, Mapping[TensorEntry, TensorEdit]],
+    out: Path,
+    *,
+    link_unchanged: bool = False,
+    texts: Mapping[str, str] | None = None,
+) -> StreamReport:
+    """Write the folded checkpoint into ``out`` atomically: complete, or not there at all.
+
+    On a full disk the partial output is removed, the input is untouched, and the
+    error says how much space the output needs.
+    """
+    extras = _extra_files(checkpoint)
+    linking = link_unchanged and _same_device(checkpoint.folder, out.parent)
+    needed = sum(shard.size for file, shard in checkpoint.shards.items()
+                 if file in edits or not linking)
+    needed += sum(path.stat().st_size for path in extras)
+    _check_free_space(out, needed)
+    folded, copied, linked = [], [], []
+    try:
+        with atomic_folder(out) as staging:
+            for file, shard in checkpoint.shards.items():
+                target = staging / file
+                if file in edits:
+                    _fold_shard(shard.path, shard.size, edits[file], target)
+                    folded.append(file)
+                elif linking and _link(shard.path, target):
+                    linked.append(file)
+                else:
+                    shutil.copyfile(shard.path, target)
+                    copied.append(file)
+            if checkpoint.index_file:
+                shutil.copyfile(checkpoint.folder / checkpoint.index_file,
+                                staging / checkpoint.index_file)
+            for path in extras:
+                shutil.copyfile(path, staging / path.name)
+            for name, text in (texts or {}).items():
+                (staging / name).write_text(text)
+    except OSError as error:
+        if error.errno in _NO_SPACE:
+            raise AufoldError(f"the disk filled up while writing {out}; the partial output was "
+                              f"removed and the input is untouched. The output needs about "
+                              f"{_gb(needed)} free (hard-linking unchanged shards with "
+                              f"--link-unchanged needs less)") from None
+        raise
+    return StreamReport(tuple(folded), tuple(copied), tuple(linked),
+                        sum(len(shard) for shard in edits.values()), needed)
+
+
+def _fold_shard(source_path: Path, size: int, edits: Mapping[TensorEntry, TensorEdit],
+                target: Path) -> None:
+    """The shard with each edited tensor's bytes replaced; every other byte copied as is."""
+    with source_path.open("rb") as source, target.open("wb") as output:
+        position = 0
+        for entry in sorted(edits, key=lambda entry: entry.begin):
+            copy_range(source.fileno(), output.fileno(), position, entry.begin - position, position)
+            tensor = fold_tensor_(read_tensor(source, entry), edits[entry])
+            write_all(output.fileno(), tensor_bytes(tensor), entry.begin)
+            del tensor
+            position = entry.end
+        copy_range(source.fileno(), output.fileno(), position, size - position, position)
+
+
+def _stored_name(name: str, stored: Mapping[str, str]) -> str | None:
+    """The name a tensor has on disk: as in the model, or without the base model prefix
+    (GPT-2's original checkpoints store ``h.0...`` for ``transformer.h.0...``)."""
+    if name in stored:
+        return name
+    short = name.split(".", 1)[-1]
+    return short if short in stored else None
+
+
+def _extra_files(checkpoint: Checkpoint) -> list[Path]:
+    """Config, tokenizer, generation and other small top-level files to copy as they are."""
+    skip = set(checkpoint.weight_files) | set(_WRITTEN_BY_EXPORT)
+    return sorted(path for path in checkpoint.folder.iterdir()
+                  if path.is_file() and not path.name.startswith(".") and path.name not in skip
+                  and not path.name.endswith(_SKIPPED_SUFFIXES))
+
+
+def _same_device(source: Path, target_parent: Path) -> bool:
+    target_parent.mkdir(parents=True, exist_ok=True)
+    return os.stat(source).st_dev == os.stat(target_parent).st_dev
+
+
+def _link(source: Path, target: Path) -> bool:
+    try:
+        os.link(source, target)  # follows a hub cache symlink to its blob
+    except OSError as error:
+        if error.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            return False
+        raise
+    return True
+
+
+def _check_free_space(out: Path, needed: int) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out.parent).free
+    if needed > free:
+        raise AufoldError(f"not enough disk space for {out}: the output needs about "
+                          f"{_gb(needed)} and {_gb(free)} is free; free some space, write "
+                          f"elsewhere, or hard-link unchanged shards with --link-unchanged")
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB"
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, indent=2) + "\n"

@@ -1,0 +1,424 @@
+"""Tuning: sweep alpha x k per site on the tune split, pick the best, report it once on test.
+
+The sweep evaluates the unsteered model and every configuration (site, k, alpha)
+on the same batches. For the multiple-choice scorers it reuses work: each batch's
+unsteered pass records the hidden states entering every layer where some
+configuration starts steering, and each configuration resumes from its own
+earliest steered layer (:mod:`aufold.evaluate.resume`), with results identical to
+evaluating it from scratch. Math tasks generate token by token under the edit, so
+each of their configurations runs from scratch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from aufold.atomic import atomic_folder, check_output_folder
+from aufold.edit import Edit
+from aufold.errors import AufoldError
+from aufold.evaluate.batches import DEFAULT_BATCH_SIZE, model_logits
+from aufold.evaluate.choices import prepare_choices
+from aufold.evaluate.core import (
+    CHOICE_SCORERS,
+    DEFAULT_EVAL_MAX_LENGTH,
+    MATH_SCORER,
+    evaluate_items,
+    resolve_scorer,
+)
+from aufold.evaluate.math import DEFAULT_MAX_NEW_TOKENS
+from aufold.evaluate.report import EvalResult, write_json, write_report
+from aufold.evaluate.resume import (
+    MAX_RESUME_POINTS,
+    capture_layer_inputs,
+    earliest_layer,
+    resume_at,
+    resume_points,
+)
+from aufold.localize import DEFAULT_BATCH_SIZE as LOCALIZE_BATCH_SIZE
+from aufold.localize import localize
+from aufold.modeling import fingerprint, input_device, load_model, num_layers, site_width
+from aufold.plan import Plan, check_alpha
+from aufold.plotting import INSTALL_HINT, matplotlib_available, plot_heatmap
+from aufold.sites import SITE_ORDER, site_kind
+from aufold.steer import steer
+from aufold.tasks import Item, TaskKind, get_task, load_split, resolve_data_dir, task_pairs
+from aufold.tuned import TUNE_FILE, TUNE_FORMAT
+from aufold.version import __version__
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+# The grids of the AUSteer paper.
+K_GRID: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 100)
+ALPHA_GRID: tuple[float, ...] = (1.0, 5.0, 10.0, 20.0, 50.0, 100.0)
+CHOICE_RULE = ("highest tune accuracy; ties: smaller k, then smaller alpha, then site in the "
+               "order head, mlp, mlp-out, residual")
+PLAN_FOLDER = "plan"
+TEST_BASE_REPORT = "test-base.json"
+TEST_STEERED_REPORT = "test-steered.json"
+
+
+@dataclass(frozen=True)
+class Config:
+    """One point of the sweep: steer the top-k units of one site with strength alpha."""
+
+    site: str
+    k: int
+    alpha: float
+
+    def label(self) -> str:
+        return f"{self.site} k={self.k} alpha={self.alpha:g}"
+
+
+def grid_configs(sites: Sequence[str], ks: Sequence[int], alphas: Sequence[float]) -> list[Config]:
+    """Every (site, k, alpha), sites in table order, then k, then alpha ascending."""
+    ordered = sorted(dict.fromkeys(sites), key=SITE_ORDER.__getitem__)
+    return [Config(site, k, alpha) for site in ordered for k in sorted(set(ks))
+            for alpha in sorted(set(alphas))]
+
+
+def check_grid_values(sites: Sequence[str], ks: Sequence[int], alphas: Sequence[float]) -> None:
+    """The grid's own checks, which need neither the model nor the plan."""
+    if not sites:
+        raise AufoldError("no site to tune; pass at least one --site (head, mlp, mlp-out, residual)")
+    for site in sites:
+        site_kind(site)
+    if not ks or not alphas:
+        raise AufoldError("the k and alpha grids must each hold at least one value")
+    for k in ks:
+        if not isinstance(k, int) or k < 1:
+            raise AufoldError(f"every k of the grid must be a positive integer, got {k!r}")
+    for alpha in alphas:
+        check_alpha(alpha)
+
+
+def check_grid_units(units: Mapping[str, int], ks: Sequence[int]) -> None:
+    """Refuse a k larger than the units a site has, before any sweeping."""
+    for site, available in units.items():
+        if max(ks) > available:
+            raise AufoldError(f"k={max(ks)} is larger than the {available} units of site {site}; "
+                              f"lower the k grid to at most {available}")
+
+
+def choose(accuracy: Mapping[Config, float]) -> Config:
+    """The best configuration by :data:`CHOICE_RULE`."""
+    if not accuracy:
+        raise AufoldError("the sweep is empty; give at least one site, k and alpha")
+    return min(accuracy, key=lambda c: (-accuracy[c], c.k, c.alpha, SITE_ORDER[c.site]))
+
+
+@dataclass
+class Sweep:
+    """The unsteered result and one result per configuration, all on the same tune items."""
+
+    base: EvalResult
+    cells: dict[Config, EvalResult]
+    start_layers: dict[Config, int]  # each configuration's earliest steered layer
+    seconds: float
+    resumed: bool
+    resumed_from: dict[Config, int] = field(default_factory=dict)  # empty when not resumed
+
+    def accuracy(self) -> dict[Config, float]:
+        return {config: result.accuracy for config, result in self.cells.items()}
+
+    def best(self) -> Config:
+        return choose(self.accuracy())
+
+    def sites(self) -> list[str]:
+        return list(dict.fromkeys(config.site for config in self.cells))
+
+    def axes(self, site: str) -> tuple[list[int], list[float]]:
+        ks = sorted({c.k for c in self.cells if c.site == site})
+        alphas = sorted({c.alpha for c in self.cells if c.site == site})
+        return ks, alphas
+
+    def matrix(self, site: str) -> list[list[float]]:
+        """Accuracy per [alpha][k] for one site, in ascending alpha and k."""
+        ks, alphas = self.axes(site)
+        return [[self.cells[Config(site, k, alpha)].accuracy for k in ks] for alpha in alphas]
+
+    def table(self, site: str) -> str:
+        """The grid of one site as text: a row per alpha, a column per k."""
+        ks, alphas = self.axes(site)
+        lines = [f"site {site}: tune accuracy (unsteered {self.base.accuracy:.3f}, "
+                 f"n={self.base.n}); rows alpha, columns k",
+                 "alpha\\k " + "".join(f"{k:>7}" for k in ks)]
+        for alpha, row in zip(alphas, self.matrix(site)):
+            lines.append(f"{alpha:>7g} " + "".join(f"{value:>7.3f}" for value in row))
+        return "\n".join(lines)
+
+    def records(self) -> list[dict[str, Any]]:
+        return [{"site": c.site, "k": c.k, "alpha": c.alpha, "accuracy": r.accuracy,
+                 "correct": r.correct, "n": r.n, "start_layer": self.start_layers[c],
+                 "resumed_from": self.resumed_from.get(c)}
+                for c, r in self.cells.items()]
+
+
+@torch.inference_mode()
+def sweep(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    plan: Plan,
+    items: Sequence[Item],
+    *,
+    sites: Sequence[str],
+    ks: Sequence[int] = K_GRID,
+    alphas: Sequence[float] = ALPHA_GRID,
+    kind: TaskKind = "choice",
+    scorer: str | None = None,
+    resume: bool = True,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    chat_template: bool = False,
+    max_length: int = DEFAULT_EVAL_MAX_LENGTH,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_resume_points: int = MAX_RESUME_POINTS,
+    progress: bool = True,
+) -> Sweep:
+    """Evaluate the unsteered model and every (site, k, alpha) of the grid on ``items``.
+
+    Each site ranks only its own units of ``plan``. ``resume=False`` evaluates every
+    configuration from scratch (math tasks always do); the results are the same.
+    ``max_resume_points`` caps the hidden-state tensors held per batch
+    (:func:`~aufold.evaluate.resume.resume_points`).
+    """
+    check_grid_values(sites, ks, alphas)
+    check_grid_units({site: plan.num_units([site]) for site in sites}, ks)
+    name = resolve_scorer(kind, scorer)
+    configs = grid_configs(sites, ks, alphas)
+    edits = {config: plan.select(config.k, config.alpha, [config.site]) for config in configs}
+    starts = {config: earliest_layer(edit) for config, edit in edits.items()}
+    options: dict[str, Any] = dict(batch_size=batch_size, chat_template=chat_template,
+                                   max_length=max_length)
+    started = time.perf_counter()
+    resumed_from: dict[Config, int] = {}
+    if resume and name != MATH_SCORER:
+        points = resume_points(starts.values(), max_resume_points)
+        resumed_from = {config: points[start] for config, start in starts.items()}
+        base, cells = _resumed(model, tokenizer, items, name, edits, resumed_from, options, progress)
+    else:
+        options.update(kind=kind, scorer=name, max_new_tokens=max_new_tokens, progress=False)
+        base = evaluate_items(model, tokenizer, items, **options)
+        cells = {}
+        for config in tqdm(configs, desc="tune", unit="config", disable=not progress):
+            cells[config] = evaluate_items(model, tokenizer, items, edit=edits[config], **options)
+    return Sweep(base, cells, starts, time.perf_counter() - started,
+                 resumed=resume and name != MATH_SCORER, resumed_from=resumed_from)
+
+
+def _resumed(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: Sequence[Item],
+             scorer: str, edits: Mapping[Config, Edit], starts: Mapping[Config, int],
+             options: Mapping[str, Any], progress: bool) -> tuple[EvalResult, dict[Config, EvalResult]]:
+    """The sweep with prefix resume: per batch, one unsteered pass, then each configuration
+    from its layer in ``starts``."""
+    prepared = prepare_choices(CHOICE_SCORERS[scorer], tokenizer, items,
+                               chat_template=options["chat_template"],
+                               max_length=options["max_length"], batch_size=options["batch_size"])
+    device = input_device(model)
+    base_values: list[Any] = [None] * len(prepared.queries)
+    values: dict[Config, list[Any]] = {config: [None] * len(prepared.queries) for config in edits}
+    total = len(prepared.batches) * (1 + len(edits))
+    with tqdm(total=total, desc="tune", unit="pass", disable=not progress) as bar:
+        for index in range(len(prepared.batches)):
+            batch, keep = prepared.batch(index, device)
+            with capture_layer_inputs(model, set(starts.values())) as captured:
+                prepared.store(index, model_logits(model, batch, keep), base_values)
+            bar.update()
+            for config, edit in edits.items():
+                start = starts[config]
+                with steer(model, edit), resume_at(model, start, captured[start]):
+                    prepared.store(index, model_logits(model, batch, keep), values[config])
+                bar.update()
+    settings = {**options, "truncated_prompts": prepared.truncated}
+    base = EvalResult(scorer, tuple(prepared.results(base_values)), dict(settings))
+    cells = {config: EvalResult(scorer, tuple(prepared.results(values[config])),
+                                {**settings, "steered_units": len(edits[config])})
+             for config in edits}
+    return base, cells
+
+
+@dataclass
+class TuneOutcome:
+    """What `aufold tune` found and wrote."""
+
+    out: Path
+    sweep: Sweep
+    best: Config
+    test_base: EvalResult
+    test_steered: EvalResult
+    record: dict[str, Any]
+    heatmaps: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def tune(
+    model_ref: str | Path,
+    task: str,
+    *,
+    out: str | Path,
+    sites: Sequence[str] = (),
+    plan_dir: str | Path | None = None,
+    ks: Sequence[int] = K_GRID,
+    alphas: Sequence[float] = ALPHA_GRID,
+    scorer: str | None = None,
+    data_dir: str | Path | None = None,
+    pairs_size: int | None = None,
+    tune_size: int | None = None,
+    test_size: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    localize_batch_size: int = LOCALIZE_BATCH_SIZE,
+    chat_template: bool = False,
+    max_length: int = DEFAULT_EVAL_MAX_LENGTH,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    dtype: str = "auto",
+    device: str | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+    plot: bool = True,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> TuneOutcome:
+    """The AUSteer protocol: localize on ``pairs`` (or take ``plan_dir``), sweep on ``tune``,
+    choose by :data:`CHOICE_RULE`, evaluate the choice and the unsteered model on ``test``.
+
+    Writes ``out/tune.json`` (grid, choice, test results), the test reports with every
+    prediction, the plan when it was localized here, and a heatmap per site when
+    matplotlib is installed. Every input is checked before the model loads.
+    """
+    kind = get_task(task).kind
+    name = resolve_scorer(kind, scorer)
+    out_dir = check_output_folder(out, overwrite=overwrite)
+    if plan_dir is not None:
+        given = Path(plan_dir).expanduser().resolve()
+        if given == out_dir or out_dir in given.parents:
+            raise AufoldError(f"the plan {given} is inside --out {out_dir}, which tune replaces; "
+                              f"write the results to another folder")
+    plan = Plan.load(plan_dir) if plan_dir is not None else None
+    sites = tuple(dict.fromkeys(sites)) or (plan.sites if plan is not None else ())
+    check_grid_values(sites, ks, alphas)
+    if plan is not None:
+        check_grid_units({site: plan.num_units([site]) for site in sites}, ks)
+        if pairs_size is not None:
+            raise AufoldError("--pairs-size sizes a new localization; drop it when giving --plan")
+    tune_items = load_split(task, "tune", data_dir, size=tune_size, option="--tune-size")
+    test_items = load_split(task, "test", data_dir, size=test_size, option="--test-size")
+    pairs = task_pairs(task, data_dir, size=pairs_size) if plan is None else None
+
+    echo(f"loading {model_ref}")
+    model, tokenizer, source = load_model(model_ref, dtype=dtype, device=device)
+    if plan is not None:
+        plan.check_fingerprint(fingerprint(model), force=force)
+    else:
+        assert pairs is not None
+        check_grid_units({site: num_layers(model) * site_width(model, site) for site in sites}, ks)
+        echo(f"localizing on {len(pairs)} pairs of {task} over sites {', '.join(sites)}")
+        plan = localize(model, tokenizer, pairs, sites, batch_size=localize_batch_size,
+                        chat_template=chat_template, progress=progress, model_id=source.ref)
+
+    echo(f"sweeping {len(sites) * len(set(ks)) * len(set(alphas))} configurations on "
+         f"{len(tune_items)} tune items ({name} scorer)")
+    options: dict[str, Any] = dict(batch_size=batch_size, chat_template=chat_template,
+                                   max_length=max_length, max_new_tokens=max_new_tokens)
+    result = sweep(model, tokenizer, plan, tune_items, sites=sites, ks=ks, alphas=alphas, kind=kind,
+                   scorer=name, progress=progress, **options)
+    best = result.best()
+    echo(f"chosen on tune: {best.label()} (tune accuracy {result.cells[best].accuracy:.3f}, "
+         f"unsteered {result.base.accuracy:.3f})")
+    echo(f"evaluating on {len(test_items)} test items, unsteered and steered")
+    edit = plan.select(best.k, best.alpha, [best.site])
+    test_base = evaluate_items(model, tokenizer, test_items, kind=kind, scorer=name,
+                               progress=progress, **options)
+    test_steered = evaluate_items(model, tokenizer, test_items, kind=kind, scorer=name, edit=edit,
+                                  progress=progress, **options)
+
+    notes = []
+    if result.cells[best].accuracy <= result.base.accuracy:
+        notes.append("no configuration beat the unsteered model on tune")
+    with atomic_folder(out_dir) as staging:
+        plan_ref: str = PLAN_FOLDER
+        if plan_dir is None:
+            plan.save(staging / PLAN_FOLDER)
+        else:
+            plan_ref = str(Path(plan_dir).expanduser().resolve())
+        for report_name, report in ((TEST_BASE_REPORT, test_base), (TEST_STEERED_REPORT, test_steered)):
+            report.settings.update(model=source.ref, task=task, split="test")
+            write_report(report, staging / report_name)
+        heatmaps = []
+        if plot and matplotlib_available():
+            for site in result.sites():
+                ks_axis, alphas_axis = result.axes(site)
+                path = plot_heatmap(result.matrix(site), ks_axis, alphas_axis,
+                                    staging / f"heatmap-{site}.png", base=result.base.accuracy,
+                                    title=f"{task} tune accuracy, site {site} "
+                                          f"(unsteered {result.base.accuracy:.3f})")
+                heatmaps.append(path.name)
+        elif plot:
+            notes.append(f"no heatmap: matplotlib is not installed; {INSTALL_HINT}")
+        record = _record(source.ref, task, resolve_data_dir(data_dir), name, plan_ref, plan, result,
+                         best, test_base, test_steered, edit, options, heatmaps, notes)
+        write_json(record, staging / TUNE_FILE)
+    return TuneOutcome(out_dir, result, best, test_base, test_steered, record,
+                       [out_dir / name for name in heatmaps], notes)
+
+
+def _record(model: str, task: str, data_dir: Path, scorer: str, plan_ref: str, plan: Plan,
+            result: Sweep, best: Config, test_base: EvalResult, test_steered: EvalResult,
+            edit: Edit, options: Mapping[str, Any], heatmaps: list[str],
+            notes: list[str]) -> dict[str, Any]:
+    """The content of tune.json; :func:`aufold.tuned.read_tuned` reads ``plan`` and ``best``."""
+    ks = sorted({c.k for c in result.cells})
+    alphas = sorted({c.alpha for c in result.cells})
+    return {
+        "format": TUNE_FORMAT,
+        "aufold_version": __version__,
+        "model": model,
+        "task": task,
+        "data_dir": str(data_dir),
+        "scorer": scorer,
+        "settings": dict(options),
+        "plan": plan_ref,
+        "plan_fingerprint": plan.fingerprint,
+        "num_pairs": plan.num_pairs,
+        "sites": result.sites(),
+        "k_grid": ks,
+        "alpha_grid": alphas,
+        "choice_rule": CHOICE_RULE,
+        "best": {"site": best.site, "k": best.k, "alpha": best.alpha,
+                 "tune_accuracy": result.cells[best].accuracy,
+                 "start_layer": result.start_layers[best], "units": edit.to_records()},
+        "tune": {"split": "tune", **_headline(result.base, "unsteered"),
+                 "sweep_seconds": round(result.seconds, 3), "prefix_resume": result.resumed,
+                 "grid": result.records()},
+        "test": {"split": "test", "n": test_base.n,
+                 "unsteered": test_base.summary(), "steered": test_steered.summary(),
+                 "gain": test_steered.accuracy - test_base.accuracy,
+                 "reports": [TEST_BASE_REPORT, TEST_STEERED_REPORT]},
+        "heatmaps": heatmaps,
+        "notes": notes,
+    }
+
+
+def _headline(result: EvalResult, label: str) -> dict[str, Any]:
+    return {"n": result.n, label: result.summary()}
+
+
+def parse_grid(text: str, kind: Callable[[str], Any], option: str) -> tuple[Any, ...]:
+    """Read a comma-separated grid such as ``2,4,8`` for ``--k-grid`` / ``--alpha-grid``."""
+    try:
+        values = tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise AufoldError(f"{option} must be comma-separated numbers such as 2,4,8; got "
+                          f"{text!r}") from None
+    if not values:
+        raise AufoldError(f"{option} is empty; give comma-separated numbers such as 2,4,8")
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        raise AufoldError(f"{option} values must be finite numbers; got {text!r}")
+    return values

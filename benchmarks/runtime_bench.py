@@ -1,0 +1,125 @@
+"""Runtime overhead: decode speed of the base model, the exported folded model and hook mode.
+
+On SmolLM2-135M-Instruct, greedy decoding at batch 1 with the KV cache, a fixed
+number of new tokens per prompt. The three variants take turns within each
+round, so they see the same machine load; the median over rounds is reported,
+with the ratio to the base model. Target: folded / base >= 0.98 (the folded model
+is the same architecture with other weights); hook mode's overhead is reported
+as measured.
+
+The folded model is written by `aufold export` (the streaming fold) from a plan
+of 100 head and mlp units and loaded back from disk like any checkpoint.
+
+    python benchmarks/runtime_bench.py
+    python benchmarks/runtime_bench.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from aufold.export import export  # noqa: E402
+from aufold.modeling import fingerprint, load_model, site_width, smollm2_gguf_path  # noqa: E402
+from aufold.plan import Plan, SiteCounts  # noqa: E402
+from aufold.steer import steer  # noqa: E402
+from aufold.verify import DEFAULT_PROMPTS  # noqa: E402
+
+CACHED_SMOLLM2 = REPO / ".cache" / "tests" / "smollm2-135m-instruct"  # made by the test suite
+UNITS = 100
+ALPHA = 2.0
+
+
+def random_plan(model, seed: int = 0) -> Plan:  # type: ignore[no-untyped-def]
+    generator = torch.Generator().manual_seed(seed)
+    layers = model.config.num_hidden_layers
+    counts = {}
+    for site in ("head", "mlp"):
+        shape = (layers, site_width(model, site))
+        counts[site] = SiteCounts(torch.randint(0, 100, shape, generator=generator),
+                                  torch.randint(0, 100, shape, generator=generator))
+    return Plan("runtime-bench", fingerprint(model), 100, counts)
+
+
+def decode_seconds(model, inputs: list[dict[str, torch.Tensor]],  # type: ignore[no-untyped-def]
+                   new_tokens: int) -> float:
+    device = model.get_input_embeddings().weight.device
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for encoded in inputs:
+            model.generate(**encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False, pad_token_id=model.generation_config.eos_token_id)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a local model folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+
+    reference = args.model or (CACHED_SMOLLM2 if (CACHED_SMOLLM2 / "config.json").is_file()
+                               else smollm2_gguf_path())
+    base, tokenizer, _ = load_model(reference, dtype=args.dtype, device=args.device)
+    plan = random_plan(base)
+    edit = plan.select(UNITS, ALPHA)
+    with tempfile.TemporaryDirectory(prefix="aufold-runtime-") as tmp:
+        if str(reference).endswith(".gguf"):
+            # The streaming fold reads safetensors; a GGUF model is folded in memory instead.
+            base.save_pretrained(Path(tmp) / "base")
+            tokenizer.save_pretrained(Path(tmp) / "base")
+            reference = Path(tmp) / "base"
+        export(reference, plan, k=UNITS, alpha=ALPHA, out=Path(tmp) / "folded")
+        folded, _, _ = load_model(Path(tmp) / "folded", dtype=args.dtype, device=args.device)
+    device = base.get_input_embeddings().weight.device
+    inputs = [tokenizer(prompt, return_tensors="pt").to(device) for prompt in DEFAULT_PROMPTS]
+    tokens = args.new_tokens * len(inputs)
+
+    def hooked() -> float:
+        with steer(base, edit):
+            return decode_seconds(base, inputs, args.new_tokens)
+
+    variants = {
+        "base": lambda: decode_seconds(base, inputs, args.new_tokens),
+        "folded (aufold export)": lambda: decode_seconds(folded, inputs, args.new_tokens),
+        f"hook mode ({UNITS} units)": hooked,
+    }
+    decode_seconds(base, inputs[:1], 8)  # warm-up, untimed
+    decode_seconds(folded, inputs[:1], 8)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, run in variants.items():
+            times[name].append(run())
+
+    print(f"model {Path(str(reference)).name}, {args.dtype} on {device} ({torch.get_num_threads()} "
+          f"threads); greedy decoding, batch 1, {len(inputs)} prompts x {args.new_tokens} new tokens, "
+          f"median of {args.rounds} rounds")
+    base_rate = tokens / statistics.median(times["base"])
+    print(f"\n{'variant':<26} {'tokens/s':>9} {'x base':>7}   per-round tokens/s")
+    for name, seconds in times.items():
+        rate = tokens / statistics.median(seconds)
+        rounds = " ".join(f"{tokens / s:.1f}" for s in seconds)
+        print(f"{name:<26} {rate:>9.1f} {rate / base_rate:>7.3f}   {rounds}")
+    folded_ratio = tokens / statistics.median(times["folded (aufold export)"]) / base_rate
+    print(f"\nfolded / base = {folded_ratio:.3f} (target >= 0.98)")
+
+
+if __name__ == "__main__":
+    main()
