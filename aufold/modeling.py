@@ -6,7 +6,7 @@ import hashlib
 import importlib.util
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -180,12 +180,19 @@ def input_device(model: PreTrainedModel) -> torch.device:
 
 def fingerprint(model: PreTrainedModel) -> str:
     """A hash of the model's shape: key config values and the weights sites fold into."""
-    config = model.config.to_dict()
+    return fingerprint_from(model.config.to_dict(), model_architecture(model), num_layers(model),
+                            lambda name: model.get_parameter(name).shape)
+
+
+def fingerprint_from(config: Mapping[str, Any], architecture: Architecture, layers: int,
+                     shape_of: Callable[[str], Sequence[int]]) -> str:
+    """The fingerprint from a config dict and the shape of each weight, looked up by its name
+    in the model: the same for a loaded model and for a checkpoint's file headers."""
     shapes = {}
-    for layer in range(num_layers(model)):
+    for layer in range(layers):
         for site in ("head", "mlp"):
-            name = model_architecture(model).module_path(site, layer) + ".weight"
-            shapes[name] = list(model.get_parameter(name).shape)
+            name = architecture.module_path(site, layer) + ".weight"
+            shapes[name] = list(shape_of(name))
     return fingerprint_of(config, shapes)
 
 

@@ -41,7 +41,7 @@ from aufold.checkpoint import (
 from aufold.edit import Edit
 from aufold.errors import AufoldError
 from aufold.fold import TensorEdit, fold_tensor_, weight_edits
-from aufold.modeling import DTYPES, ModelSource, fingerprint_of
+from aufold.modeling import DTYPES, ModelSource, fingerprint_from
 from aufold.plan import Plan
 from aufold.sites import Architecture, architecture_for
 
@@ -122,17 +122,15 @@ def checkpoint_architecture(folder: Path) -> tuple[dict[str, object], Architectu
 def checkpoint_fingerprint(checkpoint: Checkpoint, config: Mapping[str, object],
                            architecture: Architecture) -> str:
     """The fingerprint that :func:`aufold.modeling.fingerprint` gives the loaded model."""
+    def shape_of(name: str) -> tuple[int, ...]:
+        stored = _stored_name(name, checkpoint.weight_map)
+        if stored is None:
+            raise AufoldError(f"{checkpoint.folder} has no tensor {name}; it is not a complete "
+                              f"{config.get('model_type')} checkpoint")
+        return checkpoint.entry(stored).shape
+
     layers = int(config.get("num_hidden_layers", config.get("n_layer", 0)))  # type: ignore[arg-type]
-    shapes = {}
-    for layer in range(layers):
-        for site in ("head", "mlp"):
-            name = architecture.module_path(site, layer) + ".weight"
-            stored = _stored_name(name, checkpoint.weight_map)
-            if stored is None:
-                raise AufoldError(f"{checkpoint.folder} has no tensor {name}; it is not a complete "
-                                  f"{config.get('model_type')} checkpoint")
-            shapes[name] = list(checkpoint.entry(stored).shape)
-    return fingerprint_of(config, shapes)
+    return fingerprint_from(config, architecture, layers, shape_of)
 
 
 def export_streamed(

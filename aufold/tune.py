@@ -394,7 +394,7 @@ def _record(model: str, task: str, data_dir: Path, scorer: str, plan_ref: str, p
         "best": {"site": best.site, "k": best.k, "alpha": best.alpha,
                  "tune_accuracy": result.cells[best].accuracy,
                  "start_layer": result.start_layers[best], "units": edit.to_records()},
-        "tune": {"split": "tune", **_headline(result.base, "unsteered"),
+        "tune": {"split": "tune", "n": result.base.n, "unsteered": result.base.summary(),
                  "sweep_seconds": round(result.seconds, 3), "prefix_resume": result.resumed,
                  "grid": result.records()},
         "test": {"split": "test", "n": test_base.n,
@@ -404,10 +404,6 @@ def _record(model: str, task: str, data_dir: Path, scorer: str, plan_ref: str, p
         "heatmaps": heatmaps,
         "notes": notes,
     }
-
-
-def _headline(result: EvalResult, label: str) -> dict[str, Any]:
-    return {"n": result.n, label: result.summary()}
 
 
 def parse_grid(text: str, kind: Callable[[str], Any], option: str) -> tuple[Any, ...]:
