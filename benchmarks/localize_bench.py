@@ -118,10 +118,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch (default 0: torch's default, one per core)")
     parser.add_argument("--chunks", type=int, default=8,
                         help="the three methods take turns on this many slices of the pairs, so a "
                              "change in machine load hits all three alike; times and counts add up")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     reference = args.model or (CACHED_SMOLLM2 if (CACHED_SMOLLM2 / "config.json").is_file()
                                else smollm2_gguf_path())

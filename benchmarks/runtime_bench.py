@@ -73,7 +73,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch (default 1: on a busy machine, several OpenMP "
+                             "threads per decode step mostly wait for each other; 0 keeps torch's "
+                             "default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     reference = args.model or (CACHED_SMOLLM2 if (CACHED_SMOLLM2 / "config.json").is_file()
                                else smollm2_gguf_path())
