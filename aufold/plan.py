@@ -125,6 +125,17 @@ class Plan:
         return [RankedUnit(site_names[int(order[i])], int(layer[i]), int(unit[i]),
                            int(positive[i]), int(negative[i]), self.num_pairs) for i in ranked]
 
+    def unit(self, site: str, layer: int, unit: int) -> RankedUnit:
+        """The counts of one unit, ranked or not."""
+        counts = self.counts[self._sites([site])[0]]
+        return RankedUnit(site, layer, unit, int(counts.positive[layer, unit]),
+                          int(counts.negative[layer, unit]), self.num_pairs)
+
+    def scores(self, site: str) -> torch.Tensor:
+        """score = max(r_pos, r_neg) of every unit of ``site``, float32 [layers, width]."""
+        counts = self.counts[self._sites([site])[0]]
+        return torch.maximum(counts.positive, counts.negative).float() / self.num_pairs
+
     def select(self, k: int, alpha: float, sites: Sequence[str] | None = None) -> Edit:
         """The top-k units as an Edit with gamma = alpha * signed score."""
         check_alpha(alpha)

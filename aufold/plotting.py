@@ -1,4 +1,5 @@
-"""Heatmaps of a tuning sweep (accuracy over alpha x k, like the AUSteer paper's Figure 10).
+"""Figures: tuning heatmaps (accuracy over alpha x k, the AUSteer paper's Figure 10) and unit maps
+(scores over layer x unit, its Figure 11).
 
 matplotlib is an optional extra (``pip install 'aufold[plot]'``); nothing else in
 aufold needs it. Figures are drawn without pyplot, so no global backend is chosen
@@ -8,8 +9,10 @@ for the caller's process.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import torch
 
 from aufold.errors import AufoldError
 
@@ -57,6 +60,41 @@ def plot_heatmap(accuracy: Sequence[Sequence[float]], ks: Sequence[int], alphas:
                       color="white" if dark else "black")
     colorbar = figure.colorbar(image, ax=axes)
     colorbar.set_label("accuracy" + (f" (base {base:.3f} at centre)" if base is not None else ""))
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path)
+    return path
+
+
+def plot_unit_scores(scores: Mapping[str, torch.Tensor], chosen: Sequence[tuple[str, int, int]],
+                     path: str | Path, *, title: str) -> Path:
+    """Write a PNG of where the units sit (like the AUSteer paper's Figure 11).
+
+    One panel per site: the score max(r_pos, r_neg) of every unit, layers down and
+    units across; ``chosen`` (site, layer, unit) are circled.
+    """
+    if not matplotlib_available():
+        raise AufoldError(f"the plot needs matplotlib, which is not installed; {INSTALL_HINT}")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sites = list(scores)
+    figure = Figure(figsize=(4.2 * len(sites), 3.6), dpi=120)
+    FigureCanvasAgg(figure)
+    axes_row = figure.subplots(1, len(sites), squeeze=False)[0]
+    for axes, site in zip(axes_row, sites):
+        values = scores[site].float().numpy()
+        image = axes.imshow(values, cmap="viridis", vmin=0.5, vmax=1.0, aspect="auto",
+                            interpolation="nearest", origin="lower")
+        marked = [(unit, layer) for s, layer, unit in chosen if s == site]
+        if marked:
+            axes.scatter([u for u, _ in marked], [layer for _, layer in marked], s=36,
+                         facecolors="none", edgecolors="red", linewidths=1.2)
+        axes.set_title(f"{site} ({len(marked)} chosen)", fontsize=9)
+        axes.set_xlabel("unit")
+        axes.set_ylabel("layer")
+        figure.colorbar(image, ax=axes, label="score max(r_pos, r_neg)")
+    figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path)

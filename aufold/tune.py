@@ -1,55 +1,37 @@
 """Tuning: sweep alpha x k per site on the tune split, pick the best, report it once on test.
 
 The sweep evaluates the unsteered model and every configuration (site, k, alpha)
-on the same batches. For the multiple-choice scorers it reuses work: each batch's
-unsteered pass records the hidden states entering every layer where some
-configuration starts steering, and each configuration resumes from its own
-earliest steered layer (:mod:`aufold.evaluate.resume`), with results identical to
-evaluating it from scratch. Math tasks generate token by token under the edit, so
-each of their configurations runs from scratch.
+on the same batches through :func:`aufold.evaluate.edits.evaluate_edits`, which
+resumes each configuration of a multiple-choice task from its earliest steered
+layer, with results identical to evaluating it from scratch.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from aufold.atomic import atomic_folder, check_output_folder
 from aufold.edit import Edit
 from aufold.errors import AufoldError
-from aufold.evaluate.batches import DEFAULT_BATCH_SIZE, model_logits
-from aufold.evaluate.choices import prepare_choices
-from aufold.evaluate.core import (
-    CHOICE_SCORERS,
-    DEFAULT_EVAL_MAX_LENGTH,
-    MATH_SCORER,
-    evaluate_items,
-    resolve_scorer,
-)
+from aufold.evaluate.batches import DEFAULT_BATCH_SIZE
+from aufold.evaluate.core import DEFAULT_EVAL_MAX_LENGTH, evaluate_items, resolve_scorer
+from aufold.evaluate.edits import evaluate_edits
 from aufold.evaluate.math import DEFAULT_MAX_NEW_TOKENS
 from aufold.evaluate.report import EvalResult, write_json, write_report
-from aufold.evaluate.resume import (
-    MAX_RESUME_POINTS,
-    capture_layer_inputs,
-    earliest_layer,
-    resume_at,
-    resume_points,
-)
+from aufold.evaluate.resume import MAX_RESUME_POINTS
 from aufold.localize import DEFAULT_BATCH_SIZE as LOCALIZE_BATCH_SIZE
 from aufold.localize import localize
-from aufold.modeling import fingerprint, input_device, load_model, num_layers, site_width
+from aufold.modeling import fingerprint, load_model, num_layers, site_width
 from aufold.plan import Plan, check_alpha
 from aufold.plotting import INSTALL_HINT, matplotlib_available, plot_heatmap
 from aufold.sites import SITE_ORDER, site_kind
-from aufold.steer import steer
 from aufold.tasks import Item, TaskKind, get_task, load_split, resolve_data_dir, task_pairs
 from aufold.tuned import TUNE_FILE, TUNE_FORMAT
 from aufold.version import __version__
@@ -193,56 +175,14 @@ def sweep(
     check_grid_values(sites, ks, alphas)
     check_grid_units({site: plan.num_units([site]) for site in sites}, ks)
     name = resolve_scorer(kind, scorer)
-    configs = grid_configs(sites, ks, alphas)
-    edits = {config: plan.select(config.k, config.alpha, [config.site]) for config in configs}
-    starts = {config: earliest_layer(edit) for config, edit in edits.items()}
-    options: dict[str, Any] = dict(batch_size=batch_size, chat_template=chat_template,
-                                   max_length=max_length)
-    started = time.perf_counter()
-    resumed_from: dict[Config, int] = {}
-    if resume and name != MATH_SCORER:
-        points = resume_points(starts.values(), max_resume_points)
-        resumed_from = {config: points[start] for config, start in starts.items()}
-        base, cells = _resumed(model, tokenizer, items, name, edits, resumed_from, options, progress)
-    else:
-        options.update(kind=kind, scorer=name, max_new_tokens=max_new_tokens, progress=False)
-        base = evaluate_items(model, tokenizer, items, **options)
-        cells = {}
-        for config in tqdm(configs, desc="tune", unit="config", disable=not progress):
-            cells[config] = evaluate_items(model, tokenizer, items, edit=edits[config], **options)
-    return Sweep(base, cells, starts, time.perf_counter() - started,
-                 resumed=resume and name != MATH_SCORER, resumed_from=resumed_from)
-
-
-def _resumed(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: Sequence[Item],
-             scorer: str, edits: Mapping[Config, Edit], starts: Mapping[Config, int],
-             options: Mapping[str, Any], progress: bool) -> tuple[EvalResult, dict[Config, EvalResult]]:
-    """The sweep with prefix resume: per batch, one unsteered pass, then each configuration
-    from its layer in ``starts``."""
-    prepared = prepare_choices(CHOICE_SCORERS[scorer], tokenizer, items,
-                               chat_template=options["chat_template"],
-                               max_length=options["max_length"], batch_size=options["batch_size"])
-    device = input_device(model)
-    base_values: list[Any] = [None] * len(prepared.queries)
-    values: dict[Config, list[Any]] = {config: [None] * len(prepared.queries) for config in edits}
-    total = len(prepared.batches) * (1 + len(edits))
-    with tqdm(total=total, desc="tune", unit="pass", disable=not progress) as bar:
-        for index in range(len(prepared.batches)):
-            batch, keep = prepared.batch(index, device)
-            with capture_layer_inputs(model, set(starts.values())) as captured:
-                prepared.store(index, model_logits(model, batch, keep), base_values)
-            bar.update()
-            for config, edit in edits.items():
-                start = starts[config]
-                with steer(model, edit), resume_at(model, start, captured[start]):
-                    prepared.store(index, model_logits(model, batch, keep), values[config])
-                bar.update()
-    settings = {**options, "truncated_prompts": prepared.truncated}
-    base = EvalResult(scorer, tuple(prepared.results(base_values)), dict(settings))
-    cells = {config: EvalResult(scorer, tuple(prepared.results(values[config])),
-                                {**settings, "steered_units": len(edits[config])})
-             for config in edits}
-    return base, cells
+    edits = {config: plan.select(config.k, config.alpha, [config.site])
+             for config in grid_configs(sites, ks, alphas)}
+    results = evaluate_edits(model, tokenizer, items, edits, kind=kind, scorer=name, resume=resume,
+                             batch_size=batch_size, chat_template=chat_template,
+                             max_length=max_length, max_new_tokens=max_new_tokens,
+                             max_resume_points=max_resume_points, progress=progress, desc="tune")
+    return Sweep(results.base, results.steered, results.start_layers, results.seconds,
+                 resumed=results.resumed, resumed_from=results.resumed_from)
 
 
 @dataclass

@@ -1,0 +1,51 @@
+"""Control edits for the AUSteer ablations: random units, and one fixed strength for all units.
+
+Both answer "is it the localization, or just any nudge of this size?":
+
+- :func:`random_units` steers ``k`` units drawn uniformly from the same sites
+  (all layers), each with the strength its own counts give (``alpha * r_pos``, or
+  ``-alpha * r_neg``), like the selected units. Only the choice of units differs.
+- :func:`fixed_strength` steers the same top-``k`` units, each in its own
+  direction, but with one magnitude for all: ``alpha`` times the mean score of the
+  selected units, so the total strength matches and only the per-unit weighting
+  (the adaptive strength of the paper) is removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from aufold.edit import Edit, SteeredUnit
+from aufold.errors import AufoldError
+from aufold.plan import Plan, check_alpha
+
+
+def random_units(plan: Plan, k: int, alpha: float, sites: Sequence[str], seed: int) -> Edit:
+    """``k`` distinct units drawn uniformly from ``sites`` (seeded), steered by their own counts."""
+    check_alpha(alpha)
+    sizes = [plan.num_units([site]) for site in sites]
+    if k < 1 or k > sum(sizes):
+        raise AufoldError(f"k={k} must be between 1 and the {sum(sizes)} units of sites "
+                          f"{', '.join(sites)}")
+    generator = torch.Generator().manual_seed(seed)
+    drawn = torch.randperm(sum(sizes), generator=generator)[:k].tolist()
+    units = []
+    for flat in sorted(drawn):
+        for site, size in zip(sites, sizes):
+            if flat < size:
+                break
+            flat -= size
+        width = plan.counts[site].positive.shape[1]
+        ranked = plan.unit(site, flat // width, flat % width)
+        units.append(SteeredUnit(site, ranked.layer, ranked.unit, ranked.gamma(alpha)))
+    return Edit.of(units)
+
+
+def fixed_strength(plan: Plan, k: int, alpha: float, sites: Sequence[str]) -> Edit:
+    """The top-``k`` units of ``sites``, each in its own direction, all with the same |gamma|."""
+    steered = plan.select(k, alpha, sites)
+    magnitude = sum(abs(unit.gamma) for unit in steered.units) / len(steered)
+    return Edit.of(SteeredUnit(u.site, u.layer, u.unit, magnitude if u.gamma >= 0 else -magnitude)
+                   for u in steered.units)
