@@ -14,6 +14,16 @@ from aufold.version import __version__
 PROVENANCE_FILE = "aufold.json"
 
 
+def provenance_header(base_model: str) -> dict[str, Any]:
+    """The fields that open every aufold.json: what wrote it, when, and from which model."""
+    return {
+        "format": "aufold-provenance",
+        "aufold_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base_model": base_model,
+    }
+
+
 @dataclass(frozen=True)
 class Artifact:
     """The parts of the card that depend on what was written: checkpoint, adapter or GGUF file."""
@@ -41,10 +51,7 @@ class ExportRecord:
 
     def provenance(self) -> dict[str, Any]:
         return {
-            "format": "aufold-provenance",
-            "aufold_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "base_model": self.base_model,
+            **provenance_header(self.base_model),
             "fingerprint": self.plan.fingerprint,
             "method": "AUSteer (arXiv 2602.04428): x_i <- (1 + gamma_i) x_i folded into weights",
             "selection": {"k": self.k, "alpha": self.alpha, "sites": list(self.sites)},

@@ -9,3 +9,9 @@ class AufoldError(Exception):
     The command line turns it into a one-line error and exit code 2; anything
     else that escapes is a bug in aufold and keeps its traceback.
     """
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to many lines)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aufold.errors import AufoldError
+from aufold.jsonl import parse_json_object
 
 PAIR_KEYS = ("prompt", "positive", "negative")
 
@@ -72,14 +73,8 @@ def write_pairs(pairs: Sequence[ContrastivePair], path: str | Path) -> None:
 
 def _parse_line(line: str, path: Path, line_number: int) -> ContrastivePair:
     where = f"{path}, line {line_number}"
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise AufoldError(f"{where}: not valid JSON ({error.msg}); each line must be one "
-                          f"JSON object") from None
-    if not isinstance(record, dict):
-        raise AufoldError(f"{where}: expected a JSON object with the keys "
-                          f"{', '.join(PAIR_KEYS)}, got {type(record).__name__}")
+    record = parse_json_object(line, where,
+                               expected=f"a JSON object with the keys {', '.join(PAIR_KEYS)}")
     missing = [key for key in PAIR_KEYS if key not in record]
     if missing:
         raise AufoldError(f"{where}: missing key(s) {', '.join(missing)}; each line needs "

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from aufold.errors import AufoldError
+from aufold.jsonl import Record, parse_json_object
 
-Record = dict[str, Any]
 
 # The data lives beside the repository, never inside it: repo/../shared/data.
 # This file is repo/aufold/tasks/files.py, so the repository root is three levels up.
@@ -55,15 +54,3 @@ def read_json_list(path: Path) -> list[Record]:
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise AufoldError(f"{path}: expected a JSON list of objects; restore the original file")
     return records
-
-
-def parse_json_object(line: str, where: str) -> Record:
-    """Parse one JSONL line that must hold a JSON object."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise AufoldError(f"{where}: not valid JSON ({error.msg}); each line must be one "
-                          f"JSON object") from None
-    if not isinstance(record, dict):
-        raise AufoldError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    return record

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from aufold.errors import AufoldError
 from aufold.tasks.base import Task, TaskKind, check_split
-from aufold.tasks.files import parse_json_object, require_file
+from aufold.jsonl import parse_json_object
+from aufold.tasks.files import require_file
 from aufold.tasks.item import Item
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from aufold.card import PROVENANCE_FILE
+from aufold.card import PROVENANCE_FILE, provenance_header
 from aufold.sites import vector_target
 from aufold.vectors.fold import VectorFold
 from aufold.vectors.read import SteeringVectors
@@ -28,10 +27,7 @@ class VectorRecord:
 
     def provenance(self) -> dict[str, Any]:
         return {
-            "format": "aufold-provenance",
-            "aufold_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "base_model": self.base_model,
+            **provenance_header(self.base_model),
             "method": "additive steering h <- h + scale * v folded into biases",
             "vectors": {"source": Path(self.vectors.source).name, "format": self.vectors.format,
                         "layers": self.vectors.layers},

@@ -9,7 +9,7 @@ from transformers import AutoConfig
 
 from aufold.atomic import atomic_folder, check_output_folder
 from aufold.errors import AufoldError
-from aufold.export import _base_model_name
+from aufold.export import base_model_name
 from aufold.modeling import load_model, resolve_source
 from aufold.sites import architecture_for
 from aufold.vectors.card import VectorRecord, vector_card_files
@@ -52,7 +52,7 @@ def fold_vector_checkpoint(
     out_dir = check_output_folder(out, overwrite=overwrite, inputs=(source.local_dir,))
     model, tokenizer, _ = load_model(model_ref, dtype=dtype)
     fold = fold_vectors(model, vectors, site, scale)
-    record = VectorRecord(base_model=base_model_id or _base_model_name(source), vectors=vectors,
+    record = VectorRecord(base_model=base_model_id or base_model_name(source), vectors=vectors,
                           target=site, scale=scale, fold=fold,
                           dtype=str(model.dtype).removeprefix("torch."))
     with atomic_folder(out_dir) as staging:

@@ -31,8 +31,7 @@ import torch
 from gguf import GGUFReader
 from safetensors.torch import load_file
 
-from aufold.errors import AufoldError
-from aufold.modeling import _first_line
+from aufold.errors import AufoldError, first_line
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
 _KEY_LAYER = re.compile(r"(?:.*[._-])?(\d+)")  # "13", "direction.13", "model.layers.13", ...
@@ -101,7 +100,7 @@ def _read_control_vector(path: Path) -> tuple[dict[int, torch.Tensor], bool]:
         tensors = GGUFReader(path, "r").tensors
     except (OSError, ValueError) as error:
         raise AufoldError(f"could not read the GGUF control vector {path}: "
-                          f"{_first_line(error)}") from None
+                          f"{first_line(error)}") from None
     vectors: dict[int, torch.Tensor] = {}
     for tensor in tensors:
         if not tensor.name.startswith("direction."):
@@ -120,7 +119,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except Exception as error:  # safetensors raises its own error types for damaged files
-        raise AufoldError(f"could not read {path}: {_first_line(error)}") from None
+        raise AufoldError(f"could not read {path}: {first_line(error)}") from None
 
 
 def _read_safetensors(path: Path) -> tuple[dict[int, torch.Tensor], bool]:
