@@ -151,7 +151,7 @@ def localize(model: str, pairs_file: Path | None, task: str | None, data_dir: Pa
     pairs = read_pairs_or_task(pairs_file, task, data_dir)
     check_output_folder(out, overwrite=overwrite)
     loaded, tokenizer, source = load_model(model, dtype=dtype, device=rank_device(device),
-                                           device_map=device_map)
+                                           device_map=device_map, sites=sites)
     plan = localize_pairs(loaded, tokenizer, pairs, sites, shard=shard, batch_size=batch_size,
                           max_length=max_length, chat_template=chat_template, model_id=source.ref)
     if not is_main_process():

@@ -73,21 +73,21 @@ def export(
         out_dir = check_output_folder(out, overwrite=overwrite, inputs=(source.local_dir,))
         return export_format(format, source, plan, k=k, alpha=alpha, out=out_dir,
                              sites=chosen_sites, dtype=dtype, force=force,
-                             base_model=base_model_id or _base_model_name(source),
+                             base_model=base_model_id or base_model_name(source),
                              push_to_hub=push_to_hub, private=private)
     folder = streamable_folder(source, dtype=dtype, allow_pickle=allow_pickle)
     out_dir = check_output_folder(out, overwrite=overwrite, inputs=(source.local_dir, folder))
     if folder is not None:
         edit, report = export_streamed(folder, plan, k=k, alpha=alpha, out=out_dir,
                                        sites=chosen_sites, force=force, link_unchanged=link_unchanged,
-                                       base_model=base_model_id or _base_model_name(source))
+                                       base_model=base_model_id or base_model_name(source))
         url = push_folder_to_hub(out_dir, push_to_hub, private=private) if push_to_hub else None
         return ExportResult(out_dir, edit, url, report)
 
-    model, tokenizer, _ = load_model(model_ref, dtype=dtype)
+    model, tokenizer, _ = load_model(model_ref, dtype=dtype, sites=chosen_sites)
     plan.check_fingerprint(fingerprint(model), force=force)
     return export_loaded(model, tokenizer, plan, k=k, alpha=alpha, out=out_dir, sites=chosen_sites,
-                         base_model=base_model_id or _base_model_name(source),
+                         base_model=base_model_id or base_model_name(source),
                          push_to_hub=push_to_hub, private=private)
 
 
@@ -125,7 +125,7 @@ def write_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         (staging / PROVENANCE_FILE).write_text(json.dumps(record.provenance(), indent=2) + "\n")
 
 
-def _base_model_name(source: ModelSource) -> str:
+def base_model_name(source: ModelSource) -> str:
     # A hub id names the base model on the Hub; a local path is all we know otherwise.
     if source.local_dir is None and not source.gguf_file:
         return source.ref

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from aufold.errors import AufoldError
+from aufold.errors import AufoldError, first_line
 from aufold.sites import Architecture, architecture_for, site_kind
 
 if TYPE_CHECKING:
@@ -38,7 +38,12 @@ _FINGERPRINT_CONFIG_KEYS = (
     "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
     "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
     "n_layer", "n_embd", "n_head", "n_inner",
+    # Mixture of Experts (no other architecture's config has these, so theirs is unchanged).
+    "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+    "shared_expert_intermediate_size",
 )
+# The sites whose weight shapes the fingerprint hashes, where an architecture has them.
+_FINGERPRINT_SITES = ("head", "mlp")
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,7 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     except OSError as error:
         raise AufoldError(f"could not load the tokenizer of {source.ref!r}: "
-                          f"{_first_line(error)}") from None
+                          f"{first_line(error)}") from None
 
 
 def load_model(
@@ -97,8 +102,12 @@ def load_model(
     dtype: str = "auto",
     device: str | None = None,
     device_map: str | None = None,
+    sites: Sequence[str] = (),
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
-    """Load a causal LM and its tokenizer in eval mode; GGUF files are dequantized."""
+    """Load a causal LM and its tokenizer in eval mode; GGUF files are dequantized.
+
+    ``sites`` that the architecture lacks are refused before any weight loads.
+    """
     source = resolve_source(ref)
     if dtype not in DTYPES:
         raise AufoldError(f"unknown dtype {dtype!r}; choose from: {', '.join(DTYPES)}")
@@ -107,13 +116,13 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
-    architecture_for(_model_type(source))  # fail before loading any weights
+    architecture_for(_model_type(source)).check_sites(sites)  # fail before loading any weights
     if device_map:
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except OSError as error:
-        raise AufoldError(f"could not load model {source.ref!r}: {_first_line(error)}") from None
+        raise AufoldError(f"could not load model {source.ref!r}: {first_line(error)}") from None
     if source.gguf_file:
         _forget_gguf_quantization(model)
     if device and not device_map:
@@ -132,7 +141,7 @@ def _model_type(source: ModelSource) -> str:
     try:
         return str(AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file).model_type)
     except (OSError, ValueError) as error:
-        raise AufoldError(f"could not read the config of {source.ref!r}: {_first_line(error)}") from None
+        raise AufoldError(f"could not read the config of {source.ref!r}: {first_line(error)}") from None
 
 
 def _forget_gguf_quantization(model: PreTrainedModel) -> None:
@@ -190,10 +199,16 @@ def fingerprint_from(config: Mapping[str, Any], architecture: Architecture, laye
     in the model: the same for a loaded model and for a checkpoint's file headers."""
     shapes = {}
     for layer in range(layers):
-        for site in ("head", "mlp"):
+        for site in fingerprint_sites(architecture):
             name = architecture.module_path(site, layer) + ".weight"
             shapes[name] = list(shape_of(name))
     return fingerprint_of(config, shapes)
+
+
+def fingerprint_sites(architecture: Architecture) -> tuple[str, ...]:
+    """The sites whose weights the fingerprint hashes: head and mlp, or head alone for a
+    Mixture-of-Experts architecture, which has no single MLP down projection."""
+    return tuple(site for site in _FINGERPRINT_SITES if site in architecture.sites)
 
 
 def fingerprint_of(config: Mapping[str, Any], shapes: Mapping[str, list[int]]) -> str:
@@ -205,8 +220,4 @@ def fingerprint_of(config: Mapping[str, Any], shapes: Mapping[str, list[int]]) -
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return f"sha256:{digest[:32]}"
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 

@@ -11,6 +11,10 @@ either the *input* or the *output* of a module inside each decoder layer:
 - ``residual``: the residual stream after a decoder layer; hook mode only, since
   no single weight produces it.
 
+A Mixture-of-Experts architecture has no single MLP down projection (each token
+goes through a few of many experts), so it has only the ``head`` and ``residual``
+sites; :meth:`Architecture.module_path`, which every path asks, refuses the others.
+
 "Columns" and "rows" are of the mathematical weight of ``y = W x``. A
 ``torch.nn.Linear`` stores ``W`` as ``[out, in]``; GPT-2's ``Conv1D`` stores it
 transposed as ``[in, out]``, so the stored axis that a unit occupies depends on
@@ -25,7 +29,7 @@ the residual add.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -108,7 +112,7 @@ class Architecture:
     model_type: str
     layers: str  # the ModuleList of decoder layers, from the CausalLM's root
     attention_out: str  # relative to a decoder layer
-    mlp_down: str  # relative to a decoder layer
+    mlp_down: str | None  # relative to a decoder layer; None: a Mixture-of-Experts MLP
     layout: WeightLayout = "linear"
     # What gives each projection a bias: a config flag (which also adds zero biases to
     # its sibling projections), BUILT_IN_BIAS, or None when the class has no way to.
@@ -121,8 +125,24 @@ class Architecture:
     gguf_attention_out: str = "attn_output"
     gguf_mlp_down: str = "ffn_down"
 
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """The sites this architecture has, in the order of :data:`SITES`."""
+        return tuple(name for name, kind in SITES.items()
+                     if kind.projection != "mlp_down" or self.mlp_down is not None)
+
+    def check_sites(self, sites: Sequence[str]) -> None:
+        """Refuse a site this architecture lacks, saying which it has."""
+        for site in sites:
+            if site_kind(site).name not in self.sites:
+                raise AufoldError(
+                    f"{self.model_type} has experts in its MLP, so no single weight holds its "
+                    f"{site!r} units; aufold steers its {' and '.join(map(repr, self.sites))} "
+                    f"sites only (choose --site head)")
+
     def module_path(self, site: str, layer: int) -> str:
         """The dotted module path of a site in a layer, e.g. ``model.layers.3.mlp.down_proj``."""
+        self.check_sites((site,))
         projection = site_kind(site).projection
         base = f"{self.layers}.{layer}"
         if projection == "layer":
@@ -149,13 +169,15 @@ class Architecture:
         Edit to GGUF tensors as it does to state-dict tensors.
         """
         return replace(self, layers=GGUF_LAYERS, attention_out=self.gguf_attention_out,
-                       mlp_down=self.gguf_mlp_down, layout="linear")
+                       mlp_down=self.gguf_mlp_down if self.mlp_down else None, layout="linear")
 
     def vector_module(self, target: str, layer: int) -> str:
         """The module whose output a vector at ``target`` of ``layer`` is added to (hook mode)."""
         vector_site = vector_target(target)
         base = f"{self.layers}.{layer}"
-        return base if vector_site.residual else f"{base}.{getattr(self, vector_site.projection)}"
+        if vector_site.residual:
+            return base
+        return f"{base}.{self._vector_projection(target, vector_site)}"
 
     def vector_bias(self, target: str, layer: int) -> VectorBias:
         """Where an additive vector at ``target`` of ``layer`` folds: a bias, and its switch.
@@ -166,7 +188,7 @@ class Architecture:
         """
         vector_site = vector_target(target)
         projection = vector_site.projection
-        module = f"{self.layers}.{layer}.{getattr(self, projection)}"
+        module = f"{self.layers}.{layer}.{self._vector_projection(target, vector_site)}"
         if vector_site.residual and self.norm_after_mlp_down:
             raise AufoldError(
                 f"a residual-stream vector cannot be folded into {self.model_type}: its layers "
@@ -181,6 +203,16 @@ class Architecture:
                 f"load as the same class; apply the vector with hooks instead "
                 f"(aufold.vectors.add_vectors)")
         return VectorBias(module=module, config_flag=None if switch == BUILT_IN_BIAS else switch)
+
+    def _vector_projection(self, target: str, vector_site: VectorSite) -> str:
+        """The projection a vector at ``target`` is added to, or why this architecture has none."""
+        path = getattr(self, vector_site.projection)
+        if path is None:
+            raise AufoldError(
+                f"a vector at {target!r} needs the MLP down projection, but {self.model_type} "
+                f"has experts in its MLP, so no single projection holds it; add a residual "
+                f"vector with hooks instead (aufold.vectors.add_vectors)")
+        return str(path)
 
 
 ARCHITECTURES: Mapping[str, Architecture] = {
@@ -201,6 +233,12 @@ ARCHITECTURES: Mapping[str, Architecture] = {
         Architecture("phi3", "model.layers", "self_attn.o_proj", "mlp.down_proj"),
         Architecture("gpt2", "transformer.h", "attn.c_proj", "mlp.c_proj", layout="conv1d",
                      attention_out_bias=BUILT_IN_BIAS, mlp_down_bias=BUILT_IN_BIAS),
+        # Mixture of Experts: the experts' down projections are one fused 3D parameter in
+        # memory (per-expert 2D tensors on disk), so only the head site folds.
+        Architecture("mixtral", "model.layers", "self_attn.o_proj", mlp_down=None),
+        Architecture("qwen2_moe", "model.layers", "self_attn.o_proj", mlp_down=None),
+        Architecture("qwen3_moe", "model.layers", "self_attn.o_proj", mlp_down=None,
+                     attention_out_bias="attention_bias"),
     )
 }
 

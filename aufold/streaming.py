@@ -148,6 +148,7 @@ def export_streamed(
     """Fold the plan's top-k units into the checkpoint in ``folder`` and write ``out``."""
     checkpoint = open_checkpoint(folder)
     config, architecture = checkpoint_architecture(folder)
+    architecture.check_sites(sites)
     plan.check_fingerprint(checkpoint_fingerprint(checkpoint, config, architecture), force=force)
     edit = plan.select(k, alpha, sites)
     edits = stored_edits(checkpoint, weight_edits(edit, architecture))

@@ -10,6 +10,9 @@ weights are random too, which makes bias and norm folding observable. The draw
 is always in float32 and then cast, so one seed gives the same weights (up to
 rounding) in every dtype.
 
+The Mixture-of-Experts architectures (``MOE_ARCHITECTURES``: 4 experts, 2 per token)
+are kept apart, since they have the head and residual sites only.
+
 Embedding tying follows the small real checkpoints of each family (SmolLM2 /
 Llama-3.2, Qwen2.5-0.5B, Qwen3-0.6B, Gemma and GPT-2 tie; Mistral and Phi-3 do
 not), so both layouts are covered.
@@ -30,12 +33,15 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     Phi3Config,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 ARCHITECTURES: tuple[str, ...] = (
@@ -58,7 +64,16 @@ _CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
     "gemma3_text": Gemma3TextConfig,  # text-only Gemma3ForCausalLM
     "phi3": Phi3Config,
     "gpt2": GPT2Config,
+    "mixtral": MixtralConfig,
+    "qwen2_moe": Qwen2MoeConfig,
+    "qwen3_moe": Qwen3MoeConfig,
 }
+
+MOE_ARCHITECTURES: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe")
+NUM_EXPERTS = 4
+EXPERTS_PER_TOKEN = 2
+EXPERT_INTERMEDIATE = 32  # Qwen MoE experts (Mixtral's use INTERMEDIATE)
+SHARED_EXPERT_INTERMEDIATE = 48  # Qwen2-MoE's always-on shared expert
 
 NUM_LAYERS = 3
 HIDDEN = 64
@@ -199,6 +214,15 @@ def _config(model_type: str) -> PretrainedConfig:
         # pad_token_id comes from ids (Phi-3's default 32000 is out of range here).
         return config_cls(original_max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=False, **common)
     common["head_dim"] = HEAD_DIM
+    if model_type == "mixtral":
+        return config_cls(num_local_experts=NUM_EXPERTS, num_experts_per_tok=EXPERTS_PER_TOKEN,
+                          tie_word_embeddings=False, **common)
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        if model_type == "qwen2_moe":
+            common["shared_expert_intermediate_size"] = SHARED_EXPERT_INTERMEDIATE
+        return config_cls(num_experts=NUM_EXPERTS, num_experts_per_tok=EXPERTS_PER_TOKEN,
+                          moe_intermediate_size=EXPERT_INTERMEDIATE, tie_word_embeddings=False,
+                          **common)
     if model_type == "mistral":
         return config_cls(sliding_window=None, tie_word_embeddings=False, **common)
     if model_type in ("llama", "qwen2", "qwen3"):
@@ -245,9 +269,11 @@ def _randomize(model: PreTrainedModel, seed: int) -> None:
 
 
 def tiny_model(model_type: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
-    """A tiny random causal LM of ``model_type`` (one of ``ARCHITECTURES``), in eval mode."""
+    """A tiny random causal LM of ``model_type`` (in ``ARCHITECTURES`` or ``MOE_ARCHITECTURES``),
+    in eval mode."""
     if model_type not in _CONFIG_CLASSES:
-        raise ValueError(f"unknown model_type {model_type!r}; expected one of {ARCHITECTURES}")
+        raise ValueError(f"unknown model_type {model_type!r}; expected one of "
+                         f"{ARCHITECTURES + MOE_ARCHITECTURES}")
     config = _config(model_type)
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG alone
         torch.manual_seed(seed)

@@ -32,9 +32,9 @@ from transformers import AutoConfig
 
 from aufold.card import Artifact, ExportRecord, units_sentence
 from aufold.edit import Edit
-from aufold.errors import AufoldError
+from aufold.errors import AufoldError, first_line
 from aufold.fold import TensorEdit, fold_tensor, weight_edits
-from aufold.modeling import _first_line, fingerprint_of
+from aufold.modeling import fingerprint_of, fingerprint_sites
 from aufold.sites import Architecture, architecture_for
 
 FLOAT_TYPES: dict[GGMLQuantizationType, torch.dtype] = {
@@ -98,14 +98,14 @@ def read_gguf_model(path: Path) -> GgufModel:
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError) as error:
-        raise AufoldError(f"could not read the GGUF file {path}: {_first_line(error)}") from None
+        raise AufoldError(f"could not read the GGUF file {path}: {first_line(error)}") from None
     architecture = architecture_for(config.model_type)
     named = architecture.gguf_naming()
     tensors = gguf_tensors(path)
     shapes = {name: [int(n) for n in reversed(t.shape)] for name, t in tensors.items()}
     weights: dict[str, list[int]] = {}
     for layer in range(config.num_hidden_layers):
-        for site in ("head", "mlp"):  # the weights modeling.fingerprint hashes
+        for site in fingerprint_sites(architecture):  # the weights modeling.fingerprint hashes
             out_in = shapes.get(named.module_path(site, layer) + ".weight")
             if out_in is None:
                 raise AufoldError(f"the GGUF file {path} has no tensor "
@@ -204,7 +204,7 @@ def gguf_tensors(path: Path) -> dict[str, ReaderTensor]:
     try:
         return {tensor.name: tensor for tensor in GGUFReader(path, "r").tensors}
     except (OSError, ValueError) as error:
-        raise AufoldError(f"could not read the GGUF file {path}: {_first_line(error)}") from None
+        raise AufoldError(f"could not read the GGUF file {path}: {first_line(error)}") from None
 
 
 def _edited_elements(shape: tuple[int, ...], tensor_edit: TensorEdit) -> torch.Tensor:

@@ -1,0 +1,213 @@
+"""Mixture-of-Experts architectures (Mixtral, Qwen2-MoE, Qwen3-MoE): the head site only.
+
+Their experts' down projections are one fused 3D parameter in memory and
+per-expert 2D tensors on disk, so no single weight holds an ``mlp`` or
+``mlp-out`` unit. The ``head`` site (columns of ``o_proj``) localizes, steers
+and folds in memory and from a streamed checkpoint, whichever way the experts
+are stored, and never touches them; the MLP sites are refused with one line
+that names the architecture, the site and the sites there are.
+"""
+
+from __future__ import annotations
+
+import copy
+import filecmp
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from edit_helpers import assert_one_line_error, logits, random_plan, relative_diff, run_cli
+from safetensors.torch import load_file, save_file
+from tiny_models import MOE_ARCHITECTURES, save_tiny_model, tiny_model, tiny_tokenizer
+from transformers import PreTrainedModel
+
+from aufold.checkpoint import INDEX_FILE, open_checkpoint
+from aufold.edit import Edit, SteeredUnit
+from aufold.errors import AufoldError
+from aufold.export import export
+from aufold.fold import fold_model
+from aufold.localize import localize
+from aufold.modeling import fingerprint, load_model
+from aufold.pairs import ContrastivePair, write_pairs
+from aufold.sites import architecture_for
+from aufold.steer import steer
+from aufold.streaming import checkpoint_architecture, checkpoint_fingerprint
+
+K = 40
+ALPHA = 2.0
+PAIRS = [ContrastivePair(f"{a} plus 2 is", f" {a + 2}", f" {a + 3}") for a in range(6)]
+REFUSED = r"has experts in its MLP, so no single weight holds its '{site}' units; aufold steers " \
+          r"its 'head' and 'residual' sites only \(choose --site head\)"
+
+
+def head_edit(model: PreTrainedModel, seed: int = 0) -> Edit:
+    return random_plan(model, seed=seed, sites=("head",)).select(K, ALPHA)
+
+
+def o_proj(layer: int) -> str:
+    return f"model.layers.{layer}.self_attn.o_proj.weight"
+
+
+def folded_reference(original: dict[str, torch.Tensor], edit: Edit) -> dict[str, torch.Tensor]:
+    """o_proj columns times (1 + gamma) in float32, rounded once; every other tensor as it was."""
+    expected = dict(original)
+    for layer in {unit.layer for unit in edit.units}:
+        weight = original[o_proj(layer)].float().clone()
+        for unit in edit.units:
+            if unit.layer == layer:
+                weight[:, unit.unit] *= torch.tensor(1.0 + unit.gamma, dtype=torch.float32)
+        expected[o_proj(layer)] = weight.to(original[o_proj(layer)].dtype)
+    return expected
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().view(torch.uint8)
+
+
+def assert_bitwise(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(bits(got[name]), bits(tensor)), name
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHITECTURES)
+def test_fold_matches_hooks_and_leaves_the_experts_alone(arch: str) -> None:
+    model = tiny_model(arch)
+    edit = head_edit(model)
+    plain = logits(model)
+    with steer(model, edit):
+        hooked = logits(model)
+    assert relative_diff(hooked, plain) > 1e-2  # the edit does something
+    folded = copy.deepcopy(model)
+    fold_model(folded, edit)
+    assert relative_diff(logits(folded), hooked) <= 1e-5
+
+    original = {name: p.detach() for name, p in model.named_parameters()}
+    assert any(p.dim() == 3 for p in original.values())  # fused experts in memory
+    got = {name: p.detach() for name, p in folded.named_parameters()}
+    assert_bitwise(got, folded_reference(original, edit))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("arch", MOE_ARCHITECTURES)
+def test_streamed_export_of_per_expert_shards(arch: str, dtype: torch.dtype, tmp_path: Path) -> None:
+    model = tiny_model(arch, dtype=dtype)
+    source = tmp_path / "source"
+    model.save_pretrained(source, max_shard_size="60KB")
+    tiny_tokenizer().save_pretrained(source)
+    original = tensors(source)
+    experts = {name: t for name, t in original.items() if ".experts." in name}
+    # transformers writes each expert's projections as its own 2D tensor.
+    assert experts and all(t.dim() == 2 for t in experts.values())
+    checkpoint = open_checkpoint(source)
+    assert len(checkpoint.shards) >= 2
+    config, architecture = checkpoint_architecture(source)
+    assert checkpoint_fingerprint(checkpoint, config, architecture) == fingerprint(model)
+
+    plan = random_plan(model, sites=("head",))
+    result = export(source, plan, k=K, alpha=ALPHA, out=tmp_path / "streamed")
+    assert result.streamed is not None and result.streamed.copied
+    got = tensors(result.out)
+    assert_bitwise(got, folded_reference(original, result.edit))
+    assert_bitwise({name: got[name] for name in experts}, experts)
+    for file in result.streamed.copied:  # shards without an o_proj: byte copies
+        assert filecmp.cmp(source / file, result.out / file, shallow=False)
+
+    if dtype == torch.float32:  # transformers loads the streamed folder as the hooked model
+        reloaded, _, _ = load_model(result.out)
+        with steer(model, result.edit):
+            hooked = logits(model)
+        assert relative_diff(logits(reloaded), hooked) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_streamed_export_of_fused_expert_shards(arch: str, tmp_path: Path) -> None:
+    """Experts stored as the 3D tensors the model holds in memory, written by hand in two shards."""
+    model = tiny_model(arch)
+    source = tmp_path / "source"
+    source.mkdir()
+    state = {name: p.detach().contiguous() for name, p in model.named_parameters()}
+    assert any(t.dim() == 3 for t in state.values())
+    names = sorted(state)
+    weight_map = {}
+    for number, part in enumerate((names[::2], names[1::2])):
+        file = f"model-0000{number + 1}-of-00002.safetensors"
+        save_file({name: state[name] for name in part}, source / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    (source / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    model.config.save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+
+    plan = random_plan(model, sites=("head",))
+    result = export(source, plan, k=K, alpha=ALPHA, out=tmp_path / "streamed")
+    assert result.streamed is not None
+    assert_bitwise(tensors(result.out), folded_reference(state, result.edit))
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHITECTURES)
+def test_localize_head_and_refuse_the_mlp_sites(arch: str) -> None:
+    model, tokenizer = tiny_model(arch), tiny_tokenizer()
+    plan = localize(model, tokenizer, PAIRS, ["head", "residual"], progress=False)
+    assert plan.sites == ("head", "residual") and plan.fingerprint == fingerprint(model)
+    assert plan.counts["head"].positive.shape == (model.config.num_hidden_layers, 64)
+    assert int(plan.counts["head"].positive.sum() + plan.counts["head"].negative.sum()) > 0
+
+    for site in ("mlp", "mlp-out"):
+        message = f"^{arch} " + REFUSED.format(site=site) + "$"
+        with pytest.raises(AufoldError, match=message):
+            localize(model, tokenizer, PAIRS, ["head", site], progress=False)
+        edit = Edit.of([SteeredUnit(site, 0, 3, 1.0)])
+        with pytest.raises(AufoldError, match=message), steer(model, edit):
+            pass
+        with pytest.raises(AufoldError, match=message):
+            fold_model(model, edit)
+
+
+def test_vectors_that_need_the_mlp_bias_are_refused() -> None:
+    architecture = architecture_for("mixtral")
+    assert architecture.sites == ("head", "residual")
+    assert architecture.vector_module("residual", 2) == "model.layers.2"  # hook mode still works
+    for target in ("residual", "mlp-out"):
+        with pytest.raises(AufoldError, match=r"mixtral has experts in its MLP"):
+            architecture.vector_bias(target, 0)
+    with pytest.raises(AufoldError, match=r"mixtral has experts in its MLP"):
+        architecture.vector_module("mlp-out", 0)
+    # Qwen3-MoE's attention_bias flag gives o_proj a bias for an attention-out vector.
+    bias = architecture_for("qwen3_moe").vector_bias("attention-out", 0)
+    assert (bias.module, bias.config_flag) == ("model.layers.0.self_attn.o_proj", "attention_bias")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("moe-cli")
+    save_tiny_model("mixtral", root / "mixtral")
+    write_pairs(PAIRS, root / "pairs.jsonl")
+    return root
+
+
+@pytest.mark.parametrize("site", ["mlp", "mlp-out"])
+def test_cli_refuses_the_mlp_sites_in_one_line(workspace: Path, site: str) -> None:
+    out = workspace / f"plan-{site}"
+    result = run_cli("localize", workspace / "mixtral", "--pairs", workspace / "pairs.jsonl",
+                     "--site", site, "--out", out)
+    assert_one_line_error(result, "mixtral", f"'{site}'", "'head'", "--site head")
+    assert not out.exists()
+
+
+def test_cli_localizes_and_exports_the_head_site(workspace: Path) -> None:
+    plan = workspace / "plan-head"
+    result = run_cli("localize", workspace / "mixtral", "--pairs", workspace / "pairs.jsonl",
+                     "--site", "head", "--out", plan)
+    assert result.exit_code == 0, result.output
+    result = run_cli("export", workspace / "mixtral", "--plan", plan, "--k", 8, "--alpha", 2,
+                     "--out", workspace / "steered")
+    assert result.exit_code == 0, result.output
+    assert "streamed" in result.output and "folded 8 units (head)" in result.output
