@@ -32,6 +32,7 @@ import os
 import platform
 import shutil
 import statistics
+from collections import Counter
 import sys
 import tempfile
 import time
@@ -84,11 +85,11 @@ class Budget:
 # ../shared/data/README.md.
 MATH_GRID = dict(ks=(8, 64), alphas=(5.0, 20.0))
 ONE_HOUR_ON_2_CPUS: dict[str, Budget] = {
-    "copa": Budget(pairs=None, tune=None, test=300),
-    "boolq": Budget(pairs=300, tune=50, test=150),
-    "winogrande": Budget(pairs=None, tune=None, test=300),
-    "svamp": Budget(pairs=None, tune=50, test=100, max_new_tokens=12, **MATH_GRID),
-    "mawps": Budget(pairs=500, tune=50, test=80, max_new_tokens=32, **MATH_GRID),
+    "copa": Budget(),
+    "boolq": Budget(pairs=300, tune=50, test=300),  # passages make its items 4x longer
+    "winogrande": Budget(),
+    "svamp": Budget(tune=50, max_new_tokens=12, **MATH_GRID),
+    "mawps": Budget(pairs=500, tune=50, max_new_tokens=32, **MATH_GRID),
 }
 SEEDS = (0, 1, 2, 3, 4)
 
@@ -112,6 +113,7 @@ class TaskRun:
     test_fixed: EvalResult
     test_random: list[EvalResult]
     chance: float | None  # 1 / number of choices; None for math
+    choices: list[tuple[str, ...]]  # each test item's choices (empty for math)
     seconds: dict[str, float] = field(default_factory=dict)
     figures: list[str] = field(default_factory=list)
 
@@ -149,7 +151,8 @@ def run_task(model: Any, tokenizer: Any, task: str, budget: Budget, *, data_dir:
                   full, budget.max_new_tokens, plan, grid, best.site, best.k, best.alpha, steered,
                   test.base, test.steered["austeer"], test.steered["fixed"],
                   [test.steered[f"random-{seed}"] for seed in seeds],
-                  1 / len(test_items[0].choices) if kind == "choice" else None, clock)
+                  1 / len(test_items[0].choices) if kind == "choice" else None,
+                  [tuple(item.choices) for item in test_items], clock)
     if figures is not None:
         run.figures = draw(run, figures)
     return run
@@ -169,6 +172,29 @@ def draw(run: TaskRun, folder: Path) -> list[str]:
                                   base=run.sweep.base.accuracy,
                                   title=f"{run.task} tune accuracy, site {site}").name)
     return names
+
+
+def answer_rate(result: EvalResult, choices: list[tuple[str, ...]]) -> float:
+    """The share of predictions that are an answer at all: one of the item's choices (first
+    token, case and spaces ignored), or for math any number."""
+    def is_answer(prediction: str, options: tuple[str, ...]) -> bool:
+        if not options:
+            return prediction != ""
+        return prediction.strip().lower() in {option.strip().lower() for option in options}
+    return sum(is_answer(item.prediction, options)
+               for item, options in zip(result.items, choices)) / result.n
+
+
+def most_common(result: EvalResult, tokenizer: Any) -> str:
+    """The most frequent prediction; a first token that decodes to nothing is a special token,
+    so it is named by its token instead."""
+    def shown(item: Any) -> str:
+        token = item.detail.get("token_id")
+        if item.prediction or token is None:
+            return repr(item.prediction)
+        return f"the special token {tokenizer.convert_ids_to_tokens(token)}"
+    prediction, count = Counter(shown(item) for item in result.items).most_common(1)[0]
+    return f"{prediction} ({count} of {result.n})"
 
 
 def percent(value: float) -> str:
@@ -196,7 +222,7 @@ def size_note(run: TaskRun) -> str:
 
 
 def write_markdown(runs: list[TaskRun], settings: dict[str, Any], path: Path,
-                   figure_folder: str | None) -> None:
+                   figure_folder: str | None, tokenizer: Any) -> None:
     lines = [
         "# AUSteer on SmolLM2-135M-Instruct: what steering buys",
         "",
@@ -208,13 +234,16 @@ def write_markdown(runs: list[TaskRun], settings: dict[str, Any], path: Path,
         f"{', '.join(SITES)}; sweep the k x alpha grid below for each site on `tune`; "
         f"choose by: {CHOICE_RULE}; then evaluate once on `test`. Scorers: the first generated "
         "token (greedy, exact match) for the multiple-choice tasks, the final number of a greedy "
-        "answer for the math tasks. Accuracies in %, with Wilson 95% intervals.",
+        "answer for the math tasks. Accuracies in %, with Wilson 95% intervals. *Answers given* "
+        "is the share of test predictions that are an answer at all (one of the choices, or a "
+        "number): under the first-token protocol a model that starts its reply with anything "
+        "else scores zero on that item.",
         "",
         "## Vanilla vs AUSteer on test",
         "",
         "| task | test items | vanilla | AUSteer | gain | chosen site | k | alpha | steered units "
-        "| earliest layer | tune: vanilla -> chosen |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| earliest layer | tune: vanilla -> chosen | answers given: vanilla -> AUSteer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         gain = run.test_steered.accuracy - run.test_base.accuracy
@@ -224,7 +253,9 @@ def write_markdown(runs: list[TaskRun], settings: dict[str, Any], path: Path,
             f"| {run.task} | {run.test_base.n} | {with_ci(run.test_base)} | "
             f"{with_ci(run.test_steered)} | {gain * 100:+.1f} | {run.site} | {run.k} | "
             f"{run.alpha:g} | {len(run.steered)} | {start} | "
-            f"{percent(run.sweep.base.accuracy)} -> {percent(best_tune)} |")
+            f"{percent(run.sweep.base.accuracy)} -> {percent(best_tune)} | "
+            f"{percent(answer_rate(run.test_base, run.choices))} -> "
+            f"{percent(answer_rate(run.test_steered, run.choices))} |")
     lines += [
         "",
         "## Ablations on test (same site, k and alpha as the chosen configuration)",
@@ -278,11 +309,11 @@ def write_markdown(runs: list[TaskRun], settings: dict[str, Any], path: Path,
                      "`--full` for every split whole.")
     else:
         lines.append("Every split was used whole.")
-    lines += ["", "## Findings", "", *findings(runs), ""]
+    lines += ["", "## Findings", "", *findings(runs, tokenizer), ""]
     path.write_text("\n".join(lines))
 
 
-def findings(runs: list[TaskRun]) -> list[str]:
+def findings(runs: list[TaskRun], tokenizer: Any) -> list[str]:
     """Plain statements of what the numbers show, computed, not written by hand."""
     notes = []
     for run in runs:
@@ -295,7 +326,11 @@ def findings(runs: list[TaskRun]) -> list[str]:
                     f"{(random_mean - run.test_base.accuracy) * 100:+.1f}, fixed strength "
                     f"{(run.test_fixed.accuracy - run.test_base.accuracy) * 100:+.1f}.")
         if run.chance is not None and run.test_base.accuracy < run.chance + 0.05:
-            sentence += f" Vanilla is within 5 points of chance ({percent(run.chance)})."
+            sentence += f" Vanilla is within 5 points of chance ({percent(run.chance)}) or below."
+        rate = answer_rate(run.test_base, run.choices)
+        if rate < 0.9:
+            sentence += (f" Only {percent(rate)}% of vanilla predictions are an answer at all; "
+                         f"the most common is {most_common(run.test_base, tokenizer)}.")
         notes.append(sentence)
     return notes
 
@@ -368,7 +403,7 @@ def main() -> None:
                     "device": f"{device}, {torch.get_num_threads()} threads "
                               f"({platform.processor() or platform.machine()})",
                     "minutes": (time.perf_counter() - started) / 60, "seeds": SEEDS}
-        write_markdown(runs, settings, staging / out.name, figure_folder)
+        write_markdown(runs, settings, staging / out.name, figure_folder, tokenizer)
         (staging / f"{out.stem}.json").write_text(json.dumps(
             [record(run) for run in runs], indent=2) + "\n")
         for item in staging.iterdir():
