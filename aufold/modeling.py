@@ -219,5 +219,3 @@ def fingerprint_of(config: Mapping[str, Any], shapes: Mapping[str, list[int]]) -
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return f"sha256:{digest[:32]}"
-
-
