@@ -1,9 +1,12 @@
-"""Helpers for the format tests (LoRA, IA3, GGUF, vectors): plans that fit a model, logits, the CLI."""
+"""Helpers shared by the tests: plans that fit a model, logits, the CLI, checkpoint tensors."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from click.testing import CliRunner, Result
+from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 import cli
@@ -53,3 +56,16 @@ def assert_one_line_error(result: Result, *words: str) -> None:
     assert result.output.rstrip().endswith(errors[0]), result.output
     for word in words:
         assert word in errors[0], (word, errors[0])
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, across its safetensors shards."""
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor, for bitwise comparison."""
+    return tensor.contiguous().view(torch.uint8)

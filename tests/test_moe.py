@@ -17,8 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from edit_helpers import assert_one_line_error, logits, random_plan, relative_diff, run_cli
-from safetensors.torch import load_file, save_file
+from edit_helpers import (
+    assert_one_line_error,
+    bits,
+    logits,
+    random_plan,
+    relative_diff,
+    run_cli,
+    tensors,
+)
+from safetensors.torch import save_file
 from tiny_models import MOE_ARCHITECTURES, save_tiny_model, tiny_model, tiny_tokenizer
 from transformers import PreTrainedModel
 
@@ -59,17 +67,6 @@ def folded_reference(original: dict[str, torch.Tensor], edit: Edit) -> dict[str,
                 weight[:, unit.unit] *= torch.tensor(1.0 + unit.gamma, dtype=torch.float32)
         expected[o_proj(layer)] = weight.to(original[o_proj(layer)].dtype)
     return expected
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
-
-
-def bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.contiguous().view(torch.uint8)
 
 
 def assert_bitwise(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:

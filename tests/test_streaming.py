@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from click.testing import CliRunner
+from edit_helpers import bits, tensors
 from safetensors.torch import load_file, save_file
 from tiny_models import ARCHITECTURES, tiny_model, tiny_tokenizer
 from transformers import PreTrainedModel
@@ -58,17 +59,6 @@ def save(model: PreTrainedModel, folder: Path, shard: str | None) -> Path:
         model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
-
-
-def bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.contiguous().view(torch.uint8)
 
 
 def digest(folder: Path) -> dict[str, str]:
