@@ -106,8 +106,11 @@ class Sweep:
     cells: dict[Config, EvalResult]
     start_layers: dict[Config, int]  # each configuration's earliest steered layer
     seconds: float
-    resumed: bool
     resumed_from: dict[Config, int] = field(default_factory=dict)  # empty when not resumed
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self.resumed_from)
 
     def accuracy(self) -> dict[Config, float]:
         return {config: result.accuracy for config, result in self.cells.items()}
@@ -182,7 +185,7 @@ def sweep(
                              max_length=max_length, max_new_tokens=max_new_tokens,
                              max_resume_points=max_resume_points, progress=progress, desc="tune")
     return Sweep(results.base, results.steered, results.start_layers, results.seconds,
-                 resumed=results.resumed, resumed_from=results.resumed_from)
+                 results.resumed_from)
 
 
 @dataclass
