@@ -17,7 +17,7 @@ from aufold.evaluate import DEFAULT_EVAL_MAX_LENGTH, SCORERS
 from aufold.evaluate.batches import DEFAULT_BATCH_SIZE as EVAL_BATCH_SIZE
 from aufold.evaluate.math import DEFAULT_MAX_NEW_TOKENS
 from aufold.formats import CHECKPOINT, FORMATS
-from aufold.localize import DEFAULT_BATCH_SIZE
+from aufold.localize import DEFAULT_BATCH_SIZE, DEFAULT_TIE_TOLERANCE
 from aufold.modeling import DTYPES
 from aufold.sites import SITES, VECTOR_SITES
 from aufold.tasks.base import SPLITS
@@ -130,6 +130,10 @@ def main() -> None:
 @click.option("--max-length", default=DEFAULT_MAX_LENGTH, show_default=True, type=click.IntRange(min=2),
               help="Longer texts are cut from the left, keeping the answer.")
 @click.option("--chat-template", is_flag=True, help="Wrap each prompt in the tokenizer's chat template.")
+@click.option("--tie-tolerance", default=DEFAULT_TIE_TOLERANCE, show_default=True,
+              type=click.FloatRange(0, 1, max_open=True),
+              help="x_pos - x_neg within this times the activations' RMS counts as a tie (float "
+                   "rounding, not signal); 0 compares strictly.")
 @dtype_option
 @click.option("--device", default=None, help="Device to run on, e.g. cuda or cpu.")
 @click.option("--device-map", default=None, help="Spread a large model over devices, e.g. auto.")
@@ -140,8 +144,8 @@ def main() -> None:
 @reports_errors
 def localize(model: str, pairs_file: Path | None, task: str | None, data_dir: Path | None,
              sites: tuple[str, ...], out: Path, batch_size: int, max_length: int, chat_template: bool,
-             dtype: str, device: str | None, device_map: str | None, shard: str | None,
-             overwrite: bool) -> None:
+             tie_tolerance: float, dtype: str, device: str | None, device_map: str | None,
+             shard: str | None, overwrite: bool) -> None:
     """Rank the atomic units of MODEL by how consistently they separate the pairs."""
     from aufold.atomic import check_output_folder
     from aufold.modeling import load_model
@@ -153,7 +157,8 @@ def localize(model: str, pairs_file: Path | None, task: str | None, data_dir: Pa
     loaded, tokenizer, source = load_model(model, dtype=dtype, device=rank_device(device),
                                            device_map=device_map, sites=sites)
     plan = localize_pairs(loaded, tokenizer, pairs, sites, shard=shard, batch_size=batch_size,
-                          max_length=max_length, chat_template=chat_template, model_id=source.ref)
+                          max_length=max_length, chat_template=chat_template,
+                          tie_tolerance=tie_tolerance, model_id=source.ref)
     if not is_main_process():
         return
     truncated = plan.settings["truncated_texts"]

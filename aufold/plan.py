@@ -32,7 +32,8 @@ SUMMARY_TOP = 100  # how many ranked units plan.json lists; the counts hold all 
 
 @dataclass(frozen=True)
 class SiteCounts:
-    """For one site: per layer and unit, how many pairs had x_pos > x_neg and x_pos < x_neg."""
+    """For one site: per layer and unit, how many pairs had x_pos > x_neg and x_pos < x_neg
+    (beyond the tie tolerance of :func:`aufold.localize.signs`)."""
 
     positive: torch.Tensor  # int64 [layers, width]
     negative: torch.Tensor  # int64 [layers, width]

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from aufold.encoding import pad_id, pad_right  # noqa: E402
-from aufold.localize import localize  # noqa: E402
+from aufold.localize import DEFAULT_TIE_TOLERANCE, localize, signs  # noqa: E402
 from aufold.modeling import load_model, smollm2_gguf_path  # noqa: E402
 from aufold.pairs import ContrastivePair  # noqa: E402
 from aufold.plan import Plan, SiteCounts  # noqa: E402
@@ -47,8 +47,12 @@ CACHED_SMOLLM2 = REPO / ".cache" / "tests" / "smollm2-135m-instruct"  # made by 
 
 
 def naive_counts(model, tokenizer, pairs: Sequence[ContrastivePair],  # type: ignore[no-untyped-def]
-                 sites: Sequence[str]) -> dict[str, SiteCounts]:
-    """The authors' loop: one text at a time, the whole model, the last token of each."""
+                 sites: Sequence[str], tie_tolerance: float) -> dict[str, SiteCounts]:
+    """The authors' loop: one text at a time, the whole model, the last token of each.
+
+    It counts signs with aufold's own rule (:func:`aufold.localize.signs`), so that
+    only the way the activations are computed differs.
+    """
     from aufold.modeling import num_layers, site_module
 
     device = model.get_input_embeddings().weight.device
@@ -78,9 +82,9 @@ def naive_counts(model, tokenizer, pairs: Sequence[ContrastivePair],  # type: ig
                     for site in sites:
                         seen[site].clear()
                 for site in sites:
-                    m = last[0][site] - last[1][site]
-                    positive[site] = positive[site] + (m > 0).long()
-                    negative[site] = negative[site] + (m < 0).long()
+                    above, below = signs(last[0][site], last[1][site], tie_tolerance)
+                    positive[site] = positive[site] + above.long()
+                    negative[site] = negative[site] + below.long()
     finally:
         for handle in handles:
             handle.remove()
@@ -118,6 +122,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--tie-tolerance", type=float, default=DEFAULT_TIE_TOLERANCE,
+                        help="ties within this times the activations' RMS, in both aufold and the "
+                             "naive loop (0: strict signs, where rounding moves the counts of "
+                             "units that read the same value for both texts)")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch (default 0: torch's default, one per core)")
     parser.add_argument("--chunks", type=int, default=8,
@@ -139,10 +147,11 @@ def main() -> None:
     n = len(pairs)
     print(f"model {Path(str(reference)).name}, {args.dtype} on {device} "
           f"({torch.get_num_threads()} threads), {n} COPA pairs, sites {', '.join(SITES)}, "
-          f"batch size {args.batch_size}, {args.chunks} turns")
+          f"batch size {args.batch_size}, {args.chunks} turns, tie tolerance {args.tie_tolerance:g}")
 
     # Warm up kernels and allocators on a few pairs, untimed.
-    localize(model, tokenizer, pairs[:4], SITES, batch_size=args.batch_size, progress=False)
+    options = {"batch_size": args.batch_size, "tie_tolerance": args.tie_tolerance, "progress": False}
+    localize(model, tokenizer, pairs[:4], SITES, **options)
     floor_pass(model, tokenizer, pairs[:4], args.batch_size)
 
     floor_time = aufold_time = naive_time = 0.0
@@ -152,11 +161,11 @@ def main() -> None:
         chunk = pairs[index * n // args.chunks:(index + 1) * n // args.chunks]
         seconds, _ = timed(lambda: floor_pass(model, tokenizer, chunk, args.batch_size), device)
         floor_time += seconds
-        seconds, part = timed(lambda: localize(model, tokenizer, chunk, SITES,
-                                               batch_size=args.batch_size, progress=False), device)
+        seconds, part = timed(lambda: localize(model, tokenizer, chunk, SITES, **options), device)
         aufold_time += seconds
         parts.append(part)  # type: ignore[arg-type]
-        seconds, counts = timed(lambda: naive_counts(model, tokenizer, chunk, SITES), device)
+        seconds, counts = timed(lambda: naive_counts(model, tokenizer, chunk, SITES,
+                                                     args.tie_tolerance), device)
         naive_time += seconds
         naive_parts.append(counts)  # type: ignore[arg-type]
         print(f"  turn {index + 1}/{args.chunks}: {len(chunk)} pairs", flush=True)

@@ -14,7 +14,8 @@ import torch
 from tiny_models import ARCHITECTURES, tiny_model, tiny_tokenizer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from aufold.localize import localize
+from aufold.errors import AufoldError
+from aufold.localize import DEFAULT_TIE_TOLERANCE, localize, signs
 from aufold.pairs import ContrastivePair
 from aufold.tasks import default_data_dir, get_task
 
@@ -34,9 +35,14 @@ def _site_modules(model: PreTrainedModel, site: str) -> list[torch.nn.Module]:
 
 
 def reference_counts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                     pairs: Sequence[ContrastivePair], sites: Sequence[str],
-                     max_length: int = 512) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Two full-model forwards per pair, one text at a time, reading the last token."""
+                     pairs: Sequence[ContrastivePair], sites: Sequence[str], max_length: int = 512,
+                     tie_tolerance: float = DEFAULT_TIE_TOLERANCE
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Two full-model forwards per pair, one text at a time, reading the last token.
+
+    A difference within ``tie_tolerance`` times the larger of the two texts' RMS over
+    the layer's units counts for neither sign, as documented for aufold.localize.
+    """
     seen: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
     handles = []
     for site in sites:
@@ -61,11 +67,15 @@ def reference_counts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                 for site in sites:
                     seen[site].clear()
             for site in sites:
-                m = last[0][site] - last[1][site]
+                x_pos, x_neg = last[0][site].double(), last[1][site].double()  # (layers, units)
+                m = x_pos - x_neg
+                width = m.shape[-1]
+                scale = torch.stack([torch.linalg.vector_norm(x, dim=-1) for x in (x_pos, x_neg)]).amax(0)
+                tie = (tie_tolerance * scale / width ** 0.5)[:, None]
                 positive, negative = counts.setdefault(
                     site, (torch.zeros(m.shape, dtype=torch.long), torch.zeros(m.shape, dtype=torch.long)))
-                positive += (m > 0).long()
-                negative += (m < 0).long()
+                positive += (m > tie).long()
+                negative += (m < -tie).long()
     finally:
         for handle in handles:
             handle.remove()
@@ -87,6 +97,38 @@ def _varied_pairs(count: int, seed: int = 0) -> list[ContrastivePair]:
         positive, negative = rng.sample(words, 2)
         pairs.append(ContrastivePair(prompt, " " + positive, " " + negative + " " * rng.randint(0, 1)))
     return pairs
+
+
+def test_rounding_level_differences_are_ties() -> None:
+    # Row RMS 1: a unit whose difference is 1e-7 of it is a tie, even if the unit itself is
+    # near zero; 1e-4 of it is a sign. Tolerance 0 is the strict comparison.
+    x_neg = torch.tensor([[1.0, -1.0, 1.0, 1e-6, 1.0, -1.0]])
+    x_pos = x_neg + torch.tensor([[1e-7, -1e-7, 1e-4, 1e-7, -1e-4, 0.0]])
+    above, below = signs(x_pos, x_neg)
+    assert above.tolist() == [[False, False, True, False, False, False]]
+    assert below.tolist() == [[False, False, False, False, True, False]]
+    above, below = signs(x_pos, x_neg, tie_tolerance=0)
+    assert above.tolist() == [[True, False, True, True, False, False]]
+    assert below.tolist() == [[False, True, False, False, True, False]]
+    # The scale is the larger row of the two, and bfloat16 rows are compared in float32.
+    above, below = signs(torch.zeros(1, 4, dtype=torch.bfloat16), torch.tensor([[4.0, 0, 0, 1e-6]]).bfloat16(),
+                         tie_tolerance=1e-3)
+    assert below.tolist() == [[True, False, False, False]] and not above.any()
+
+
+def test_tie_tolerance_is_recorded_and_zero_is_strict() -> None:
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    pairs = _varied_pairs(8, seed=1)
+    strict = localize(model, tokenizer, pairs, ["head"], tie_tolerance=0, progress=False)
+    assert strict.settings["tie_tolerance"] == 0
+    _assert_close_counts(strict, reference_counts(model, tokenizer, pairs, ["head"], tie_tolerance=0), 1)
+    # A wider tolerance only turns signs into ties.
+    loose = localize(model, tokenizer, pairs, ["head"], tie_tolerance=0.5, progress=False)
+    for strict_count, loose_count in ((strict.counts["head"].positive, loose.counts["head"].positive),
+                                      (strict.counts["head"].negative, loose.counts["head"].negative)):
+        assert (loose_count <= strict_count).all() and loose_count.sum() < strict_count.sum()
+    with pytest.raises(AufoldError, match=r"tie tolerance must be in \[0, 1\)"):
+        localize(model, tokenizer, pairs, ["head"], tie_tolerance=1.0, progress=False)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -76,6 +76,8 @@ def test_merge_refuses_parts_that_do_not_belong_together() -> None:
         merge_counts([first, part(1, sites=("head",))])
     with pytest.raises(AufoldError, match="different settings"):
         merge_counts([first, part(1, max_length=64)])
+    with pytest.raises(AufoldError, match="different settings"):
+        merge_counts([first, part(1, tie_tolerance=0)])
     with pytest.raises(AufoldError, match="different pair files"):
         merge_counts([first, part(1, pairs=_varied_pairs(8, seed=9))])
     with pytest.raises(AufoldError, match="different pair files or into different numbers"):
