@@ -71,6 +71,15 @@ def optional_selection_options(command: F) -> F:
     return selection_options(command, required=False)
 
 
+def device_options(command: F) -> F:
+    """Where the model runs: --device (one device) or --device-map (accelerate, for a model
+    larger than one device)."""
+    command = click.option("--device-map", default=None,
+                           help="Spread a model larger than one device over the devices (and CPU "
+                                "or disk), e.g. auto; needs accelerate.")(command)
+    return click.option("--device", default=None, help="Device to run on, e.g. cuda or cpu.")(command)
+
+
 dtype_option = click.option("--dtype", default="auto", show_default=True, type=click.Choice(list(DTYPES)),
                             help="Dtype to load the model in (auto: the checkpoint's own).")
 data_dir_option = click.option("--data-dir", type=click.Path(path_type=Path), default=None,
@@ -135,8 +144,7 @@ def main() -> None:
               help="x_pos - x_neg within this times the activations' RMS counts as a tie (float "
                    "rounding, not signal); 0 compares strictly.")
 @dtype_option
-@click.option("--device", default=None, help="Device to run on, e.g. cuda or cpu.")
-@click.option("--device-map", default=None, help="Spread a large model over devices, e.g. auto.")
+@device_options
 @click.option("--shard", default=None, metavar="I/N",
               help="Count only part I (from 0) of N of the pairs; add the parts with merge-counts. "
                    "Under torchrun the ranks split the pairs by themselves.")
@@ -245,15 +253,18 @@ def export(model: str, plan_dir: Path | None, k: int | None, alpha: float | None
               help="Folder written by `aufold export`.")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt to compare on (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@device_options
 @reports_errors
 def verify(model: str, plan_dir: Path, k: int, alpha: float, sites: tuple[str, ...], force: bool,
-           dtype: str, folded: Path, prompts: tuple[str, ...], as_json: bool) -> None:
+           dtype: str, folded: Path, prompts: tuple[str, ...], as_json: bool, device: str | None,
+           device_map: str | None) -> None:
     """Check that the folded checkpoint computes what MODEL computes with hooks."""
     from aufold.verify import DEFAULT_PROMPTS
     from aufold.verify import verify as run_verify
 
     report = run_verify(model, plan_dir, k=k, alpha=alpha, folded=folded, sites=sites or None,
-                        dtype=dtype, prompts=prompts or DEFAULT_PROMPTS, force=force)
+                        dtype=dtype, prompts=prompts or DEFAULT_PROMPTS, force=force, device=device,
+                        device_map=device_map)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -272,8 +283,7 @@ def verify(model: str, plan_dir: Path, k: int, alpha: float, sites: tuple[str, .
 @click.option("--prompt", required=True, help="Prompt to complete.")
 @click.option("--max-new-tokens", default=40, show_default=True, type=click.IntRange(min=1))
 @click.option("--chat-template", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
-@click.option("--device", default=None, help="Device to run on, e.g. cuda or cpu.")
-@click.option("--device-map", default=None, help="Spread a large model over devices, e.g. auto.")
+@device_options
 @reports_errors
 def generate(model: str, plan_dir: Path, k: int, alpha: float, sites: tuple[str, ...], force: bool,
              dtype: str, prompt: str, max_new_tokens: int, chat_template: bool, device: str | None,
@@ -326,7 +336,7 @@ def fold_vector(model: str, vector_path: Path, site: str, scale: float, out: Pat
 @optional_selection_options
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N items of the split.")
 @eval_options
-@click.option("--device", default=None, help="Device to run on, e.g. cuda or cpu.")
+@device_options
 @click.option("--report", type=click.Path(path_type=Path), default=None,
               help="JSON report to write, with every item's prediction.")
 @reports_errors
@@ -334,14 +344,15 @@ def evaluate(model: str, task: str, split: str, data_dir: Path | None, scorer: s
              plan_dir: Path | None, k: int | None, alpha: float | None, sites: tuple[str, ...],
              tuned: Path | None, force: bool, dtype: str, limit: int | None, batch_size: int,
              max_length: int, max_new_tokens: int, chat_template: bool, device: str | None,
-             report: Path | None) -> None:
+             device_map: str | None, report: Path | None) -> None:
     """Evaluate MODEL (or MODEL steered by a plan's top-k units) on a task split."""
     from aufold.evaluate import evaluate_model
     from aufold.tuned import resolve_selection
 
     chosen = resolve_selection(plan_dir=plan_dir, k=k, alpha=alpha, sites=sites, tuned=tuned)
     result = evaluate_model(model, task, split, selection=chosen, scorer=scorer, data_dir=data_dir,
-                            limit=limit, dtype=dtype, device=device, force=force, report=report,
+                            limit=limit, dtype=dtype, device=device, device_map=device_map,
+                            force=force, report=report,
                             batch_size=batch_size, chat_template=chat_template,
                             max_length=max_length, max_new_tokens=max_new_tokens)
     steering = f"steered k={chosen.k} alpha={chosen.alpha:g}" if chosen else "unsteered"
@@ -373,7 +384,7 @@ def evaluate(model: str, task: str, split: str, data_dir: Path | None, scorer: s
 @click.option("--test-size", type=int, default=None, help="Report on the first N test items only.")
 @eval_options
 @dtype_option
-@click.option("--device", default=None, help="Device to run on, e.g. cuda or cpu.")
+@device_options
 @click.option("--force", is_flag=True, help="Use a plan whose model fingerprint differs.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
 @click.option("--no-plot", is_flag=True, help="Skip the heatmaps (they need matplotlib).")
@@ -381,8 +392,8 @@ def evaluate(model: str, task: str, split: str, data_dir: Path | None, scorer: s
 def tune(model: str, task: str, sites: tuple[str, ...], plan_dir: Path | None, out: Path, k_grid: str,
          alpha_grid: str, data_dir: Path | None, scorer: str | None, pairs_size: int | None,
          tune_size: int | None, test_size: int | None, batch_size: int, max_length: int,
-         max_new_tokens: int, chat_template: bool, dtype: str, device: str | None, force: bool,
-         overwrite: bool, no_plot: bool) -> None:
+         max_new_tokens: int, chat_template: bool, dtype: str, device: str | None,
+         device_map: str | None, force: bool, overwrite: bool, no_plot: bool) -> None:
     """Sweep alpha x k per site on the tune split, pick the best, evaluate it once on test."""
     from aufold.tune import parse_grid
     from aufold.tune import tune as run_tune
@@ -393,7 +404,8 @@ def tune(model: str, task: str, sites: tuple[str, ...], plan_dir: Path | None, o
                        data_dir=data_dir, pairs_size=pairs_size, tune_size=tune_size,
                        test_size=test_size, batch_size=batch_size, chat_template=chat_template,
                        max_length=max_length, max_new_tokens=max_new_tokens, dtype=dtype,
-                       device=device, force=force, overwrite=overwrite, plot=not no_plot,
+                       device=device, device_map=device_map, force=force, overwrite=overwrite,
+                       plot=not no_plot,
                        echo=click.echo)
     for site in outcome.sweep.sites():
         click.echo(outcome.sweep.table(site))

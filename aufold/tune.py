@@ -223,6 +223,7 @@ def tune(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     dtype: str = "auto",
     device: str | None = None,
+    device_map: str | None = None,
     force: bool = False,
     overwrite: bool = False,
     plot: bool = True,
@@ -256,7 +257,7 @@ def tune(
     pairs = task_pairs(task, data_dir, size=pairs_size) if plan is None else None
 
     echo(f"loading {model_ref}")
-    model, tokenizer, source = load_model(model_ref, dtype=dtype, device=device)
+    model, tokenizer, source = load_model(model_ref, dtype=dtype, device=device, device_map=device_map)
     if plan is not None:
         plan.check_fingerprint(fingerprint(model), force=force)
     else:

@@ -65,12 +65,15 @@ def verify(
     dtype: str = "auto",
     prompts: Sequence[str] = DEFAULT_PROMPTS,
     force: bool = False,
+    device: str | None = None,
+    device_map: str | None = None,
 ) -> VerifyReport:
     """Compare base + hooks against the folded folder on ``prompts``, at every real token.
 
     Float32 passes at a relative difference of 1e-5. Lower precisions pass within
     3x the dtype's own noise floor: the largest logit difference between the base
     model in that dtype and in float32, which a correct fold cannot beat.
+    ``device`` or ``device_map`` places each model; one is in memory at a time.
     """
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     edit = plan.select(k, alpha, sites)
@@ -80,7 +83,8 @@ def verify(
     if not prompts:
         raise AufoldError("verify needs at least one prompt")
 
-    base, tokenizer, _ = load_model(model_ref, dtype=dtype)
+    placement = {"device": device, "device_map": device_map}
+    base, tokenizer, _ = load_model(model_ref, dtype=dtype, **placement)
     plan.check_fingerprint(fingerprint(base), force=force)
     batch = _batch(tokenizer, prompts)
     with steer(base, edit):
@@ -89,13 +93,13 @@ def verify(
     model_dtype = base.dtype
     del base  # keep at most one model in memory at a time
     gc.collect()
-    folded_model, _, _ = load_model(folded, dtype=str(model_dtype).removeprefix("torch."))
+    folded_model, _, _ = load_model(folded, dtype=str(model_dtype).removeprefix("torch."), **placement)
     result = _logits(folded_model, batch)
     del folded_model
     gc.collect()
     reference = None
     if model_dtype != torch.float32:
-        reference_model, _, _ = load_model(model_ref, dtype="float32")
+        reference_model, _, _ = load_model(model_ref, dtype="float32", **placement)
         reference = _logits(reference_model, batch)
     return judge(hooked, result, unsteered, reference, model_dtype)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from edit_helpers import run_cli
 from safetensors.torch import load_file
 from tiny_models import save_tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
@@ -44,11 +45,6 @@ with torch.no_grad():
 torch.save({{"class": type(model).__name__, "logits": logits, "mask": batch["attention_mask"]}}, out)
 assert "aufold" not in sys.modules
 """
-
-
-def run_cli(*args: object) -> "CliRunner.invoke":  # type: ignore[valid-type]
-    result = CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
-    return result
 
 
 def folder_digest(folder: Path) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""How localization saves work (shared prompts, full-text fallback, early stop) and device maps.
+"""How localization saves work (shared prompts, full-text fallback, early stop).
 
 Counts are checked against the simple batch-1 reference of ``test_localize``.
 """
@@ -8,17 +8,12 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
-from click.testing import CliRunner
 from test_localize import _assert_close_counts, _varied_pairs, reference_counts
-from tiny_models import save_tiny_model, tiny_model, tiny_tokenizer
-from transformers import AutoModelForCausalLM
+from tiny_models import tiny_model, tiny_tokenizer
 
-import cli
 from aufold.localize import encode_pairs, localize
 from aufold.modeling import site_module
 from aufold.pairs import ContrastivePair
-from aufold.steer import steer
 
 SITES = ("head", "mlp", "mlp-out", "residual")
 
@@ -96,41 +91,3 @@ def test_prompt_runs_once_and_passes_stop_after_the_last_site_read() -> None:
     assert plan.settings["full_text_pairs"] == 0
     assert rows == [8, 16]  # the 8 prompts once, then the 16 answers on their cache
     assert calls == {"last_mlp": 0, "norm": 0, "lm_head": 0}
-
-
-def test_offloaded_model_gives_the_same_counts(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """accelerate's device map, here with layers offloaded to disk, through the same hooks."""
-    pytest.importorskip("accelerate")
-    folder = save_tiny_model("llama", tmp_path / "model")
-    tokenizer = tiny_tokenizer()
-    pairs = _varied_pairs(6, seed=2)
-    plain = localize(AutoModelForCausalLM.from_pretrained(folder).eval(), tokenizer, pairs, SITES,
-                     progress=False)
-    offloaded = AutoModelForCausalLM.from_pretrained(
-        folder, device_map="auto", max_memory={"cpu": "450KB"}, offload_folder=tmp_path / "offload").eval()
-    assert "disk" in set(offloaded.hf_device_map.values())
-    plan = localize(offloaded, tokenizer, pairs, SITES, progress=False)
-    for site in SITES:
-        assert torch.equal(plan.counts[site].positive, plain.counts[site].positive)
-        assert torch.equal(plan.counts[site].negative, plain.counts[site].negative)
-    # Hook mode on the offloaded model computes what it computes on the plain one.
-    edit = plan.select(6, 3.0, ["head", "mlp", "mlp-out"])
-    ids = tokenizer(["the cat sat on a mat"], return_tensors="pt")["input_ids"]
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    with torch.no_grad(), steer(model, edit):
-        want = model(ids).logits
-    with torch.no_grad(), steer(offloaded, edit):
-        got = offloaded(ids).logits
-    assert torch.equal(got, want)
-
-
-def test_generate_hook_mode_with_device_map_auto(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    pytest.importorskip("accelerate")
-    folder = save_tiny_model("llama", tmp_path / "model")
-    model = tiny_model("llama")
-    localize(model, tiny_tokenizer(), _varied_pairs(6), ["head"], progress=False).save(tmp_path / "plan")
-    result = CliRunner().invoke(cli.main, ["generate", str(folder), "--plan", str(tmp_path / "plan"),
-                                           "--k", "4", "--alpha", "3", "--prompt", "the cat",
-                                           "--max-new-tokens", "4", "--device-map", "auto"])
-    assert result.exit_code == 0, result.output
-    assert "--- steered (k=4, alpha=3) ---" in result.output

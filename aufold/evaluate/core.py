@@ -134,6 +134,7 @@ def evaluate_model(
     limit: int | None = None,
     dtype: str = "auto",
     device: str | None = None,
+    device_map: str | None = None,
     force: bool = False,
     report: str | Path | None = None,
     **options: Any,
@@ -149,7 +150,7 @@ def evaluate_model(
         check_report_path(report)
     plan = Plan.load(selection.plan_dir) if selection else None
     edit = plan.select(selection.k, selection.alpha, selection.sites) if plan and selection else None
-    model, tokenizer, source = load_model(model_ref, dtype=dtype, device=device)
+    model, tokenizer, source = load_model(model_ref, dtype=dtype, device=device, device_map=device_map)
     if plan is not None:
         plan.check_fingerprint(fingerprint(model), force=force)
     result = evaluate_items(model, tokenizer, items, kind=kind, scorer=scorer, edit=edit, **options)
