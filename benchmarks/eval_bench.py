@@ -34,10 +34,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from aufold.evaluate import evaluate_items  # noqa: E402
-from aufold.modeling import load_model, smollm2_gguf_path  # noqa: E402
+from aufold.modeling import load_model, local_smollm2  # noqa: E402
 from aufold.tasks import Item, load_split  # noqa: E402
 
-TEST_CACHE = REPO / ".cache" / "tests" / "smollm2-135m-instruct"  # made by the test fixtures
 
 
 def load_average() -> str:
@@ -66,8 +65,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
 
-    model_ref = args.model or (str(TEST_CACHE) if (TEST_CACHE / "config.json").is_file()
-                               else str(smollm2_gguf_path()))
+    model_ref = args.model or str(local_smollm2(REPO))
     model, tokenizer, _ = load_model(model_ref, dtype="float32", device=args.device)
     splits = {split: load_split("copa", split, None, size=args.limit) for split in ("tune", "test")}
     items = [item for split_items in splits.values() for item in split_items]

@@ -36,14 +36,13 @@ import torch  # noqa: E402
 
 from aufold.encoding import pad_id, pad_right  # noqa: E402
 from aufold.localize import DEFAULT_TIE_TOLERANCE, localize, signs  # noqa: E402
-from aufold.modeling import load_model, smollm2_gguf_path  # noqa: E402
+from aufold.modeling import load_model, local_smollm2  # noqa: E402
 from aufold.pairs import ContrastivePair  # noqa: E402
 from aufold.plan import Plan, SiteCounts  # noqa: E402
 from aufold.sites import site_kind  # noqa: E402
 from aufold.tasks import default_data_dir, get_task  # noqa: E402
 
 SITES = ("head", "mlp")
-CACHED_SMOLLM2 = REPO / ".cache" / "tests" / "smollm2-135m-instruct"  # made by the test suite
 
 
 def naive_counts(model, tokenizer, pairs: Sequence[ContrastivePair],  # type: ignore[no-untyped-def]
@@ -135,8 +134,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    reference = args.model or (CACHED_SMOLLM2 if (CACHED_SMOLLM2 / "config.json").is_file()
-                               else smollm2_gguf_path())
+    reference = args.model or local_smollm2(REPO)
     model, tokenizer, _ = load_model(reference, dtype=args.dtype, device=args.device)
     device = model.get_input_embeddings().weight.device
     data_dir = default_data_dir()

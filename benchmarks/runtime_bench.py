@@ -29,12 +29,11 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from aufold.export import export  # noqa: E402
-from aufold.modeling import fingerprint, load_model, site_width, smollm2_gguf_path  # noqa: E402
+from aufold.modeling import fingerprint, load_model, local_smollm2, site_width  # noqa: E402
 from aufold.plan import Plan, SiteCounts  # noqa: E402
 from aufold.steer import steer  # noqa: E402
 from aufold.verify import DEFAULT_PROMPTS  # noqa: E402
 
-CACHED_SMOLLM2 = REPO / ".cache" / "tests" / "smollm2-135m-instruct"  # made by the test suite
 UNITS = 100
 ALPHA = 2.0
 
@@ -83,8 +82,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    reference = args.model or (CACHED_SMOLLM2 if (CACHED_SMOLLM2 / "config.json").is_file()
-                               else smollm2_gguf_path())
+    reference = args.model or local_smollm2(REPO)
     base, tokenizer, _ = load_model(reference, dtype=args.dtype, device=args.device)
     plan = random_plan(base)
     edit = plan.select(UNITS, ALPHA)

