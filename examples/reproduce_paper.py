@@ -49,7 +49,7 @@ from aufold.ablations import fixed_strength, random_units  # noqa: E402
 from aufold.edit import Edit  # noqa: E402
 from aufold.evaluate.edits import evaluate_edits  # noqa: E402
 from aufold.evaluate.report import EvalResult  # noqa: E402
-from aufold.localize import localize  # noqa: E402
+from aufold.localize import DEFAULT_TIE_TOLERANCE, localize  # noqa: E402
 from aufold.modeling import load_model, local_smollm2  # noqa: E402
 from aufold.plan import Plan  # noqa: E402
 from aufold.plotting import (  # noqa: E402
@@ -230,7 +230,8 @@ def write_markdown(runs: list[TaskRun], settings: dict[str, Any], path: Path,
         f"{settings['device']}, total wall time {settings['minutes']:.1f} min.",
         "",
         "Protocol (per task): localize once on the `pairs` split over the sites "
-        f"{', '.join(SITES)}; sweep the k x alpha grid below for each site on `tune`; "
+        f"{', '.join(SITES)} (differences within {DEFAULT_TIE_TOLERANCE:g} of the activations' RMS "
+        "count as ties); sweep the k x alpha grid below for each site on `tune`; "
         f"choose by: {CHOICE_RULE}; then evaluate once on `test`. Scorers: the first generated "
         "token (greedy, exact match) for the multiple-choice tasks, the final number of a greedy "
         "answer for the math tasks. Accuracies in %, with Wilson 95% intervals. *Answers given* "
