@@ -100,8 +100,8 @@ def _varied_pairs(count: int, seed: int = 0) -> list[ContrastivePair]:
 
 
 def test_rounding_level_differences_are_ties() -> None:
-    # Row RMS 1: a unit whose difference is 1e-7 of it is a tie, even if the unit itself is
-    # near zero; 1e-4 of it is a sign. Tolerance 0 is the strict comparison.
+    # Row RMS about 0.9: a difference of 1e-7 (about 1.2e-7 once rounded to float32) is a
+    # tie, even where the unit itself is near zero; 1e-4 is a sign. Tolerance 0 is strict.
     x_neg = torch.tensor([[1.0, -1.0, 1.0, 1e-6, 1.0, -1.0]])
     x_pos = x_neg + torch.tensor([[1e-7, -1e-7, 1e-4, 1e-7, -1e-4, 0.0]])
     above, below = signs(x_pos, x_neg)
