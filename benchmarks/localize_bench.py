@@ -19,6 +19,7 @@ in common; per-unit counts within 1.
     python benchmarks/localize_bench.py                    # CPU, all 800 pairs
     python benchmarks/localize_bench.py --device cuda --batch-size 64
     python benchmarks/localize_bench.py --pairs 64 --chunks 2   # a quick look
+    python benchmarks/localize_bench.py --also-tolerances 0,1e-7,1e-5   # the tie rule's effect
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ SITES = ("head", "mlp")
 
 
 def naive_counts(model, tokenizer, pairs: Sequence[ContrastivePair],  # type: ignore[no-untyped-def]
-                 sites: Sequence[str], tie_tolerance: float) -> dict[str, SiteCounts]:
+                 sites: Sequence[str], tolerances: Sequence[float]
+                 ) -> dict[float, dict[str, SiteCounts]]:
     """The authors' loop: one text at a time, the whole model, the last token of each.
 
     It counts signs with aufold's own rule (:func:`aufold.localize.signs`), so that
-    only the way the activations are computed differs.
+    only the way the activations are computed differs; one pass counts for every
+    tie tolerance.
     """
     from aufold.modeling import num_layers, site_module
 
@@ -68,8 +71,8 @@ def naive_counts(model, tokenizer, pairs: Sequence[ContrastivePair],  # type: ig
                 handles.append(module.register_forward_hook(
                     lambda _m, _a, out, s=site: seen[s].append(
                         (out[0] if isinstance(out, tuple) else out)[0, -1].float().cpu())))
-    positive = {site: 0 for site in sites}
-    negative = {site: 0 for site in sites}
+    positive = {(t, site): 0 for t in tolerances for site in sites}
+    negative = {(t, site): 0 for t in tolerances for site in sites}
     try:
         with torch.inference_mode():
             for pair in pairs:
@@ -80,14 +83,40 @@ def naive_counts(model, tokenizer, pairs: Sequence[ContrastivePair],  # type: ig
                     last.append({site: torch.stack(seen[site]) for site in sites})
                     for site in sites:
                         seen[site].clear()
-                for site in sites:
-                    above, below = signs(last[0][site], last[1][site], tie_tolerance)
-                    positive[site] = positive[site] + above.long()
-                    negative[site] = negative[site] + below.long()
+                for tolerance in tolerances:
+                    for site in sites:
+                        above, below = signs(last[0][site], last[1][site], tolerance)
+                        positive[tolerance, site] = positive[tolerance, site] + above.long()
+                        negative[tolerance, site] = negative[tolerance, site] + below.long()
     finally:
         for handle in handles:
             handle.remove()
-    return {site: SiteCounts(positive[site], negative[site]) for site in sites}
+    return {t: {site: SiteCounts(positive[t, site], negative[t, site]) for site in sites}
+            for t in tolerances}
+
+
+def summed(parts: Sequence[dict[str, SiteCounts]]) -> dict[str, SiteCounts]:
+    return {site: SiteCounts(sum(c[site].positive for c in parts),  # type: ignore[misc]
+                             sum(c[site].negative for c in parts))  # type: ignore[misc]
+            for site in SITES}
+
+
+def agreement(plan: Plan, naive: dict[str, SiteCounts]) -> tuple[int, int, int, list[tuple[str, int, int]]]:
+    """Top-100 units in common, the largest count difference, how many counters differ,
+    and the (site, layer, unit) of those off by more than 1."""
+    naive_plan = Plan(plan.model, plan.fingerprint, plan.num_pairs, dict(naive))
+    common = len({(u.site, u.layer, u.unit) for u in plan.ranking(k=100)}
+                 & {(u.site, u.layer, u.unit) for u in naive_plan.ranking(k=100)})
+    worst = differing = 0
+    beyond_one: list[tuple[str, int, int]] = []
+    for site in SITES:
+        for mine, other in ((plan.counts[site].positive, naive[site].positive),
+                            (plan.counts[site].negative, naive[site].negative)):
+            diff = (mine - other).abs()
+            worst = max(worst, int(diff.max()))
+            differing += int((diff > 0).sum())
+            beyond_one += [(site, int(layer), int(unit)) for layer, unit in (diff > 1).nonzero()]
+    return common, worst, differing, beyond_one
 
 
 def floor_pass(model, tokenizer, pairs: Sequence[ContrastivePair],  # type: ignore[no-untyped-def]
@@ -125,6 +154,10 @@ def main() -> None:
                         help="ties within this times the activations' RMS, in both aufold and the "
                              "naive loop (0: strict signs, where rounding moves the counts of "
                              "units that read the same value for both texts)")
+    parser.add_argument("--also-tolerances", default="",
+                        help="comma-separated tie tolerances to compare too (e.g. 0,1e-7,1e-5): "
+                             "the naive loop counts them in its one pass, aufold.localize reruns "
+                             "untimed on all pairs for each")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch (default 0: torch's default, one per core)")
     parser.add_argument("--chunks", type=int, default=8,
@@ -133,6 +166,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    extra = [float(t) for t in args.also_tolerances.split(",") if t.strip()]
+    tolerances = list(dict.fromkeys([args.tie_tolerance, *extra]))
 
     reference = args.model or local_smollm2(REPO)
     model, tokenizer, _ = load_model(reference, dtype=args.dtype, device=args.device)
@@ -154,7 +189,7 @@ def main() -> None:
 
     floor_time = aufold_time = naive_time = 0.0
     parts: list[Plan] = []
-    naive_parts: list[dict[str, SiteCounts]] = []
+    naive_parts: list[dict[float, dict[str, SiteCounts]]] = []
     for index in range(args.chunks):
         chunk = pairs[index * n // args.chunks:(index + 1) * n // args.chunks]
         seconds, _ = timed(lambda: floor_pass(model, tokenizer, chunk, args.batch_size), device)
@@ -162,8 +197,8 @@ def main() -> None:
         seconds, part = timed(lambda: localize(model, tokenizer, chunk, SITES, **options), device)
         aufold_time += seconds
         parts.append(part)  # type: ignore[arg-type]
-        seconds, counts = timed(lambda: naive_counts(model, tokenizer, chunk, SITES,
-                                                     args.tie_tolerance), device)
+        seconds, counts = timed(lambda: naive_counts(model, tokenizer, chunk, SITES, tolerances),
+                                device)
         naive_time += seconds
         naive_parts.append(counts)  # type: ignore[arg-type]
         print(f"  turn {index + 1}/{args.chunks}: {len(chunk)} pairs", flush=True)
@@ -172,9 +207,8 @@ def main() -> None:
                                   sum(p.counts[site].negative for p in parts))  # type: ignore[misc]
                  for site in SITES},
                 {"full_text_pairs": sum(p.settings["full_text_pairs"] for p in parts)})
-    naive = {site: SiteCounts(sum(c[site].positive for c in naive_parts),  # type: ignore[misc]
-                              sum(c[site].negative for c in naive_parts))  # type: ignore[misc]
-             for site in SITES}
+    naive_at = {t: summed([c[t] for c in naive_parts]) for t in tolerances}  # type: ignore[index]
+    naive = naive_at[args.tie_tolerance]
 
     print(f"\n{'method':<58} {'seconds':>8} {'pairs/s':>8} {'x naive':>8}")
     for label, seconds in (
@@ -188,21 +222,11 @@ def main() -> None:
           f"{n - full_text} pairs shared their prompt, {full_text} ran as two full texts")
 
     naive_plan = Plan(plan.model, plan.fingerprint, n, dict(naive))
-    ours = {(u.site, u.layer, u.unit) for u in plan.ranking(k=100)}
-    theirs = {(u.site, u.layer, u.unit) for u in naive_plan.ranking(k=100)}
-    worst = 0
-    differing = 0
-    beyond_one: list[tuple[str, int, int]] = []
-    for site in SITES:
-        for mine, other in ((plan.counts[site].positive, naive[site].positive),
-                            (plan.counts[site].negative, naive[site].negative)):
-            diff = (mine - other).abs()
-            worst = max(worst, int(diff.max()))
-            differing += int((diff > 0).sum())
-            beyond_one += [(site, int(layer), int(unit)) for layer, unit in (diff > 1).nonzero()]
-    print(f"agreement with the naive loop: {len(ours & theirs)} of the top 100 in common "
+    common, worst, differing, beyond_one = agreement(plan, naive)
+    counters = 2 * sum(plan.counts[s].positive.numel() for s in SITES)
+    print(f"agreement with the naive loop: {common} of the top 100 in common "
           f"(target >= 98); largest per-unit count difference {worst} (target <= 1); "
-          f"{differing} counters of {2 * sum(plan.counts[s].positive.numel() for s in SITES)} differ")
+          f"{differing} counters of {counters} differ")
     if beyond_one:
         # A count moves when x_pos - x_neg is at the level of float rounding, so that the
         # batched and the batch-1 forward disagree on its sign: such units score near 0.5.
@@ -213,6 +237,23 @@ def main() -> None:
         print(f"counters off by more than 1: {len(beyond_one)}, in {len(layers)} (site, layer) "
               f"blocks {layers[:8]}{' ...' if len(layers) > 8 else ''}; their scores "
               f"{scores[0]:.3f}-{scores[-1]:.3f} against the top-100 cutoff {cutoff:.3f}")
+
+    if extra:
+        # The naive loop's own top 100 at each tolerance, against its top 100 at the default:
+        # how much the tie rule itself changes the ranking, apart from batching.
+        default_top = {(u.site, u.layer, u.unit) for u in naive_plan.ranking(k=100)}
+        print(f"\n{'tie tolerance':>13} {'counters that differ':>21} {'largest difference':>19} "
+              f"{'top 100 in common':>18} {'naive top 100 as at the default':>32}")
+        for tolerance in tolerances:
+            counts = naive_at[tolerance]
+            run = plan if tolerance == args.tie_tolerance else localize(
+                model, tokenizer, pairs, SITES, **{**options, "tie_tolerance": tolerance})
+            common, worst, differing, _ = agreement(run, counts)
+            own = {(u.site, u.layer, u.unit)
+                   for u in Plan(plan.model, plan.fingerprint, n, dict(counts)).ranking(k=100)}
+            print(f"{tolerance:>13g} {differing:>21} {worst:>19} {common:>18} "
+                  f"{len(own & default_top):>32}")
+
 
 if __name__ == "__main__":
     main()
