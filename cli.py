@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,25 @@ def reports_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def guarded(*, inputs: tuple[str, ...] = (), folders: tuple[str, ...] = (),
+            files: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """Declare which arguments a command reads and which it writes; every output is claimed
+    (checked against the inputs, locked, replaced only if aufold wrote it) before the
+    command runs, and released when it ends (aufold.safety.guard)."""
+
+    def decorate(command: F) -> F:
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            from aufold.safety.guard import guarded_outputs
+
+            with guarded_outputs(kwargs, inputs=inputs, folders=folders, files=files):
+                return command(**kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
 def selection_options(command: F, *, required: bool = True) -> F:
     """The options that turn a plan into an edit: --plan, --k, --alpha, --site, --force.
 
@@ -61,6 +81,7 @@ def selection_options(command: F, *, required: bool = True) -> F:
                      help="Rank only these sites of the plan (default: all of its sites)."),
         *([] if required else tuned),
         click.option("--force", is_flag=True, help="Use a plan whose model fingerprint differs."),
+        allow_extreme_option,
         dtype_option,
     ]):
         command = option(command)
@@ -73,13 +94,24 @@ def optional_selection_options(command: F) -> F:
 
 def device_options(command: F) -> F:
     """Where the model runs: --device (one device) or --device-map (accelerate, for a model
-    larger than one device)."""
+    larger than one device); and --allow-pickle, offered wherever a model loads."""
+    command = allow_pickle_option(command)
     command = click.option("--device-map", default=None,
                            help="Spread a model larger than one device over the devices (and CPU "
                                 "or disk), e.g. auto; needs accelerate.")(command)
     return click.option("--device", default=None, help="Device to run on, e.g. cuda or cpu.")(command)
 
 
+allow_pickle_option = click.option(
+    "--allow-pickle", is_flag=True,
+    help="Load a model that has pickle weights (.bin) only; unpickling can run code, so only "
+         "for files you trust.")
+allow_extreme_option = click.option(
+    "--allow-extreme", is_flag=True,
+    help="Allow an edit whose scale factors exceed 1000 in size (refused by default: such a "
+         "model is almost surely a typo).")
+overwrite_option = click.option("--overwrite", is_flag=True,
+                                help="Replace an earlier output of aufold at the same path.")
 dtype_option = click.option("--dtype", default="auto", show_default=True, type=click.Choice(list(DTYPES)),
                             help="Dtype to load the model in (auto: the checkpoint's own).")
 data_dir_option = click.option("--data-dir", type=click.Path(path_type=Path), default=None,
@@ -102,12 +134,35 @@ def eval_options(command: F) -> F:
     return command
 
 
+class _EchoNotes(logging.Handler):
+    """aufold's own notes and warnings (aufold.safety, ...) on stderr, one line each; the
+    stream is looked up when a note is written, so it follows a redirected stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"aufold: {record.levelname.lower()}: {record.getMessage()}", err=True)
+
+
+def _show_notes() -> None:
+    logger = logging.getLogger("aufold")
+    if not any(isinstance(handler, _EchoNotes) for handler in logger.handlers):
+        logger.addHandler(_EchoNotes())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 class OneLineErrors(click.Group):
     """A group whose usage errors are one line, like aufold's own, instead of usage text."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        from aufold.safety.signals import Terminated, stop_cleanly_on_terminate
+
+        stop_cleanly_on_terminate()
+        _show_notes()
         try:
             return super().main(*args, standalone_mode=False, **kwargs)
+        except Terminated as stop:
+            click.echo(f"aufold: stopped by {stop}; partial outputs were removed", err=True)
+            sys.exit(stop.exit_code)
         except click.ClickException as error:
             command = f" {error.ctx.command_path.split(' ', 1)[-1]}" if getattr(error, "ctx", None) else ""
             click.echo(f"aufold: error: {error.format_message()} (see `aufold{command} --help`)", err=True)
@@ -148,22 +203,22 @@ def main() -> None:
 @click.option("--shard", default=None, metavar="I/N",
               help="Count only part I (from 0) of N of the pairs; add the parts with merge-counts. "
                    "Under torchrun the ranks split the pairs by themselves.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@overwrite_option
 @reports_errors
+@guarded(inputs=("model", "pairs_file", "data_dir"), folders=("out",))
 def localize(model: str, pairs_file: Path | None, task: str | None, data_dir: Path | None,
              sites: tuple[str, ...], out: Path, batch_size: int, max_length: int, chat_template: bool,
              tie_tolerance: float, dtype: str, device: str | None, device_map: str | None,
-             shard: str | None, overwrite: bool) -> None:
+             allow_pickle: bool, shard: str | None, overwrite: bool) -> None:
     """Rank the atomic units of MODEL by how consistently they separate the pairs."""
-    from aufold.atomic import check_output_folder
     from aufold.modeling import load_model
     from aufold.shards import is_main_process, localize_pairs, rank_device
     from aufold.tasks import read_pairs_or_task
 
     pairs = read_pairs_or_task(pairs_file, task, data_dir)
-    check_output_folder(out, overwrite=overwrite)
     loaded, tokenizer, source = load_model(model, dtype=dtype, device=rank_device(device),
-                                           device_map=device_map, sites=sites)
+                                           device_map=device_map, sites=sites,
+                                           allow_pickle=allow_pickle)
     plan = localize_pairs(loaded, tokenizer, pairs, sites, shard=shard, batch_size=batch_size,
                           max_length=max_length, chat_template=chat_template,
                           tie_tolerance=tie_tolerance, model_id=source.ref)
@@ -188,15 +243,14 @@ def localize(model: str, pairs_file: Path | None, task: str | None, data_dir: Pa
 @main.command("merge-counts")
 @click.argument("parts", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Plan folder to write.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@overwrite_option
 @reports_errors
+@guarded(inputs=("parts",), folders=("out",))
 def merge_counts(parts: tuple[Path, ...], out: Path, overwrite: bool) -> None:
     """Add the partial plans of `aufold localize --shard I/N` (all N parts) into one plan."""
-    from aufold.atomic import check_output_folder
     from aufold.plan import Plan
     from aufold.shards import merge_counts as run_merge
 
-    check_output_folder(out, overwrite=overwrite)
     plan = run_merge([Plan.load(part) for part in parts])
     plan.save(out, overwrite=overwrite)
     click.echo(f"merged {len(parts)} parts: {plan.num_pairs} pairs, {plan.num_units()} units; "
@@ -206,42 +260,45 @@ def merge_counts(parts: tuple[Path, ...], out: Path, overwrite: bool) -> None:
 @main.command()
 @click.argument("model")
 @optional_selection_options
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Folder to write: the checkpoint, the adapter or the GGUF file, with card.")
+@click.option("--out", default=None, type=click.Path(path_type=Path),
+              help="Folder to write: the checkpoint, the adapter or the GGUF file, with card. "
+                   "Optional with --push-to-hub, which then keeps no local copy.")
 @click.option("--format", "output_format", default=CHECKPOINT, show_default=True,
               type=click.Choice(list(FORMATS)),
               help="checkpoint: full folded model; lora / ia3: exact PEFT adapter; gguf: fold into "
                    "a copy of MODEL's .gguf file.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@overwrite_option
 @click.option("--base-model-id", default=None, help="Hub id of the base model for the model card.")
 @click.option("--push-to-hub", "repo_id", default=None, help="Also upload the folder to this hub repo.")
 @click.option("--private", is_flag=True, help="Create the hub repo as private.")
 @click.option("--link-unchanged", is_flag=True,
               help="Hard-link shards that hold no edit instead of copying them (same file system; "
                    "the output then shares those files with the input).")
-@click.option("--allow-pickle", is_flag=True,
-              help="Load a checkpoint that has pickle (.bin) weights only through transformers.")
+@allow_pickle_option
 @reports_errors
+@guarded(inputs=("model", "plan_dir", "tuned"), folders=("out",))
 def export(model: str, plan_dir: Path | None, k: int | None, alpha: float | None,
-           sites: tuple[str, ...], tuned: Path | None, force: bool, dtype: str, out: Path,
-           output_format: str, overwrite: bool, base_model_id: str | None, repo_id: str | None,
-           private: bool, link_unchanged: bool, allow_pickle: bool) -> None:
+           sites: tuple[str, ...], tuned: Path | None, force: bool, allow_extreme: bool, dtype: str,
+           out: Path | None, output_format: str, overwrite: bool, base_model_id: str | None,
+           repo_id: str | None, private: bool, link_unchanged: bool, allow_pickle: bool) -> None:
     """Fold the top-k units of a plan (or the choice of `aufold tune`) into MODEL and write a
     standard checkpoint (or --format)."""
     from aufold.export import export as run_export
     from aufold.tuned import resolve_selection
 
-    chosen = resolve_selection(plan_dir=plan_dir, k=k, alpha=alpha, sites=sites, tuned=tuned, required=True)
+    chosen = resolve_selection(plan_dir=plan_dir, k=k, alpha=alpha, sites=sites, tuned=tuned,
+                               required=True)
     assert chosen is not None
-    result = run_export(model, chosen.plan_dir, k=chosen.k, alpha=chosen.alpha, out=out, sites=chosen.sites,
-                        dtype=dtype,
-                        overwrite=overwrite, force=force, base_model_id=base_model_id,
-                        push_to_hub=repo_id, private=private, link_unchanged=link_unchanged,
-                        allow_pickle=allow_pickle, format=output_format)
+    result = run_export(model, chosen.plan_dir, k=chosen.k, alpha=chosen.alpha, out=out,
+                        sites=chosen.sites, dtype=dtype, overwrite=overwrite, force=force,
+                        base_model_id=base_model_id, push_to_hub=repo_id, private=private,
+                        link_unchanged=link_unchanged, allow_pickle=allow_pickle,
+                        allow_extreme=allow_extreme, format=output_format)
     if result.streamed:
         click.echo(result.streamed.summary())
     written = "folded" if output_format == CHECKPOINT else f"wrote as {output_format}"
-    click.echo(f"{written} {len(result.edit)} units ({', '.join(result.edit.sites)}) into {result.out}")
+    where = result.out if out is not None else "a temporary folder"
+    click.echo(f"{written} {len(result.edit)} units ({', '.join(result.edit.sites)}) into {where}")
     if result.url:
         click.echo(f"pushed to {result.url}")
 
@@ -256,21 +313,28 @@ def export(model: str, plan_dir: Path | None, k: int | None, alpha: float | None
 @device_options
 @reports_errors
 def verify(model: str, plan_dir: Path, k: int, alpha: float, sites: tuple[str, ...], force: bool,
-           dtype: str, folded: Path, prompts: tuple[str, ...], as_json: bool, device: str | None,
-           device_map: str | None) -> None:
+           allow_extreme: bool, dtype: str, folded: Path, prompts: tuple[str, ...], as_json: bool,
+           device: str | None, device_map: str | None, allow_pickle: bool) -> None:
     """Check that the folded checkpoint computes what MODEL computes with hooks."""
     from aufold.verify import DEFAULT_PROMPTS
     from aufold.verify import verify as run_verify
 
     report = run_verify(model, plan_dir, k=k, alpha=alpha, folded=folded, sites=sites or None,
                         dtype=dtype, prompts=prompts or DEFAULT_PROMPTS, force=force, device=device,
-                        device_map=device_map)
+                        device_map=device_map, allow_pickle=allow_pickle, allow_extreme=allow_extreme)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         click.echo(f"dtype {report.dtype}, {report.tokens} tokens")
-        click.echo(f"max |logit diff| {report.max_abs_diff:.3g} (relative {report.relative_diff:.3g}); "
-                   f"tolerance {report.tolerance:.3g} [{report.tolerance_rule}]")
+        click.echo(f"max |logit diff| fold vs hooks {report.max_abs_diff:.3g} (relative "
+                   f"{report.relative_diff:.3g})")
+        if report.fold_distance is not None:
+            click.echo(f"distance to the float32 steered model: fold {report.fold_distance:.3g}, "
+                       f"hooks {report.hook_distance:.3g}")
+            click.echo(f"tolerance on the fold's distance {report.tolerance:.3g} "
+                       f"[{report.tolerance_rule}]")
+        else:
+            click.echo(f"tolerance {report.tolerance:.3g} [{report.tolerance_rule}]")
         click.echo(f"top-1 agreement {report.top1_agreement:.2%}")
         click.echo("PASS" if report.passed else "FAIL")
     if not report.passed:
@@ -286,15 +350,16 @@ def verify(model: str, plan_dir: Path, k: int, alpha: float, sites: tuple[str, .
 @device_options
 @reports_errors
 def generate(model: str, plan_dir: Path, k: int, alpha: float, sites: tuple[str, ...], force: bool,
-             dtype: str, prompt: str, max_new_tokens: int, chat_template: bool, device: str | None,
-             device_map: str | None) -> None:
+             allow_extreme: bool, dtype: str, prompt: str, max_new_tokens: int, chat_template: bool,
+             device: str | None, device_map: str | None, allow_pickle: bool) -> None:
     """Print MODEL's greedy completion of a prompt without and with steering (hook mode)."""
     from aufold.generate import compare_completions
 
     plain, steered = compare_completions(model, plan_dir, k=k, alpha=alpha, sites=sites or None,
                                          dtype=dtype, prompt=prompt, max_new_tokens=max_new_tokens,
                                          chat_template=chat_template, force=force, device=device,
-                                         device_map=device_map)
+                                         device_map=device_map, allow_pickle=allow_pickle,
+                                         allow_extreme=allow_extreme)
     click.echo(f"--- unsteered ---\n{plain}\n--- steered (k={k}, alpha={alpha:g}) ---\n{steered}")
 
 
@@ -309,17 +374,21 @@ def generate(model: str, plan_dir: Path, k: int, alpha: float, sites: tuple[str,
 @click.option("--scale", type=float, default=1.0, show_default=True,
               help="Multiplier of the vectors (repeng's coeff).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint folder to write.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@overwrite_option
 @click.option("--base-model-id", default=None, help="Hub id of the base model for the model card.")
 @dtype_option
+@allow_pickle_option
+@allow_extreme_option
 @reports_errors
+@guarded(inputs=("model", "vector_path"), folders=("out",))
 def fold_vector(model: str, vector_path: Path, site: str, scale: float, out: Path, overwrite: bool,
-                base_model_id: str | None, dtype: str) -> None:
+                base_model_id: str | None, dtype: str, allow_pickle: bool, allow_extreme: bool) -> None:
     """Fold additive steering vectors into MODEL's biases and write a standard checkpoint."""
     from aufold.vectors.export import fold_vector_checkpoint
 
     result = fold_vector_checkpoint(model, vector_path, out=out, site=site, scale=scale, dtype=dtype,
-                                    overwrite=overwrite, base_model_id=base_model_id)
+                                    overwrite=overwrite, base_model_id=base_model_id,
+                                    allow_pickle=allow_pickle, allow_extreme=allow_extreme)
     flags = f"; switched on {', '.join(result.fold.flags)}" if result.fold.flags else ""
     click.echo(f"folded {len(result.fold.modules)} vectors ({site}, scale {scale:g}) into biases "
                f"of {result.out}{flags}")
@@ -339,21 +408,26 @@ def fold_vector(model: str, vector_path: Path, site: str, scale: float, out: Pat
 @device_options
 @click.option("--report", type=click.Path(path_type=Path), default=None,
               help="JSON report to write, with every item's prediction.")
+@overwrite_option
 @reports_errors
+@guarded(inputs=("model", "data_dir", "plan_dir", "tuned"), files=("report",))
 def evaluate(model: str, task: str, split: str, data_dir: Path | None, scorer: str | None,
              plan_dir: Path | None, k: int | None, alpha: float | None, sites: tuple[str, ...],
-             tuned: Path | None, force: bool, dtype: str, limit: int | None, batch_size: int,
-             max_length: int, max_new_tokens: int, chat_template: bool, device: str | None,
-             device_map: str | None, report: Path | None) -> None:
+             tuned: Path | None, force: bool, allow_extreme: bool, dtype: str, limit: int | None,
+             batch_size: int, max_length: int, max_new_tokens: int, chat_template: bool,
+             device: str | None, device_map: str | None, allow_pickle: bool, report: Path | None,
+             overwrite: bool) -> None:
     """Evaluate MODEL (or MODEL steered by a plan's top-k units) on a task split."""
     from aufold.evaluate import evaluate_model
     from aufold.tuned import resolve_selection
 
-    chosen = resolve_selection(plan_dir=plan_dir, k=k, alpha=alpha, sites=sites, tuned=tuned)
+    chosen = resolve_selection(plan_dir=plan_dir, k=k, alpha=alpha, sites=sites, tuned=tuned,
+                               allow_extreme=allow_extreme)
     result = evaluate_model(model, task, split, selection=chosen, scorer=scorer, data_dir=data_dir,
                             limit=limit, dtype=dtype, device=device, device_map=device_map,
-                            force=force, report=report,
-                            batch_size=batch_size, chat_template=chat_template,
+                            force=force, report=report, overwrite=overwrite,
+                            allow_pickle=allow_pickle, batch_size=batch_size,
+                            chat_template=chat_template,
                             max_length=max_length, max_new_tokens=max_new_tokens)
     steering = f"steered k={chosen.k} alpha={chosen.alpha:g}" if chosen else "unsteered"
     click.echo(f"{task} {split} ({result.scorer}, {steering}): {result.summary_line()}")
@@ -386,14 +460,17 @@ def evaluate(model: str, task: str, split: str, data_dir: Path | None, scorer: s
 @dtype_option
 @device_options
 @click.option("--force", is_flag=True, help="Use a plan whose model fingerprint differs.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@allow_extreme_option
+@overwrite_option
 @click.option("--no-plot", is_flag=True, help="Skip the heatmaps (they need matplotlib).")
 @reports_errors
+@guarded(inputs=("model", "plan_dir", "data_dir"), folders=("out",))
 def tune(model: str, task: str, sites: tuple[str, ...], plan_dir: Path | None, out: Path, k_grid: str,
          alpha_grid: str, data_dir: Path | None, scorer: str | None, pairs_size: int | None,
          tune_size: int | None, test_size: int | None, batch_size: int, max_length: int,
          max_new_tokens: int, chat_template: bool, dtype: str, device: str | None,
-         device_map: str | None, force: bool, overwrite: bool, no_plot: bool) -> None:
+         device_map: str | None, allow_pickle: bool, force: bool, allow_extreme: bool,
+         overwrite: bool, no_plot: bool) -> None:
     """Sweep alpha x k per site on the tune split, pick the best, evaluate it once on test."""
     from aufold.tune import parse_grid
     from aufold.tune import tune as run_tune
@@ -405,8 +482,8 @@ def tune(model: str, task: str, sites: tuple[str, ...], plan_dir: Path | None, o
                        test_size=test_size, batch_size=batch_size, chat_template=chat_template,
                        max_length=max_length, max_new_tokens=max_new_tokens, dtype=dtype,
                        device=device, device_map=device_map, force=force, overwrite=overwrite,
-                       plot=not no_plot,
-                       echo=click.echo)
+                       plot=not no_plot, echo=click.echo, allow_pickle=allow_pickle,
+                       allow_extreme=allow_extreme)
     for site in outcome.sweep.sites():
         click.echo(outcome.sweep.table(site))
     best = outcome.record["best"]
@@ -424,13 +501,16 @@ def tune(model: str, task: str, sites: tuple[str, ...], plan_dir: Path | None, o
 @click.option("--out", default=Path("aufold-demo"), show_default=True, type=click.Path(path_type=Path),
               help="Folder for the pairs, plan, folded model and report.")
 @click.option("--model", default=None, help="Model to use instead of the packaged SmolLM2-135M-Instruct.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@overwrite_option
+@allow_pickle_option
 @reports_errors
-def demo(out: Path, model: str | None, overwrite: bool) -> None:
+@guarded(inputs=("model",), folders=("out",))
+def demo(out: Path, model: str | None, overwrite: bool, allow_pickle: bool) -> None:
     """Run the whole path on SmolLM2-135M-Instruct and a generated addition task."""
     from aufold.demo import run_demo
 
-    report = run_demo(out, model_ref=model, overwrite=overwrite, echo=click.echo)
+    report = run_demo(out, model_ref=model, overwrite=overwrite, echo=click.echo,
+                      allow_pickle=allow_pickle)
     check = report.verify
     click.echo(f"verify: max |logit diff| {check['max_abs_diff']:.3g} (relative "
                f"{check['relative_diff']:.3g}), top-1 agreement {check['top1_agreement']:.2%}: "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -41,6 +42,11 @@ FLOAT_DTYPES: Mapping[str, torch.dtype] = {
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
+}
+# Bytes per element of every safetensors dtype, to check a header's byte ranges.
+ITEM_SIZES: Mapping[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1,
 }
 DTYPE_NAMES: Mapping[torch.dtype, str] = {dtype: name for name, dtype in FLOAT_DTYPES.items()}
 
@@ -96,8 +102,12 @@ def read_header(path: str | Path) -> ShardHeader:
             shape = tuple(int(dim) for dim in info["shape"])
             if not data_start <= begin <= end <= size:
                 raise _damaged(path, f"tensor {name} lies outside the file (truncated?)")
+            itemsize = ITEM_SIZES.get(str(info["dtype"]))
+            if itemsize is not None and math.prod(shape) * itemsize != end - begin:
+                raise _damaged(path, f"tensor {name} has {end - begin} bytes, not the "
+                                     f"{math.prod(shape) * itemsize} its shape {list(shape)} needs")
             tensors[name] = TensorEntry(name, str(info["dtype"]), shape, begin, end)
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise _damaged(path, f"bad tensor entry ({error})") from None
     return ShardHeader(path, size, tensors, dict(metadata))
 
@@ -167,23 +177,29 @@ def _open_sharded(folder: Path) -> Checkpoint:
         weight_map = json.loads(index_path.read_text())["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise AufoldError(f"{index_path} is damaged ({error}); restore it from the original "
                           f"checkpoint") from None
     files = sorted(set(weight_map.values()))
+    for file in files:
+        if not isinstance(file, str) or Path(file).name != file or file in (".", ".."):
+            raise AufoldError(f"{INDEX_FILE} names a shard outside the folder: {file!r}; the "
+                              f"checkpoint is damaged or not safe to read")
     missing = [file for file in files if not (folder / file).is_file()]
     if missing:
         raise AufoldError(f"shard {missing[0]} listed in {INDEX_FILE} is missing from {folder}"
                           f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
                           f"download the complete checkpoint again")
-    for file in files:
-        if Path(file).name != file:
-            raise AufoldError(f"{INDEX_FILE} names a shard outside the folder: {file!r}")
     shards = {file: read_header(folder / file) for file in files}
     for name, file in weight_map.items():
         if name not in shards[file].tensors:
             raise AufoldError(f"{INDEX_FILE} places tensor {name} in {file}, which does not hold "
                               f"it; the checkpoint is damaged or mixed from two versions")
+    for file, shard in shards.items():
+        unlisted = sorted(set(shard.tensors) - set(weight_map))
+        if unlisted:
+            raise AufoldError(f"shard {file} holds tensor {unlisted[0]}, which {INDEX_FILE} does "
+                              f"not list; the checkpoint is damaged or mixed from two versions")
     return Checkpoint(folder, shards, dict(weight_map), INDEX_FILE)
 
 

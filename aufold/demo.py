@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 
 from transformers import PreTrainedTokenizerBase
 
-from aufold.atomic import atomic_folder, check_output_folder
 from aufold.evaluate import evaluate_items
 from aufold.export import export_loaded
 from aufold.localize import localize
 from aufold.modeling import load_model, resolve_source, smollm2_gguf_path
 from aufold.pairs import write_pairs
+from aufold.safety.outputs import atomic_folder, claim_output
 from aufold.steer import steer
 from aufold.tasks import Item
 from aufold.tasks.contrast import choice_pairs
@@ -83,44 +83,45 @@ class DemoReport:
 
 
 def run_demo(out: str | Path, *, model_ref: str | None = None, overwrite: bool = False,
-             progress: bool = True, echo: Callable[[str], None] = print) -> DemoReport:
+             progress: bool = True, echo: Callable[[str], None] = print,
+             allow_pickle: bool = False) -> DemoReport:
     """Localize, tune, export, verify and evaluate; everything lands in ``out`` at once."""
     model_ref = model_ref or str(smollm2_gguf_path())
     source = resolve_source(model_ref)
-    out_dir = check_output_folder(out, overwrite=overwrite, inputs=(source.local_dir,))
-    echo(f"loading {model_ref}")
-    model, tokenizer, _ = load_model(model_ref, dtype="float32")
+    with claim_output(out, overwrite=overwrite, inputs=source.input_paths()) as out_dir:
+        echo(f"loading {model_ref}")
+        model, tokenizer, _ = load_model(model_ref, dtype="float32", allow_pickle=allow_pickle)
 
-    pairs = choice_pairs(arithmetic_items("pairs"))
-    echo(f"localizing {len(pairs)} pairs over sites {', '.join(DEMO_SITES)}")
-    plan = localize(model, tokenizer, pairs, DEMO_SITES, progress=progress, model_id=source.ref)
+        pairs = choice_pairs(arithmetic_items("pairs"))
+        echo(f"localizing {len(pairs)} pairs over sites {', '.join(DEMO_SITES)}")
+        plan = localize(model, tokenizer, pairs, DEMO_SITES, progress=progress, model_id=source.ref)
 
-    tune, test = arithmetic_items("tune"), arithmetic_items("test")
-    grid = {"base": _loglik_accuracy(model, tokenizer, tune)}
-    for k in K_GRID:
-        for alpha in ALPHA_GRID:
-            with steer(model, plan.select(k, alpha)):
-                grid[f"k={k},alpha={alpha:g}"] = _loglik_accuracy(model, tokenizer, tune)
-            echo(f"  tune  k={k:<3} alpha={alpha:<4g} accuracy {grid[f'k={k},alpha={alpha:g}']:.3f}")
-    # Best tune accuracy; ties go to the smaller k, then the smaller alpha (grid order).
-    best = max(((k, a) for k in K_GRID for a in ALPHA_GRID),
-               key=lambda ka: (grid[f"k={ka[0]},alpha={ka[1]:g}"], -ka[0], -ka[1]))
-    k, alpha = best
-    echo(f"chosen on tune: k={k}, alpha={alpha:g} (base tune accuracy {grid['base']:.3f})")
+        tune, test = arithmetic_items("tune"), arithmetic_items("test")
+        grid = {"base": _loglik_accuracy(model, tokenizer, tune)}
+        for k in K_GRID:
+            for alpha in ALPHA_GRID:
+                with steer(model, plan.select(k, alpha)):
+                    grid[f"k={k},alpha={alpha:g}"] = _loglik_accuracy(model, tokenizer, tune)
+                echo(f"  tune  k={k:<3} alpha={alpha:<4g} accuracy {grid[f'k={k},alpha={alpha:g}']:.3f}")
+        # Best tune accuracy; ties go to the smaller k, then the smaller alpha (grid order).
+        best = max(((k, a) for k in K_GRID for a in ALPHA_GRID),
+                   key=lambda ka: (grid[f"k={ka[0]},alpha={ka[1]:g}"], -ka[0], -ka[1]))
+        k, alpha = best
+        echo(f"chosen on tune: k={k}, alpha={alpha:g} (base tune accuracy {grid['base']:.3f})")
 
-    with atomic_folder(out_dir) as staging:
-        write_pairs(pairs, staging / "pairs.jsonl")
-        plan.save(staging / "plan")
-        folded = copy.deepcopy(model)
-        export_loaded(folded, tokenizer, plan, k=k, alpha=alpha, out=staging / "model",
-                      sites=plan.sites, base_model=Path(source.ref).name)
-        del folded
-        folded_model, _, _ = load_model(staging / "model")  # the written checkpoint itself
-        check: VerifyReport = verify_loaded(model, tokenizer, plan.select(k, alpha), folded_model)
-        report = DemoReport(
-            model=source.ref, sites=plan.sites, k=k, alpha=alpha, tune_grid=grid,
-            test_accuracy_base=_loglik_accuracy(model, tokenizer, test),
-            test_accuracy_folded=_loglik_accuracy(folded_model, tokenizer, test),
-            test_items=len(test), verify=check.to_dict())
-        (staging / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
-    return report
+        with atomic_folder(out_dir, content="demo") as staging:
+            write_pairs(pairs, staging / "pairs.jsonl")
+            plan.save(staging / "plan")
+            folded = copy.deepcopy(model)
+            export_loaded(folded, tokenizer, plan, k=k, alpha=alpha, out=staging / "model",
+                          sites=plan.sites, base_model=Path(source.ref).name)
+            del folded
+            folded_model, _, _ = load_model(staging / "model")  # the written checkpoint itself
+            check: VerifyReport = verify_loaded(model, tokenizer, plan.select(k, alpha), folded_model)
+            report = DemoReport(
+                model=source.ref, sites=plan.sites, k=k, alpha=alpha, tune_grid=grid,
+                test_accuracy_base=_loglik_accuracy(model, tokenizer, test),
+                test_accuracy_folded=_loglik_accuracy(folded_model, tokenizer, test),
+                test_items=len(test), verify=check.to_dict())
+            (staging / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+        return report

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from transformers import PreTrainedTokenizerBase
 
-from aufold.atomic import atomic_folder, check_output_folder
 from aufold.card import PROVENANCE_FILE, ExportRecord, model_card
 from aufold.edit import Edit
+from aufold.errors import AufoldError
 from aufold.fold import fold_model
 from aufold.formats import CHECKPOINT, check_format
-from aufold.hub import push_folder_to_hub
+from aufold.hub import check_push_target, push_folder_to_hub
 from aufold.modeling import ModelSource, fingerprint, load_model, resolve_source
 from aufold.plan import Plan
+from aufold.safety.outputs import Inputs, atomic_folder, claim_output
 from aufold.sites import check_foldable
 from aufold.streaming import StreamReport, export_streamed, streamable_folder
 
@@ -39,7 +41,7 @@ def export(
     *,
     k: int,
     alpha: float,
-    out: str | Path,
+    out: str | Path | None,
     sites: Sequence[str] | None = None,
     dtype: str = "auto",
     overwrite: bool = False,
@@ -49,46 +51,81 @@ def export(
     private: bool = False,
     link_unchanged: bool = False,
     allow_pickle: bool = False,
+    allow_extreme: bool = False,
     format: str = CHECKPOINT,
 ) -> ExportResult:
     """Fold the top-k units of ``plan`` into ``model_ref`` and write the result to ``out``.
 
-    Every check that can fail runs before anything is written; the folder appears
-    only when complete, and the input checkpoint is only ever read. A local (or
-    hub-cached) safetensors checkpoint is folded tensor by tensor without loading
-    the model (:mod:`aufold.streaming`); ``link_unchanged`` hard-links its shards
+    Every check that can fail runs before anything is written (the push target too);
+    the folder appears only when complete, and the input checkpoint is only ever read.
+    A local (or hub-cached) safetensors checkpoint is folded tensor by tensor without
+    loading the model (:mod:`aufold.streaming`); ``link_unchanged`` hard-links its shards
     that hold no edit. Pickle weights load only with ``allow_pickle``. ``format``
     "lora", "ia3" or "gguf" writes the edit as an adapter or a GGUF file instead
-    (:mod:`aufold.formats`).
+    (:mod:`aufold.formats`). With ``push_to_hub`` and no ``out``, the export is written
+    to a temporary folder that is removed after the upload, whether it succeeds or not.
     """
     check_format(format)
+    plan_inputs = () if isinstance(plan, Plan) else (plan,)
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     chosen_sites = plan.sites if sites is None else tuple(sites)
     check_foldable(chosen_sites)
-    plan.select(k, alpha, chosen_sites)  # k, alpha and sites fail here, before any loading
+    # k, alpha, sites and the size of the scale factors fail here, before any loading.
+    plan.select(k, alpha, chosen_sites, allow_extreme=allow_extreme)
     source = resolve_source(model_ref)
+    if push_to_hub:
+        check_push_target(push_to_hub)
+    options = dict(k=k, alpha=alpha, sites=chosen_sites, dtype=dtype, force=force,
+                   base_model=base_model_id or base_model_name(source),
+                   link_unchanged=link_unchanged, allow_pickle=allow_pickle,
+                   allow_extreme=allow_extreme, format=format)
+    inputs = Inputs.of([*source.input_paths(), *plan_inputs])
+    if out is None:
+        if not push_to_hub:
+            raise AufoldError("nowhere to write the export; give --out (or --push-to-hub to "
+                              "upload it without keeping a local copy)")
+        with tempfile.TemporaryDirectory(prefix="aufold-push-") as scratch:
+            with claim_output(Path(scratch) / "export", inputs=inputs) as out_dir:
+                result = _write_export(source, plan, out_dir, **options)  # type: ignore[arg-type]
+            return push_export(result, push_to_hub, private=private, kept=False)
+    with claim_output(out, overwrite=overwrite, inputs=inputs) as out_dir:
+        result = _write_export(source, plan, out_dir, **options)  # type: ignore[arg-type]
+    return push_export(result, push_to_hub, private=private, kept=True) if push_to_hub else result
+
+
+def _write_export(source: ModelSource, plan: Plan, out: Path, *, k: int, alpha: float,
+                  sites: Sequence[str], dtype: str, force: bool, base_model: str,
+                  link_unchanged: bool, allow_pickle: bool, allow_extreme: bool,
+                  format: str) -> ExportResult:
+    """Write one export into the claimed folder ``out``: streamed, loaded, or another format."""
     if format != CHECKPOINT:
         from aufold.formats.export import export_format  # loads peft and gguf only when asked
 
-        out_dir = check_output_folder(out, overwrite=overwrite, inputs=(source.local_dir,))
-        return export_format(format, source, plan, k=k, alpha=alpha, out=out_dir,
-                             sites=chosen_sites, dtype=dtype, force=force,
-                             base_model=base_model_id or base_model_name(source),
-                             push_to_hub=push_to_hub, private=private)
+        return export_format(format, source, plan, k=k, alpha=alpha, out=out, sites=sites,
+                             dtype=dtype, force=force, base_model=base_model,
+                             allow_pickle=allow_pickle, allow_extreme=allow_extreme)
     folder = streamable_folder(source, dtype=dtype, allow_pickle=allow_pickle)
-    out_dir = check_output_folder(out, overwrite=overwrite, inputs=(source.local_dir, folder))
     if folder is not None:
-        edit, report = export_streamed(folder, plan, k=k, alpha=alpha, out=out_dir,
-                                       sites=chosen_sites, force=force, link_unchanged=link_unchanged,
-                                       base_model=base_model_id or base_model_name(source))
-        url = push_folder_to_hub(out_dir, push_to_hub, private=private) if push_to_hub else None
-        return ExportResult(out_dir, edit, url, report)
-
-    model, tokenizer, _ = load_model(model_ref, dtype=dtype, sites=chosen_sites)
+        edit, report = export_streamed(folder, plan, k=k, alpha=alpha, out=out, sites=sites,
+                                       force=force, link_unchanged=link_unchanged,
+                                       base_model=base_model, allow_extreme=allow_extreme)
+        return ExportResult(out, edit, None, report)
+    model, tokenizer, _ = load_model(source.ref, dtype=dtype, sites=sites, allow_pickle=allow_pickle)
     plan.check_fingerprint(fingerprint(model), force=force)
-    return export_loaded(model, tokenizer, plan, k=k, alpha=alpha, out=out_dir, sites=chosen_sites,
-                         base_model=base_model_id or base_model_name(source),
-                         push_to_hub=push_to_hub, private=private)
+    return export_loaded(model, tokenizer, plan, k=k, alpha=alpha, out=out, sites=sites,
+                         base_model=base_model, allow_extreme=allow_extreme)
+
+
+def push_export(result: ExportResult, repo_id: str, *, private: bool, kept: bool) -> ExportResult:
+    """Upload a written export; a failure says whether the local copy was kept."""
+    try:
+        url = push_folder_to_hub(result.out, repo_id, private=private)
+    except AufoldError as error:
+        where = (f"the export stays in {result.out}, since --out was given; push it later with "
+                 f"`hf upload {repo_id} {result.out}`" if kept else
+                 "no local copy was kept, since no --out was given; pass --out to keep one")
+        raise AufoldError(f"{error}; {where}") from None
+    return replace(result, url=url)
 
 
 def export_loaded(
@@ -101,24 +138,22 @@ def export_loaded(
     out: Path,
     sites: Sequence[str],
     base_model: str,
-    push_to_hub: str | None = None,
-    private: bool = False,
+    allow_extreme: bool = False,
 ) -> ExportResult:
-    """Fold into an already loaded model (in place) and write it; inputs already checked."""
-    edit = plan.select(k, alpha, sites)
+    """Fold into an already loaded model (in place) and write it to the claimed ``out``."""
+    edit = plan.select(k, alpha, sites, allow_extreme=allow_extreme)
     fold_model(model, edit)
     record = ExportRecord(base_model=base_model, plan=plan, units=plan.ranking(sites, k), k=k,
                           alpha=alpha, sites=tuple(sites),
                           dtype=str(model.dtype).removeprefix("torch."))
     write_checkpoint(model, tokenizer, record, out)
-    url = push_folder_to_hub(out, push_to_hub, private=private) if push_to_hub else None
-    return ExportResult(out, edit, url)
+    return ExportResult(out, edit)
 
 
 def write_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                      record: ExportRecord, out: Path) -> None:
     """Weights, config, generation config, tokenizer, card and provenance, atomically."""
-    with atomic_folder(out) as staging:
+    with atomic_folder(out, content="checkpoint") as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "README.md").write_text(model_card(record))

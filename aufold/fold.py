@@ -18,6 +18,7 @@ import torch
 from aufold.edit import Edit, scaled
 from aufold.errors import AufoldError
 from aufold.modeling import model_architecture
+from aufold.safety.limits import check_finite
 from aufold.sites import Architecture, check_foldable, site_kind
 
 if TYPE_CHECKING:
@@ -46,22 +47,26 @@ def weight_edits(edit: Edit, architecture: Architecture) -> dict[str, TensorEdit
     return edits
 
 
-def fold_tensor(tensor: torch.Tensor, tensor_edit: TensorEdit) -> torch.Tensor:
+def fold_tensor(tensor: torch.Tensor, tensor_edit: TensorEdit, name: str = "a folded weight"
+                ) -> torch.Tensor:
     """A new tensor with the edited slices scaled in float32 and rounded once.
 
     Every element outside the edited slices is copied bitwise. An element in both
     an edited row and an edited column (``mlp`` and ``mlp-out`` in one layer)
     gets the product of both factors, computed the same way in either slice.
     """
-    return fold_tensor_(tensor.clone(), tensor_edit)
+    return fold_tensor_(tensor.clone(), tensor_edit, name)
 
 
-def fold_tensor_(tensor: torch.Tensor, tensor_edit: TensorEdit) -> torch.Tensor:
+def fold_tensor_(tensor: torch.Tensor, tensor_edit: TensorEdit, name: str = "a folded weight"
+                 ) -> torch.Tensor:
     """:func:`fold_tensor` in place, for a streamed tensor that nothing else shares.
 
     Every edited slice is read before any is written, so an element in both an
     edited row and an edited column is scaled once by the product, bitwise as
-    :func:`fold_tensor` does; the extra memory is the edited slices only.
+    :func:`fold_tensor` does; the extra memory is the edited slices only. A slice that
+    overflows its dtype is refused (:func:`aufold.safety.limits.check_finite`) before the
+    tensor changes.
     """
     full = {}
     for axis, (index, scale) in tensor_edit.axes.items():
@@ -79,7 +84,9 @@ def fold_tensor_(tensor: torch.Tensor, tensor_edit: TensorEdit) -> torch.Tensor:
             part = vector.index_select(0, index) if other_axis == axis else vector
             factor = factor * part.view(shape)
         index = index.to(tensor.device)
-        blocks.append((axis, index, scaled(tensor.index_select(axis, index), factor)))
+        block = scaled(tensor.index_select(axis, index), factor)
+        check_finite(name, block)
+        blocks.append((axis, index, block))
     for axis, index, block in blocks:
         tensor.index_copy_(axis, index, block)
     return tensor
@@ -95,4 +102,4 @@ def fold_model(model: PreTrainedModel, edit: Edit) -> None:
                 continue
             raise AufoldError(f"the model has no weight {name}; the plan does not fit it")
         parameter = parameters[name]
-        parameter.data = fold_tensor(parameter.data, tensor_edit)
+        parameter.data = fold_tensor(parameter.data, tensor_edit, name)

@@ -18,15 +18,17 @@ def compare_completions(model_ref: str | Path, plan: Plan | str | Path, *, k: in
                         prompt: str, sites: Sequence[str] | None = None, dtype: str = "auto",
                         max_new_tokens: int = 40, chat_template: bool = False,
                         force: bool = False, device: str | None = None,
-                        device_map: str | None = None) -> tuple[str, str]:
+                        device_map: str | None = None, allow_pickle: bool = False,
+                        allow_extreme: bool = False) -> tuple[str, str]:
     """Return the greedy completions of ``prompt`` without and with the plan's top-k edit.
 
     ``device_map="auto"`` spreads a model larger than one device over several
     (accelerate); the hooks follow each layer's device.
     """
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    edit = plan.select(k, alpha, sites)
-    model, tokenizer, _ = load_model(model_ref, dtype=dtype, device=device, device_map=device_map)
+    edit = plan.select(k, alpha, sites, allow_extreme=allow_extreme)
+    model, tokenizer, _ = load_model(model_ref, dtype=dtype, device=device, device_map=device_map,
+                                     allow_pickle=allow_pickle)
     plan.check_fingerprint(fingerprint(model), force=force)
     text = chat_prompt(tokenizer, prompt) if chat_template else prompt
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat_template)

@@ -10,6 +10,26 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 
 from aufold.errors import AufoldError
+from aufold.safety.outputs import marker_ignore_patterns
+
+
+def check_push_target(repo_id: str) -> None:
+    """Refuse a push that cannot succeed before any work is done: a malformed repo id,
+    offline mode, or no token. (Whether the token may write there only the Hub can say.)"""
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise AufoldError(f"invalid repo id {repo_id!r} for --push-to-hub: use `name` or "
+                          f"`namespace/name` made of letters, digits, '-', '_' and '.'") from None
+    if constants.HF_HUB_OFFLINE:
+        raise AufoldError("cannot push while HF_HUB_OFFLINE is set; unset it to push, or drop "
+                          "--push-to-hub")
+    if get_token() is None:
+        raise AufoldError("no Hugging Face token for --push-to-hub; log in with `hf auth login` "
+                          "or set HF_TOKEN to a token with write access")
 
 
 def push_folder_to_hub(
@@ -36,7 +56,8 @@ def push_folder_to_hub(
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         # A checkpoint holds far fewer files than upload_folder puts in one commit.
         commit = api.upload_folder(
-            repo_id=repo_id, folder_path=folder, commit_message=commit_message
+            repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+            ignore_patterns=marker_ignore_patterns(),
         )
     except HFValidationError as err:
         raise AufoldError(

@@ -3,11 +3,39 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from aufold.errors import AufoldError
 
 Record = dict[str, Any]
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of a UTF-8 text file with their numbers (from 1); a line that is
+    not UTF-8 is reported by its number."""
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise AufoldError(f"{path}, line {line_number}: not UTF-8 text (byte "
+                                  f"{raw[error.start]:#04x} at column {error.start + 1}); save "
+                                  f"the file as UTF-8") from None
+            if line.strip():
+                yield line_number, line
+
+
+def read_json_file(path: Path) -> Any:
+    """A whole JSON file; a file that is not UTF-8 JSON is one error naming the file."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise AufoldError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
+    except json.JSONDecodeError as error:
+        raise AufoldError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}); "
+                          f"restore the original file") from None
 
 
 def parse_json_object(line: str, where: str, *, expected: str = "a JSON object") -> Record:

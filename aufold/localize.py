@@ -184,6 +184,7 @@ def _run_shared(model: PreTrainedModel, reader: _LastTokenReader, chunk: list[En
     prompts = pad_right([pair.prompt for pair in chunk], padding).to(device)
     cache = DynamicCache(config=model.config)
     reader.run(model, prompts, cache=cache, capture=False)
+    _check_cache_filled(cache, prompts.input_ids.shape[1])
     cache.batch_repeat_interleave(2)
     answers = pad_right([ids for pair in chunk for ids in (pair.positive, pair.negative)],
                         padding).to(device)
@@ -194,6 +195,21 @@ def _run_shared(model: PreTrainedModel, reader: _LastTokenReader, chunk: list[En
     mask = torch.cat([prompt_mask, answers.attention_mask], dim=1)
     reader.run(model, Batch(answers.input_ids, mask, answers.last), cache=cache,
                position_ids=positions)
+    _check_cache_filled(cache, prompts.input_ids.shape[1] + width)
+
+
+def _check_cache_filled(cache: DynamicCache, tokens: int) -> None:
+    """Fail loudly if the model did not write the keys and values it was given a cache for.
+
+    The answers are read on the prompt's cache; a transformers version that ignored the
+    cache argument would silently change every count (the answers would run without
+    their prompt), so the cache's length after each pass is checked.
+    """
+    if cache.get_seq_length() != tokens:
+        raise AufoldError(f"the model did not use the prompt cache (it holds "
+                          f"{cache.get_seq_length()} tokens, not {tokens}); this transformers "
+                          f"version is not one aufold supports: install the version that "
+                          f"pyproject.toml names")
 
 
 def _run_full(model: PreTrainedModel, reader: _LastTokenReader, chunk: list[EncodedPair],
@@ -286,7 +302,7 @@ class _LastTokenReader:
         extra: dict[str, Any] = {"position_ids": position_ids} if position_ids is not None else {}
         try:
             model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             past_key_values=cache, use_cache=cache is not None, **extra)
+                             cache=cache, use_cache=cache is not None, **extra)
         except _Stop:
             pass
 

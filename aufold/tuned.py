@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from aufold.errors import AufoldError
@@ -27,6 +27,7 @@ class Selection:
     k: int
     alpha: float
     sites: tuple[str, ...] | None = None  # None: every site of the plan
+    allow_extreme: bool = False  # scale factors beyond aufold.safety.limits.MAX_SCALE
 
     def describe(self) -> dict[str, object]:
         return {"plan": str(self.plan_dir), "k": self.k, "alpha": self.alpha,
@@ -56,7 +57,7 @@ def read_tuned(path: str | Path) -> Selection:
 
 def resolve_selection(*, plan_dir: Path | None, k: int | None, alpha: float | None,
                       sites: Sequence[str] = (), tuned: Path | None = None,
-                      required: bool = False) -> Selection | None:
+                      required: bool = False, allow_extreme: bool = False) -> Selection | None:
     """The edit the options ask for: ``--tuned`` or ``--plan`` with ``--k`` and ``--alpha``.
 
     Returns None when none of them is given and ``required`` is false (no steering).
@@ -66,7 +67,7 @@ def resolve_selection(*, plan_dir: Path | None, k: int | None, alpha: float | No
         if manual or sites:
             raise AufoldError("give either --tuned or --plan/--k/--alpha/--site, not both; "
                               "--tuned already names the plan, site, k and alpha")
-        return read_tuned(tuned)
+        return replace(read_tuned(tuned), allow_extreme=allow_extreme)
     if not manual:
         if sites:
             raise AufoldError("--site selects units of a plan; give --plan, --k and --alpha too")
@@ -80,4 +81,4 @@ def resolve_selection(*, plan_dir: Path | None, k: int | None, alpha: float | No
         raise AufoldError(f"steering needs --plan, --k and --alpha together; missing "
                           f"{', '.join(missing)}")
     assert plan_dir is not None and k is not None and alpha is not None
-    return Selection(plan_dir, k, alpha, tuple(sites) or None)
+    return Selection(plan_dir, k, alpha, tuple(sites) or None, allow_extreme)

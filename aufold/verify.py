@@ -12,7 +12,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from aufold.edit import Edit
-from aufold.encoding import Batch, encode, pad_id, pad_right
+from aufold.encoding import encode
 from aufold.errors import AufoldError
 from aufold.modeling import fingerprint, input_device, load_model, resolve_source
 from aufold.plan import Plan
@@ -29,7 +29,11 @@ DEFAULT_PROMPTS = (
     "The most important thing to remember when cooking rice is",
 )
 FLOAT32_RELATIVE_TOLERANCE = 1e-5
-NOISE_FLOOR_FACTOR = 3.0
+# In bfloat16 / float16 the fold passes when its logits are at most this many times as far
+# from the float32 steered model as the hook mode's own low-precision logits are. Both
+# realizations round once per steered product, at different places, so neither is the
+# reference; see LOW_PRECISION_RULE and benchmarks/verify_bench.py for the measured ratios.
+LOW_PRECISION_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -38,17 +42,21 @@ class VerifyReport:
 
     dtype: str
     tokens: int
-    max_abs_diff: float
+    max_abs_diff: float  # max |hooks - fold|, both in ``dtype``
     logit_scale: float  # max |logit| of the hooked base model
     relative_diff: float
     top1_agreement: float
-    tolerance: float  # on max_abs_diff
+    tolerance: float  # on max_abs_diff (float32) or on fold_distance (lower precisions)
     tolerance_rule: str
-    noise_floor: float | None  # max |low-precision base - float32 base|, if not float32
+    # Lower precisions only: max |logit - float32 steered logit| of the fold and of the hooks.
+    fold_distance: float | None = None
+    hook_distance: float | None = None
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
+        if self.fold_distance is None:
+            return self.max_abs_diff <= self.tolerance
+        return self.fold_distance <= self.tolerance
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "passed": self.passed}
@@ -67,41 +75,45 @@ def verify(
     force: bool = False,
     device: str | None = None,
     device_map: str | None = None,
+    allow_pickle: bool = False,
+    allow_extreme: bool = False,
 ) -> VerifyReport:
     """Compare base + hooks against the folded folder on ``prompts``, at every real token.
 
-    Float32 passes at a relative difference of 1e-5. Lower precisions pass within
-    3x the dtype's own noise floor: the largest logit difference between the base
-    model in that dtype and in float32, which a correct fold cannot beat.
+    Float32 passes at a relative difference of 1e-5. In a lower precision both
+    realizations differ from the exact steered model by rounding, so each is compared
+    with the float32 steered model (base + hooks in float32): the fold passes when its
+    distance is at most :data:`LOW_PRECISION_FACTOR` times the hooks' own.
     ``device`` or ``device_map`` places each model; one is in memory at a time.
     """
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    edit = plan.select(k, alpha, sites)
+    edit = plan.select(k, alpha, sites, allow_extreme=allow_extreme)
     folded_source = resolve_source(folded)
     if folded_source.local_dir is None:
         raise AufoldError(f"--folded must be a local folder written by aufold export, got {folded}")
     if not prompts:
         raise AufoldError("verify needs at least one prompt")
 
-    placement = {"device": device, "device_map": device_map}
-    base, tokenizer, _ = load_model(model_ref, dtype=dtype, **placement)
+    placement = {"device": device, "device_map": device_map, "allow_pickle": allow_pickle}
+    base, tokenizer, _ = load_model(model_ref, dtype=dtype, **placement)  # type: ignore[arg-type]
     plan.check_fingerprint(fingerprint(base), force=force)
-    batch = _batch(tokenizer, prompts)
+    prompt_ids = _prompt_ids(tokenizer, prompts)
     with steer(base, edit):
-        hooked = _logits(base, batch)
-    unsteered = _logits(base, batch)
+        hooked = _logits(base, prompt_ids)
     model_dtype = base.dtype
     del base  # keep at most one model in memory at a time
     gc.collect()
-    folded_model, _, _ = load_model(folded, dtype=str(model_dtype).removeprefix("torch."), **placement)
-    result = _logits(folded_model, batch)
+    folded_model, _, _ = load_model(folded, dtype=str(model_dtype).removeprefix("torch."),
+                                    **placement)  # type: ignore[arg-type]
+    result = _logits(folded_model, prompt_ids)
     del folded_model
     gc.collect()
     reference = None
     if model_dtype != torch.float32:
-        reference_model, _, _ = load_model(model_ref, dtype="float32", **placement)
-        reference = _logits(reference_model, batch)
-    return judge(hooked, result, unsteered, reference, model_dtype)
+        reference_model, _, _ = load_model(model_ref, dtype="float32", **placement)  # type: ignore[arg-type]
+        with steer(reference_model, edit):
+            reference = _logits(reference_model, prompt_ids)
+    return judge(hooked, result, reference, model_dtype)
 
 
 def verify_loaded(base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, edit: Edit,
@@ -109,26 +121,30 @@ def verify_loaded(base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, edi
     """The same comparison for float32 models already in memory (base left unchanged)."""
     if base.dtype != torch.float32:
         raise AufoldError("verify_loaded compares float32 models; use verify() for other dtypes")
-    batch = _batch(tokenizer, prompts)
+    prompt_ids = _prompt_ids(tokenizer, prompts)
     with steer(base, edit):
-        hooked = _logits(base, batch)
-    return judge(hooked, _logits(folded_model, batch), _logits(base, batch), None, base.dtype)
+        hooked = _logits(base, prompt_ids)
+    return judge(hooked, _logits(folded_model, prompt_ids), None, base.dtype)
 
 
-def judge(hooked: torch.Tensor, folded: torch.Tensor, unsteered: torch.Tensor,
-          reference: torch.Tensor | None, dtype: torch.dtype) -> VerifyReport:
-    """Apply the tolerance rule: float32 relative 1e-5, else 3x the dtype's noise floor."""
+def judge(hooked: torch.Tensor, folded: torch.Tensor, reference: torch.Tensor | None,
+          dtype: torch.dtype) -> VerifyReport:
+    """Apply the tolerance rule: in float32 the fold matches the hooks to 1e-5 of the logits'
+    scale; in a lower precision (``reference``: the float32 steered logits) the fold is at
+    most :data:`LOW_PRECISION_FACTOR` times as far from the reference as the hooks are."""
     diff = (hooked - folded).abs().max().item()
     scale = hooked.abs().max().item()
     name = str(dtype).removeprefix("torch.")
-    noise_floor = None
+    fold_distance = hook_distance = None
     if reference is None:
         tolerance = FLOAT32_RELATIVE_TOLERANCE * scale
-        rule = f"float32: max |diff| <= {FLOAT32_RELATIVE_TOLERANCE:g} x logit scale"
+        rule = f"float32: max |fold - hooks| <= {FLOAT32_RELATIVE_TOLERANCE:g} x logit scale"
     else:
-        noise_floor = (unsteered - reference).abs().max().item()
-        tolerance = NOISE_FLOOR_FACTOR * noise_floor
-        rule = f"{name}: max |diff| <= {NOISE_FLOOR_FACTOR:g} x noise floor (max |base - float32 base|)"
+        fold_distance = (folded - reference).abs().max().item()
+        hook_distance = (hooked - reference).abs().max().item()
+        tolerance = LOW_PRECISION_FACTOR * hook_distance
+        rule = (f"{name}: max |fold - float32 steered| <= {LOW_PRECISION_FACTOR:g} x "
+                f"max |hooks - float32 steered|")
     return VerifyReport(
         dtype=name,
         tokens=hooked.shape[0],
@@ -138,18 +154,25 @@ def judge(hooked: torch.Tensor, folded: torch.Tensor, unsteered: torch.Tensor,
         top1_agreement=(hooked.argmax(-1) == folded.argmax(-1)).float().mean().item(),
         tolerance=tolerance,
         tolerance_rule=rule,
-        noise_floor=noise_floor,
+        fold_distance=fold_distance,
+        hook_distance=hook_distance,
     )
 
 
-def _batch(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> Batch:
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
     ids, _ = encode(tokenizer, prompts)
-    return pad_right(ids, pad_id(tokenizer))
+    return ids
 
 
 @torch.inference_mode()
-def _logits(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
-    """Float32 logits at every real (unpadded) token, as one [tokens, vocab] matrix."""
-    batch = batch.to(input_device(model))
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return logits[batch.attention_mask.bool()].float().cpu()
+def _logits(model: PreTrainedModel, prompt_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Float32 logits at every token, one prompt at a time, as one [tokens, vocab] matrix.
+
+    Each prompt runs alone, unpadded: in a padded batch a low-precision model computes
+    the real tokens of a short prompt with other kernels (a mask, a different shape) than
+    it does alone, which shows up as noise between otherwise equal realizations.
+    """
+    device = input_device(model)
+    rows = [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu()
+            for ids in prompt_ids]
+    return torch.cat(rows)

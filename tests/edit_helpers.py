@@ -69,3 +69,17 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
 def bits(tensor: torch.Tensor) -> torch.Tensor:
     """The raw bytes of a tensor, for bitwise comparison."""
     return tensor.contiguous().view(torch.uint8)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file and folder below ``root`` by relative path: a file's sha256, 'dir' for a folder.
+
+    Equal digests before and after a command mean it changed, added and removed nothing.
+    """
+    import hashlib
+
+    digest = {}
+    for path in sorted(Path(root).rglob("*")):
+        key = str(path.relative_to(root))
+        digest[key] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return digest

@@ -81,7 +81,7 @@ def test_plan_of_another_model_is_refused_unless_forced(workspace: Path) -> None
 def test_output_inside_the_input_is_refused(workspace: Path) -> None:
     args = ["export", "{root}/base", "--plan", "{root}/plan", "--k", "4", "--alpha", "1", "--site", "head",
             "--out", "{root}/base/folded"]
-    fails_cleanly(workspace, args, "is inside the input folder")
+    fails_cleanly(workspace, args, "lies inside the input")
 
 
 def test_unknown_model_and_plan(workspace: Path) -> None:

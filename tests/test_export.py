@@ -27,6 +27,7 @@ from aufold.localize import localize
 from aufold.modeling import load_model
 from aufold.pairs import ContrastivePair, write_pairs
 from aufold.plan import Plan
+from aufold.safety.outputs import MARKER
 from aufold.sites import architecture_for
 from aufold.steer import steer
 
@@ -133,18 +134,27 @@ def test_export_writes_a_checkpoint_plain_transformers_loads(base_and_plan: tupl
     assert result.exit_code == 1 and "FAIL" in result.output
 
 
-def test_export_refuses_a_full_folder_unless_overwrite(base_and_plan: tuple[Path, Path], tmp_path: Path) -> None:
+def test_export_replaces_only_its_own_earlier_output(base_and_plan: tuple[Path, Path],
+                                                     tmp_path: Path) -> None:
     base, plan_dir = base_and_plan
     out = tmp_path / "folded"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    result = CliRunner().invoke(cli.main, ["export", str(base), "--plan", str(plan_dir), "--k", "4",
-                                           "--alpha", "1", "--out", str(out)])
+    export = ["export", str(base), "--plan", str(plan_dir), "--k", "4", "--alpha", "1", "--out", str(out)]
+    result = CliRunner().invoke(cli.main, export)
     assert result.exit_code == 2 and "--overwrite" in result.output
+    # A folder aufold did not write is never replaced, even with --overwrite.
+    result = CliRunner().invoke(cli.main, [*export, "--overwrite"])
+    assert result.exit_code == 2 and "only replaces outputs that aufold wrote" in result.output
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    result = run_cli("export", base, "--plan", plan_dir, "--k", 4, "--alpha", 1, "--out", out, "--overwrite")
+
+    ours = tmp_path / "ours"
+    assert run_cli(*export[:-1], ours).exit_code == 0
+    assert (ours / MARKER).is_file()
+    result = run_cli(*export[:-1], ours, "--alpha", 2, "--overwrite")
     assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert json.loads((ours / "aufold.json").read_text())["selection"]["alpha"] == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
 
 
 def test_localize_writes_a_readable_plan(base_and_plan: tuple[Path, Path]) -> None:

@@ -29,6 +29,7 @@ from aufold.fold import TensorEdit, fold_tensor, weight_edits
 from aufold.formats.gguf import GgufModel, fold_gguf, gguf_tensors, read_gguf_model
 from aufold.modeling import load_model, smollm2_gguf_path
 from aufold.plan import Plan, SiteCounts
+from aufold.safety.outputs import MARKER
 from aufold.sites import ARCHITECTURES as TABLE
 from aufold.steer import steer
 
@@ -139,7 +140,7 @@ def test_gguf_fold_changes_only_the_edited_blocks(kind: Q, tmp_path: Path) -> No
     # the export refuses a plan whose fingerprint differs from read_gguf_model's
     edit = export(source, random_plan(base), k=24, alpha=0.8, out=out, format="gguf").edit
     folded_file = out / "tiny.gguf"
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "aufold.json", "tiny.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "README.md", "aufold.json", "tiny.gguf"]
     before, after = gguf_tensors(source), gguf_tensors(folded_file)
     edits = gguf_edits(edit, "llama")
     allowed: dict[str, np.ndarray] = {}

@@ -25,6 +25,7 @@ from safetensors.numpy import save_file
 from tiny_models import save_tiny_model
 
 from aufold.pairs import ContrastivePair, write_pairs
+from aufold.safety.outputs import MARKER
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAKE_TOKEN = "hf_aufoldFakeToken0123456789abcdefXYZ"
@@ -237,4 +238,6 @@ def test_export_push_to_hub_uploads_the_exported_folder(fake_hub: FakeHub, tmp_p
     assert len(commits) == 1
     uploaded = {entry["value"]["path"]: base64.b64decode(entry["value"]["content"])
                 for entry in map(json.loads, commits[0].body.splitlines()[1:])}
-    assert uploaded == {path.name: path.read_bytes() for path in out.iterdir()}
+    # Everything but the local marker that lets a later --overwrite recognise the folder.
+    assert uploaded == {path.name: path.read_bytes() for path in out.iterdir() if path.name != MARKER}
+    assert (out / MARKER).is_file()

@@ -143,9 +143,10 @@ def test_rank_above_256_is_refused(smollm2_dir: Path, smollm2, tmp_path: Path) -
     base, _ = smollm2
     plan = random_plan(base, sites=("mlp",))
     positive = plan.counts["mlp"].positive.clone()
+    negative = plan.counts["mlp"].negative.clone()
     positive[3, :300] = plan.num_pairs + 1  # 300 top units, all in layer 3's down projection
-    plan = Plan(plan.model, plan.fingerprint, plan.num_pairs + 1,
-                {"mlp": SiteCounts(positive, plan.counts["mlp"].negative)})
+    negative[3, :300] = 0
+    plan = Plan(plan.model, plan.fingerprint, plan.num_pairs + 1, {"mlp": SiteCounts(positive, negative)})
     plan.save(tmp_path / "plan")
     out = tmp_path / "lora"
     result = run_cli("export", smollm2_dir, "--plan", tmp_path / "plan", "--k", 300, "--alpha", 1,

@@ -10,6 +10,7 @@ import torch
 
 from aufold.errors import AufoldError
 from aufold.plan import Plan, SiteCounts
+from aufold.safety.outputs import MARKER
 
 
 def _plan(seed: int = 0, num_pairs: int = 10) -> Plan:
@@ -89,7 +90,8 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
         assert torch.equal(loaded.counts[site].positive, plan.counts[site].positive)
         assert torch.equal(loaded.counts[site].negative, plan.counts[site].negative)
     assert loaded.select(10, 2.0) == plan.select(10, 2.0)
-    assert sorted(p.name for p in (tmp_path / "plan").iterdir()) == ["counts.safetensors", "plan.json"]
+    assert sorted(p.name for p in (tmp_path / "plan").iterdir()) == [MARKER, "counts.safetensors",
+                                                                     "plan.json"]
 
 
 def test_fingerprint_mismatch_is_refused_unless_forced() -> None:

@@ -22,6 +22,7 @@ from aufold.localize import localize
 from aufold.modeling import fingerprint, num_layers, site_width
 from aufold.plan import Plan, SiteCounts
 from aufold.plotting import matplotlib_available
+from aufold.safety.outputs import MARKER
 from aufold.tasks import Item
 from aufold.tasks.contrast import choice_pairs
 from aufold.tune import Config, choose, grid_configs, parse_grid, sweep
@@ -232,7 +233,8 @@ def test_tune_without_matplotlib_still_writes_everything(workspace: Path,
                   "--site", "mlp", "--k-grid", "2", "--alpha-grid", "5", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "no heatmap: matplotlib is not installed" in result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["plan", "test-base.json", "test-steered.json", "tune.json"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "plan", "test-base.json", "test-steered.json",
+                                                     "tune.json"]
 
 
 def test_localize_on_a_task(workspace: Path) -> None:
@@ -260,8 +262,10 @@ def test_tune_and_localize_bad_input(workspace: Path, tmp_path: Path) -> None:
     fails([*tune, "--site", "head", "--alpha-grid", "1,x"], "--alpha-grid must be comma-separated")
     fails(["tune", model, "--task", "nope", "--site", "head", "--out", str(tmp_path / "o")], "unknown task 'nope'")
     fails(["localize", model, "--site", "mlp", "--out", str(tmp_path / "p")], "give either --pairs FILE or --task")
-    fails(["localize", model, "--task", "generic", "--data-dir", str(tmp_path), "--site", "mlp",
-           "--out", str(tmp_path / "p")], f"data file pairs.jsonl not found (looked for {tmp_path / 'pairs.jsonl'})")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fails(["localize", model, "--task", "generic", "--data-dir", str(empty), "--site", "mlp",
+           "--out", str(tmp_path / "p")], f"data file pairs.jsonl not found (looked for {empty / 'pairs.jsonl'})")
     fails(["export", model, "--out", str(tmp_path / "e")], "no edit given; pass --plan")
     (tmp_path / "fake.json").write_text('{"format": "something else"}')
     fails(["export", model, "--tuned", str(tmp_path / "fake.json"), "--out", str(tmp_path / "e")],

@@ -18,9 +18,10 @@ from aufold.evaluate.choices import ChoiceScorer, prepare_choices, run_choices
 from aufold.evaluate.first_token import FirstTokenScorer
 from aufold.evaluate.loglik import LoglikScorer
 from aufold.evaluate.math import DEFAULT_MAX_NEW_TOKENS, score_math
-from aufold.evaluate.report import EvalResult, check_report_path, write_report
-from aufold.modeling import fingerprint, input_device, load_model
+from aufold.evaluate.report import EvalResult, write_report
+from aufold.modeling import fingerprint, input_device, load_model, resolve_source
 from aufold.plan import Plan
+from aufold.safety.outputs import Inputs, OutputKind, claim_output
 from aufold.steer import steer
 from aufold.tasks import Item, TaskKind, get_task, load_split, resolve_data_dir
 from aufold.tuned import Selection
@@ -137,26 +138,35 @@ def evaluate_model(
     device_map: str | None = None,
     force: bool = False,
     report: str | Path | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
     **options: Any,
 ) -> EvalResult:
     """Load a model (base, or base + the selected edit in hook mode) and evaluate it.
 
-    Every input is checked before the model loads; ``report`` gets the JSON report.
+    Every input is checked before the model loads; ``report`` gets the JSON report (an
+    existing one is replaced only with ``overwrite``, and only if aufold wrote it).
     """
     items = load_split(task, split, data_dir, size=limit)
     kind = get_task(task).kind
     resolve_scorer(kind, scorer)
-    if report is not None:
-        check_report_path(report)
-    plan = Plan.load(selection.plan_dir) if selection else None
-    edit = plan.select(selection.k, selection.alpha, selection.sites) if plan and selection else None
-    model, tokenizer, source = load_model(model_ref, dtype=dtype, device=device, device_map=device_map)
-    if plan is not None:
-        plan.check_fingerprint(fingerprint(model), force=force)
-    result = evaluate_items(model, tokenizer, items, kind=kind, scorer=scorer, edit=edit, **options)
-    result.settings.update(model=source.ref, task=task, split=split,
-                           data_dir=str(resolve_data_dir(data_dir)),
-                           steering=selection.describe() if selection else None)
-    if report is not None:
-        write_report(result, report)
+    inputs = Inputs.of([*resolve_source(model_ref).input_paths(), resolve_data_dir(data_dir),
+                        selection.plan_dir if selection else None])
+    claim = (claim_output(report, overwrite=overwrite, inputs=inputs, kind=OutputKind.FILE)
+             if report is not None else nullcontext())
+    with claim:
+        plan = Plan.load(selection.plan_dir) if selection else None
+        edit = (plan.select(selection.k, selection.alpha, selection.sites,
+                            allow_extreme=selection.allow_extreme) if plan and selection else None)
+        model, tokenizer, source = load_model(model_ref, dtype=dtype, device=device,
+                                              device_map=device_map, allow_pickle=allow_pickle)
+        if plan is not None:
+            plan.check_fingerprint(fingerprint(model), force=force)
+        result = evaluate_items(model, tokenizer, items, kind=kind, scorer=scorer, edit=edit,
+                                **options)
+        result.settings.update(model=source.ref, task=task, split=split,
+                               data_dir=str(resolve_data_dir(data_dir)),
+                               steering=selection.describe() if selection else None)
+        if report is not None:
+            write_report(result, report)
     return result

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aufold.errors import AufoldError
+from aufold.safety.outputs import write_file
 from aufold.version import __version__
 
 Z_95 = 1.959963984540054  # the two-sided 95% quantile of the standard normal
@@ -94,30 +93,9 @@ class EvalResult:
                 "items": [item.to_record() for item in self.items]}
 
 
-def check_report_path(path: str | Path) -> Path:
-    """Refuse a report path that cannot be written as a file, before any work is done."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise AufoldError(f"report path {path} is a folder; give a file name such as report.json")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise AufoldError(f"cannot write {path}: {path.parent} is not a folder")
-    return path
-
-
 def write_json(data: dict[str, Any], path: str | Path) -> Path:
     """Write JSON through a temporary file and a rename, so a report is complete or absent."""
-    path = check_report_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2)
-            stream.write("\n")
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-    return path
+    return write_file(Path(path), (json.dumps(data, indent=2) + "\n").encode())
 
 
 def write_report(result: EvalResult, path: str | Path) -> Path:

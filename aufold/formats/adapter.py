@@ -14,7 +14,8 @@ import torch
 from peft import PeftConfig
 from safetensors.torch import save_file
 
-from aufold.atomic import atomic_folder
+from aufold.safety.limits import check_finite
+from aufold.safety.outputs import atomic_folder
 from aufold.card import ExportRecord, card_files
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -36,10 +37,13 @@ def adapter_key(module: str, name: str) -> str:
 
 
 def write_adapter(adapter: Adapter, record: ExportRecord, out: Path) -> None:
-    """The adapter folder, with card and provenance, written atomically."""
-    with atomic_folder(out) as staging:
+    """The adapter folder, with card and provenance, written atomically; every tensor is
+    checked finite first."""
+    tensors = {name: tensor.contiguous() for name, tensor in adapter.tensors.items()}
+    for name, tensor in tensors.items():
+        check_finite(name, tensor)
+    with atomic_folder(out, content="adapter") as staging:
         adapter.config.save_pretrained(str(staging))
-        tensors = {name: tensor.contiguous() for name, tensor in adapter.tensors.items()}
         save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         for name, text in card_files(record).items():
             (staging / name).write_text(text)

@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from aufold.atomic import atomic_folder
 from aufold.card import Artifact, ExportRecord, card_files
 from aufold.edit import Edit
 from aufold.errors import AufoldError
@@ -21,9 +20,9 @@ from aufold.formats.adapter import Adapter, write_adapter
 from aufold.formats.gguf import fold_gguf, gguf_artifact, read_gguf_model
 from aufold.formats.ia3 import ia3_adapter, ia3_artifact
 from aufold.formats.lora import lora_adapter, lora_artifact
-from aufold.hub import push_folder_to_hub
 from aufold.modeling import ModelSource, fingerprint, load_model
 from aufold.plan import Plan
+from aufold.safety.outputs import atomic_folder
 
 AdapterBuilder = Callable[..., Adapter]  # (model, edit, *, base_model) -> Adapter
 AdapterCard = Callable[[ExportRecord, Adapter], Artifact]
@@ -45,25 +44,25 @@ def export_format(
     dtype: str,
     force: bool,
     base_model: str,
-    push_to_hub: str | None = None,
-    private: bool = False,
+    allow_pickle: bool = False,
+    allow_extreme: bool = False,
 ) -> ExportResult:
-    """Write the top-k units of ``plan`` applied to ``source`` as ``format`` into ``out``."""
+    """Write the top-k units of ``plan`` applied to ``source`` as ``format`` into the claimed
+    folder ``out``."""
     check_format(format)
-    edit = plan.select(k, alpha, sites)
+    edit = plan.select(k, alpha, sites, allow_extreme=allow_extreme)
     record = ExportRecord(base_model=base_model, plan=plan, units=plan.ranking(sites, k), k=k,
                           alpha=alpha, sites=tuple(sites), dtype=dtype)
     if format == "gguf":
         _export_gguf(source, plan, edit, record, out, force=force)
     else:
         build, describe = ADAPTERS[format]  # a checkpoint is aufold.export's own job
-        model, _, _ = load_model(source.ref, dtype=dtype)
+        model, _, _ = load_model(source.ref, dtype=dtype, allow_pickle=allow_pickle)
         plan.check_fingerprint(fingerprint(model), force=force)
         adapter = build(model, edit, base_model=base_model)
         record = replace(record, dtype=str(model.dtype).removeprefix("torch."))
         write_adapter(adapter, replace(record, artifact=describe(record, adapter)), out)
-    url = push_folder_to_hub(out, push_to_hub, private=private) if push_to_hub else None
-    return ExportResult(out, edit, url)
+    return ExportResult(out, edit)
 
 
 def _export_gguf(source: ModelSource, plan: Plan, edit: Edit, record: ExportRecord, out: Path,
@@ -74,7 +73,7 @@ def _export_gguf(source: ModelSource, plan: Plan, edit: Edit, record: ExportReco
                           f"convert_hf_to_gguf.py first)")
     model = read_gguf_model(Path(source.path) / source.gguf_file)
     plan.check_fingerprint(model.fingerprint, force=force)
-    with atomic_folder(out) as staging:
+    with atomic_folder(out, content="gguf") as staging:
         report = fold_gguf(model, edit, staging / source.gguf_file)
         record = replace(record, dtype=", ".join(report.tensor_types),
                          artifact=gguf_artifact(record, source.gguf_file, report))

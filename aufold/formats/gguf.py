@@ -20,6 +20,7 @@ data, so metadata, tensor names, shapes, types and offsets stay byte for byte.
 from __future__ import annotations
 
 import shutil
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,13 +96,13 @@ class GgufFoldReport:
 
 def read_gguf_model(path: Path) -> GgufModel:
     """The architecture and fingerprint of a GGUF model, as transformers would load it."""
+    tensors = gguf_tensors(path)
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError) as error:
         raise AufoldError(f"could not read the GGUF file {path}: {first_line(error)}") from None
     architecture = architecture_for(config.model_type)
     named = architecture.gguf_naming()
-    tensors = gguf_tensors(path)
     shapes = {name: [int(n) for n in reversed(t.shape)] for name, t in tensors.items()}
     weights: dict[str, list[int]] = {}
     for layer in range(config.num_hidden_layers):
@@ -146,7 +147,7 @@ def fold_gguf_tensor(tensor: ReaderTensor, tensor_edit: TensorEdit) -> Patch:
     raw = np.asarray(tensor.data).view(np.uint8).reshape(-1)
     if kind in FLOAT_TYPES:
         values = torch.from_numpy(raw.copy()).view(FLOAT_TYPES[kind]).reshape(shape)
-        data = fold_tensor(values, tensor_edit).view(torch.uint8).numpy().tobytes()
+        data = fold_tensor(values, tensor_edit, tensor.name).view(torch.uint8).numpy().tobytes()
         return Patch(tensor.name, kind.name, tensor.data_offset, data, 0, 0)
     if kind not in BLOCK_TYPES:
         raise AufoldError(f"tensor {tensor.name} is {kind.name}, which aufold cannot requantize "
@@ -155,7 +156,7 @@ def fold_gguf_tensor(tensor: ReaderTensor, tensor_edit: TensorEdit) -> Patch:
     block_size, type_size = GGML_QUANT_SIZES[kind]
     blocked = (*shape[:-1], shape[-1] // block_size)
     values = torch.from_numpy(dequantize(raw.reshape(*shape[:-1], -1), kind)).reshape(shape)
-    folded = fold_tensor(values, tensor_edit).numpy()
+    folded = fold_tensor(values, tensor_edit, tensor.name).numpy()
     touched = _edited_elements(shape, tensor_edit).reshape(*blocked, block_size).any(-1).numpy()
     blocks = raw.reshape(*blocked, type_size).copy()
     blocks[touched] = quantize(folded.reshape(*blocked, block_size)[touched], kind)
@@ -200,11 +201,15 @@ tokenizer = AutoTokenizer.from_pretrained("path/or/repo-id", gguf_file="{file_na
 
 
 def gguf_tensors(path: Path) -> dict[str, ReaderTensor]:
-    """The tensors of a GGUF file by name, memory-mapped read-only (the input cannot change)."""
+    """The tensors of a GGUF file by name, memory-mapped read-only (the input cannot change).
+
+    A truncated or damaged file is refused here, in one line, before transformers parses it.
+    """
     try:
         return {tensor.name: tensor for tensor in GGUFReader(path, "r").tensors}
-    except (OSError, ValueError) as error:
-        raise AufoldError(f"could not read the GGUF file {path}: {first_line(error)}") from None
+    except (OSError, ValueError, struct.error, IndexError, KeyError, TypeError, EOFError) as error:
+        raise AufoldError(f"{path} is not a valid GGUF file (truncated or damaged: "
+                          f"{first_line(error)}); download it again") from None
 
 
 def _edited_elements(shape: tuple[int, ...], tensor_edit: TensorEdit) -> torch.Tensor:

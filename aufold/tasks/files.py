@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from aufold.errors import AufoldError
-from aufold.jsonl import Record, parse_json_object
+from aufold.jsonl import Record, parse_json_object, read_json_file, text_lines
 
 
 # The data lives beside the repository, never inside it: repo/../shared/data.
@@ -35,22 +34,13 @@ def require_file(data_dir: Path, relative: str, task: str) -> Path:
 
 def read_jsonl(path: Path) -> list[Record]:
     """Read one JSON object per non-blank line; a bad line is reported with its number."""
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            records.append(parse_json_object(line, f"{path}, line {line_number}"))
-    return records
+    return [parse_json_object(line, f"{path}, line {line_number}")
+            for line_number, line in text_lines(path)]
 
 
 def read_json_list(path: Path) -> list[Record]:
     """Read a JSON file that holds one list of objects."""
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise AufoldError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}); "
-                          f"restore the original file") from None
+    records = read_json_file(path)
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise AufoldError(f"{path}: expected a JSON list of objects; restore the original file")
     return records

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aufold.errors import AufoldError
 from aufold.tasks.base import Task, TaskKind, check_split
-from aufold.jsonl import parse_json_object
+from aufold.jsonl import parse_json_object, text_lines
 from aufold.tasks.files import require_file
 from aufold.tasks.item import Item
 
@@ -31,12 +31,8 @@ class GenericTask(Task):
         """Load ``data_dir/{split}.jsonl``; a bad line is reported with its number."""
         check_split(self.name, split)
         path = require_file(Path(data_dir), f"{split}.jsonl", self.name)
-        items = []
-        with path.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if line.strip():
-                    items.append(_parse_item(line, f"{path}, line {line_number}",
-                                             f"{split}-{line_number}"))
+        items = [_parse_item(line, f"{path}, line {line_number}", f"{split}-{line_number}")
+                 for line_number, line in text_lines(path)]
         if not items:
             raise AufoldError(f"{path} holds no items; add one JSON object per line with "
                               f"the keys prompt, choices and answer")

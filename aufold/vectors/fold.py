@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from aufold.errors import AufoldError
 from aufold.modeling import model_architecture, num_layers
+from aufold.safety.limits import check_finite, check_scale_factors
 from aufold.vectors.read import SteeringVectors, check_vectors
 
 
@@ -34,20 +35,22 @@ class VectorFold:
     flags: tuple[str, ...]
 
 
-def check_scale(scale: float) -> None:
+def check_scale(scale: float, *, allow_extreme: bool = False) -> None:
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise AufoldError(f"scale must be a finite number, got {scale!r}")
+    check_scale_factors([("--scale", scale)], allow_extreme=allow_extreme,
+                        what="vector multiplier", fix="lower --scale")
 
 
 @torch.no_grad()
 def fold_vectors(model: PreTrainedModel, vectors: SteeringVectors, target: str,
-                 scale: float = 1.0) -> VectorFold:
+                 scale: float = 1.0, *, allow_extreme: bool = False) -> VectorFold:
     """Add ``scale * vector`` to the bias that holds each layer's vector, in place.
 
     Everything is checked before the model changes: the scale, the target on
     this architecture, and each vector's layer and size.
     """
-    check_scale(scale)
+    check_scale(scale, allow_extreme=allow_extreme)
     architecture = model_architecture(model)
     first = model.get_submodule(architecture.vector_bias(target, 0).module)  # refuses early
     width = int(architecture.out_in(first.weight).shape[0])
@@ -57,11 +60,15 @@ def fold_vectors(model: PreTrainedModel, vectors: SteeringVectors, target: str,
                     if bias.config_flag and not getattr(model.config, bias.config_flag, False)})
     if flags:
         _switch_on(model, flags)
+    folded = {}
     for layer, bias in biases.items():
         module = model.get_submodule(bias.module)
         # Summed in float64 and rounded once to the bias's dtype.
         shift = scale * vectors.vectors[layer].to(module.bias.device, torch.float64)
-        module.bias.data = (module.bias.to(torch.float64) + shift).to(module.bias.dtype)
+        folded[module] = (module.bias.to(torch.float64) + shift).to(module.bias.dtype)
+        check_finite(f"{bias.module}.bias", folded[module])
+    for module, value in folded.items():
+        module.bias.data = value
     return VectorFold(tuple(bias.module for bias in biases.values()), tuple(flags))
 
 

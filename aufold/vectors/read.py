@@ -19,7 +19,6 @@ llama.cpp count it. Shapes against the model are checked by
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from gguf import GGUFReader
 from safetensors.torch import load_file
 
 from aufold.errors import AufoldError, first_line
+from aufold.jsonl import read_json_file
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
 _KEY_LAYER = re.compile(r"(?:.*[._-])?(\d+)")  # "13", "direction.13", "model.layers.13", ...
@@ -132,7 +132,7 @@ def _read_safetensors(path: Path) -> tuple[dict[int, torch.Tensor], bool]:
 
 
 def _read_json(path: Path) -> tuple[dict[int, torch.Tensor], bool]:
-    data = _load_json(path)
+    data = read_json_file(path)
     if isinstance(data, dict):
         for wrapper in _JSON_WRAPPERS:
             if wrapper in data:
@@ -172,18 +172,11 @@ def _read_one(file: Path) -> Any:
         except ValueError as error:
             raise AufoldError(f"could not read {file} without pickle: {error}") from None
     if file.suffix == ".json":
-        return _load_json(file)
+        return read_json_file(file)
     tensors = _load_safetensors(file)
     if len(tensors) != 1:
         raise AufoldError(f"{file} holds {len(tensors)} tensors; a per-layer file holds one")
     return next(iter(tensors.values()))
-
-
-def _load_json(file: Path) -> Any:
-    try:
-        return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AufoldError(f"{file} is not valid JSON: {error}") from None
 
 
 def _stacked(rows: Any, where: str) -> dict[int, torch.Tensor]:

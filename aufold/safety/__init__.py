@@ -1,0 +1,1 @@
+"""What keeps a user's files and models safe: guarded outputs, limits on edits, signals."""
