@@ -329,7 +329,7 @@ def verify(model: str, plan_dir: Path, k: int, alpha: float, sites: tuple[str, .
         click.echo(f"max |logit diff| fold vs hooks {report.max_abs_diff:.3g} (relative "
                    f"{report.relative_diff:.3g})")
         if report.fold_distance is not None:
-            click.echo(f"distance to the float32 steered model: fold {report.fold_distance:.3g}, "
+            click.echo(f"RMS distance to the float32 steered model: fold {report.fold_distance:.3g}, "
                        f"hooks {report.hook_distance:.3g}")
             click.echo(f"tolerance on the fold's distance {report.tolerance:.3g} "
                        f"[{report.tolerance_rule}]")

@@ -30,10 +30,13 @@ DEFAULT_PROMPTS = (
 )
 FLOAT32_RELATIVE_TOLERANCE = 1e-5
 # In bfloat16 / float16 the fold passes when its logits are at most this many times as far
-# from the float32 steered model as the hook mode's own low-precision logits are. Both
-# realizations round once per steered product, at different places, so neither is the
-# reference; see LOW_PRECISION_RULE and benchmarks/verify_bench.py for the measured ratios.
-LOW_PRECISION_FACTOR = 2.0
+# (root mean square over every logit) from the float32 steered model as the hook mode's own
+# low-precision logits are. Both realizations round once per steered product, at different
+# places, so neither is the reference. Measured by benchmarks/verify_bench.py on SmolLM2 and
+# four tiny architectures (bf16 and fp16; head, mlp, mlp-out; alpha 5 to 100): correct
+# folds 0.56 to 1.60, the unedited base at least 6.3. The maximum over logits separates
+# them less (correct folds up to 1.71, the unedited base down to 2.1), so RMS it is.
+LOW_PRECISION_FACTOR = 2.5
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class VerifyReport:
     top1_agreement: float
     tolerance: float  # on max_abs_diff (float32) or on fold_distance (lower precisions)
     tolerance_rule: str
-    # Lower precisions only: max |logit - float32 steered logit| of the fold and of the hooks.
+    # Lower precisions only: RMS of (logits - float32 steered logits), of the fold and the hooks.
     fold_distance: float | None = None
     hook_distance: float | None = None
 
@@ -140,11 +143,11 @@ def judge(hooked: torch.Tensor, folded: torch.Tensor, reference: torch.Tensor | 
         tolerance = FLOAT32_RELATIVE_TOLERANCE * scale
         rule = f"float32: max |fold - hooks| <= {FLOAT32_RELATIVE_TOLERANCE:g} x logit scale"
     else:
-        fold_distance = (folded - reference).abs().max().item()
-        hook_distance = (hooked - reference).abs().max().item()
+        fold_distance = rms_distance(folded, reference)
+        hook_distance = rms_distance(hooked, reference)
         tolerance = LOW_PRECISION_FACTOR * hook_distance
-        rule = (f"{name}: max |fold - float32 steered| <= {LOW_PRECISION_FACTOR:g} x "
-                f"max |hooks - float32 steered|")
+        rule = (f"{name}: RMS(fold - float32 steered) <= {LOW_PRECISION_FACTOR:g} x "
+                f"RMS(hooks - float32 steered)")
     return VerifyReport(
         dtype=name,
         tokens=hooked.shape[0],
@@ -157,6 +160,11 @@ def judge(hooked: torch.Tensor, folded: torch.Tensor, reference: torch.Tensor | 
         fold_distance=fold_distance,
         hook_distance=hook_distance,
     )
+
+
+def rms_distance(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    """The root mean square of the difference of two logit matrices."""
+    return float((logits.double() - reference.double()).pow(2).mean().sqrt())
 
 
 def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:

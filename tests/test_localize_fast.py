@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 from test_localize import _assert_close_counts, _varied_pairs, reference_counts
 from tiny_models import tiny_model, tiny_tokenizer
 
@@ -91,3 +92,47 @@ def test_prompt_runs_once_and_passes_stop_after_the_last_site_read() -> None:
     assert plan.settings["full_text_pairs"] == 0
     assert rows == [8, 16]  # the 8 prompts once, then the 16 answers on their cache
     assert calls == {"last_mlp": 0, "norm": 0, "lm_head": 0}
+
+
+def test_the_answers_really_run_on_the_prompt_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shared-prompt counts equal the full texts' only because the answers read the prompt's
+    keys and values: answers run without their prompt count differently. A transformers
+    that ignored the cache argument is refused instead of silently changing every count."""
+    import importlib
+
+    from transformers import DynamicCache
+
+    from aufold.errors import AufoldError
+
+    localize_module = importlib.import_module("aufold.localize")  # aufold.localize is also a function
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    pairs = _varied_pairs(12, seed=3)
+    reference = reference_counts(model, tokenizer, pairs, SITES)
+    plan = localize(model, tokenizer, pairs, SITES, batch_size=4, progress=False)
+    assert plan.settings["full_text_pairs"] == 0
+    _assert_close_counts(plan, reference, tolerance=1)
+
+    without_prompt = [ContrastivePair("", p.positive, p.negative) for p in pairs]
+    alone = localize(model, tokenizer, without_prompt, SITES, batch_size=4, progress=False)
+    assert any(not torch.equal(alone.counts[s].positive, reference[s][0]) for s in SITES)
+
+    run = localize_module._LastTokenReader.run
+
+    def fill_another_cache(self, model, batch, *, cache=None, **options):  # type: ignore[no-untyped-def]
+        ignored = DynamicCache(config=model.config) if cache is not None else None
+        return run(self, model, batch, cache=ignored, **options)
+
+    monkeypatch.setattr(localize_module._LastTokenReader, "run", fill_another_cache)
+    with pytest.raises(AufoldError, match="did not use the prompt cache"):
+        localize(model, tokenizer, pairs, SITES, batch_size=4, progress=False)
+
+
+def test_localization_emits_no_deprecation_warning() -> None:
+    import warnings
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        localize(model, tokenizer, _varied_pairs(4, seed=1), SITES, batch_size=2, progress=False)
