@@ -241,3 +241,79 @@ def test_export_push_to_hub_uploads_the_exported_folder(fake_hub: FakeHub, tmp_p
     # Everything but the local marker that lets a later --overwrite recognise the folder.
     assert uploaded == {path.name: path.read_bytes() for path in out.iterdir() if path.name != MARKER}
     assert (out / MARKER).is_file()
+
+
+@pytest.fixture
+def exportable(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny model and a plan for it, made without the hub."""
+    base = save_tiny_model("llama", tmp_path / "base")
+    write_pairs([ContrastivePair(f"{a} and", f" {a}", f" {a + 1}") for a in range(5)], tmp_path / "p.jsonl")
+    subprocess.run([sys.executable, "-c", "import cli; cli.main()", "localize", str(base), "--pairs",
+                    str(tmp_path / "p.jsonl"), "--site", "mlp", "--out", str(tmp_path / "plan")],
+                   cwd=REPO_ROOT, check=True, timeout=120, capture_output=True)
+    return base, tmp_path / "plan"
+
+
+def run_export(env: dict[str, str], base: Path, plan: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", "import cli; cli.main()", "export", str(base), "--plan",
+                           str(plan), "--k", "3", "--alpha", "2", *extra], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("aufold: error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize(("repo", "env_change", "message"), [
+    ("not a/valid/repo", {}, "invalid repo id"),
+    (REPO_ID, {"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+    (REPO_ID, {"HF_TOKEN": ""}, "no Hugging Face token"),
+])
+def test_a_push_that_cannot_succeed_is_refused_before_any_work(
+        exportable: tuple[Path, Path], tmp_path: Path, repo: str, env_change: dict[str, str],
+        message: str) -> None:
+    base, plan = exportable
+    env = hub_env("http://127.0.0.1:9", tmp_path / "hf_home")  # nothing listens there
+    env.update(env_change)
+    if env_change.get("HF_TOKEN") == "":
+        del env["HF_TOKEN"]
+    result = run_export(env, base, plan, "--out", str(tmp_path / "folded"), "--push-to-hub", repo)
+    assert message in _one_error_line(result)
+    assert not (tmp_path / "folded").exists()
+    assert FAKE_TOKEN not in result.stdout + result.stderr
+
+
+def test_a_failed_upload_keeps_the_export_only_when_out_was_given(
+        fake_hub: FakeHub, exportable: tuple[Path, Path], tmp_path: Path) -> None:
+    base, plan = exportable
+    fake_hub.reject_with = 401
+    env = hub_env(fake_hub.url, tmp_path / "hf_home")
+    kept = run_export(env, base, plan, "--out", str(tmp_path / "folded"), "--push-to-hub", REPO_ID)
+    line = _one_error_line(kept)
+    assert "HTTP 401" in line and f"the export stays in {tmp_path / 'folded'}" in line
+    assert (tmp_path / "folded" / "model.safetensors").is_file()
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env["TMPDIR"] = str(scratch)  # where the export without --out is written and removed
+    dropped = run_export(env, base, plan, "--push-to-hub", REPO_ID)
+    assert "no local copy was kept" in _one_error_line(dropped)
+    assert list(scratch.iterdir()) == []
+    assert FAKE_TOKEN not in kept.stderr + dropped.stderr
+
+
+def test_export_without_out_pushes_and_keeps_nothing(fake_hub: FakeHub, exportable: tuple[Path, Path],
+                                                     tmp_path: Path) -> None:
+    base, plan = exportable
+    env = hub_env(fake_hub.url, tmp_path / "hf_home")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env["TMPDIR"] = str(scratch)
+    result = run_export(env, base, plan, "--push-to-hub", REPO_ID)
+    assert result.returncode == 0, result.stderr
+    assert "into a temporary folder" in result.stdout and "pushed to" in result.stdout
+    assert list(scratch.iterdir()) == []

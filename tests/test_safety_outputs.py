@@ -91,7 +91,7 @@ def test_overwrite_replaces_an_earlier_aufold_output(project: Path, tmp_path: Pa
     assert json.loads((out / MARKER).read_text())["format"] == "aufold-output"
     result = run_cli(*args, "--site", "mlp", "--overwrite")
     assert result.exit_code == 0, result.output
-    assert "replacing the earlier aufold output" in result.output
+    assert result.output.count("replacing the earlier aufold output") == 1
     assert json.loads((out / "plan.json").read_text())["sites"] == ["mlp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan"]
 

@@ -112,9 +112,11 @@ def claim_output(out: str | Path, *, overwrite: bool = False,
     else:
         claim.depth += 1
     try:
-        if claim.depth == 1:
+        first = claim.depth == 1
+        if first:
             _remove_leftovers(path)
-        _check_existing(path, kind, overwrite=overwrite)
+        if _check_existing(path, kind, overwrite=overwrite) and first:
+            log.info("replacing the earlier aufold output %s", path)
         yield path
     finally:
         claim.depth -= 1
@@ -248,15 +250,16 @@ def _claimed(out: Path, kind: OutputKind = OutputKind.FOLDER) -> AbstractContext
 
 # --- checks --------------------------------------------------------------------------------
 
-def _check_existing(out: Path, kind: OutputKind, *, overwrite: bool) -> None:
+def _check_existing(out: Path, kind: OutputKind, *, overwrite: bool) -> bool:
+    """Refuse what may not be replaced; return whether an earlier aufold output will be."""
     if not out.exists() and not out.is_symlink():
-        return
+        return False
     if kind is OutputKind.FOLDER:
         if not out.is_dir():
             raise AufoldError(f"output {out} exists and is not a folder; choose another output "
                               f"folder")
         if not any(out.iterdir()):
-            return
+            return False
     elif out.is_dir():
         raise AufoldError(f"output {out} is a folder; give a file name such as report.json")
     if not overwrite:
@@ -266,7 +269,7 @@ def _check_existing(out: Path, kind: OutputKind, *, overwrite: bool) -> None:
         what = f"has no {MARKER} marker" if kind is OutputKind.FOLDER else "is not an aufold report"
         raise AufoldError(f"--overwrite only replaces outputs that aufold wrote, and {out} {what}; "
                           f"choose another output, or move it away yourself if you are sure")
-    log.info("replacing the earlier aufold output %s", out)
+    return True
 
 
 def _overlap_message(out: Path, source: Path) -> str:
