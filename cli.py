@@ -12,37 +12,88 @@ from typing import Any, TypeVar
 
 import click
 
-from aufold.encoding import DEFAULT_MAX_LENGTH
+# Only light modules at start-up: `aufold --help` and usage errors must not wait for torch.
+# Each command imports what it runs.
+from aufold.defaults import (
+    ALPHA_GRID,
+    DTYPE_NAMES,
+    EVAL_BATCH_SIZE,
+    EVAL_MAX_LENGTH,
+    K_GRID,
+    LOCALIZE_BATCH_SIZE,
+    LOCALIZE_MAX_LENGTH,
+    MAX_NEW_TOKENS,
+    SCORER_NAMES,
+    TIE_TOLERANCE,
+)
 from aufold.errors import AufoldError
-from aufold.evaluate import DEFAULT_EVAL_MAX_LENGTH, SCORERS
-from aufold.evaluate.batches import DEFAULT_BATCH_SIZE as EVAL_BATCH_SIZE
-from aufold.evaluate.math import DEFAULT_MAX_NEW_TOKENS
 from aufold.formats import CHECKPOINT, FORMATS
-from aufold.localize import DEFAULT_BATCH_SIZE, DEFAULT_TIE_TOLERANCE
-from aufold.modeling import DTYPES
 from aufold.sites import SITES, VECTOR_SITES
 from aufold.tasks.base import SPLITS
-from aufold.tune import ALPHA_GRID, K_GRID
+from aufold.tasks.registry import task_names
 from aufold.version import __version__
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class OutputPath(click.Path):
+    """A path to write: an empty one would mean the current folder, so it is refused."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; give a file or folder name", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+OUTPUT_PATH = OutputPath(path_type=Path)
 
 USAGE_ERROR = 2  # bad input, like click's own usage errors
 CHECK_FAILED = 1  # the command ran but its check did not pass (verify)
 
 
 def reports_errors(command: F) -> F:
-    """Turn AufoldError into one line on stderr and exit code 2; let real bugs keep tracebacks."""
+    """Every command's outer layer: --quiet and --verbose, and AufoldError turned into one
+    line on stderr and exit code 2 (real bugs keep their tracebacks)."""
 
     @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, quiet: bool = False, verbose: bool = False, **kwargs: Any) -> Any:
+        _configure_console(quiet=quiet, verbose=verbose)
         try:
             return command(*args, **kwargs)
         except AufoldError as error:
             click.echo(f"aufold: error: {error}", err=True)
             sys.exit(USAGE_ERROR)
 
+    wrapper = click.option("--verbose", is_flag=True,
+                           help="Also show the warnings of torch, transformers and other libraries.")(wrapper)
+    wrapper = click.option("--quiet", "-q", is_flag=True,
+                           help="No progress bars or status lines; results and errors still print.")(wrapper)
     return wrapper  # type: ignore[return-value]
+
+
+def _configure_console(*, quiet: bool, verbose: bool) -> None:
+    """Progress on stderr unless --quiet; libraries' warnings and notices only with --verbose."""
+    import os
+    import warnings
+
+    from aufold.progress import set_quiet
+    from aufold.safety.limits import forget_warnings
+
+    set_quiet(quiet)
+    forget_warnings()
+    if quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by huggingface_hub and transformers
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        for category in (FutureWarning, UserWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
+    if "transformers" in sys.modules:  # already imported (the in-process tests): tell it directly
+        from transformers.utils import logging as transformers_logging
+
+        if not verbose:
+            transformers_logging.set_verbosity_error()
+        if quiet:
+            transformers_logging.disable_progress_bar()
 
 
 def guarded(*, inputs: tuple[str, ...] = (), folders: tuple[str, ...] = (),
@@ -64,32 +115,25 @@ def guarded(*, inputs: tuple[str, ...] = (), folders: tuple[str, ...] = (),
     return decorate
 
 
-def selection_options(command: F, *, required: bool = True) -> F:
-    """The options that turn a plan into an edit: --plan, --k, --alpha, --site, --force.
-
-    ``required=False`` (export, eval) also offers --tuned, the tune.json of `aufold tune`,
-    in place of --plan/--k/--alpha/--site; aufold.tuned.resolve_selection checks the mix.
-    """
-    tuned = [click.option("--tuned", type=click.Path(path_type=Path), default=None,
-                          help="tune.json of `aufold tune`: its plan, site, k and alpha.")]
+def selection_options(command: F) -> F:
+    """The options that turn a plan into an edit: --plan with --k and --alpha (and --site), or
+    --tuned (the tune.json of `aufold tune`); --force and --allow-extreme. Which of them a
+    command needs, aufold.tuned.resolve_selection checks."""
     for option in reversed([
-        click.option("--plan", "plan_dir", required=required, type=click.Path(path_type=Path),
+        click.option("--plan", "plan_dir", type=click.Path(path_type=Path),
                      help="Plan folder written by `aufold localize`."),
-        click.option("--k", type=int, required=required, help="Number of top-ranked units to steer."),
-        click.option("--alpha", type=float, required=required, help="Strength: gamma = alpha * signed score."),
+        click.option("--k", type=int, help="Number of top-ranked units to steer."),
+        click.option("--alpha", type=float, help="Strength: gamma = alpha * signed score."),
         click.option("--site", "sites", multiple=True, type=click.Choice(list(SITES)),
                      help="Rank only these sites of the plan (default: all of its sites)."),
-        *([] if required else tuned),
+        click.option("--tuned", type=click.Path(path_type=Path), default=None,
+                     help="tune.json of `aufold tune`: its plan, site, k and alpha."),
         click.option("--force", is_flag=True, help="Use a plan whose model fingerprint differs."),
         allow_extreme_option,
         dtype_option,
     ]):
         command = option(command)
     return command
-
-
-def optional_selection_options(command: F) -> F:
-    return selection_options(command, required=False)
 
 
 def device_options(command: F) -> F:
@@ -110,9 +154,14 @@ allow_extreme_option = click.option(
     "--allow-extreme", is_flag=True,
     help="Allow an edit whose scale factors exceed 1000 in size (refused by default: such a "
          "model is almost surely a typo).")
+limit_option = click.option("--limit", type=click.IntRange(min=1), default=None,
+                            help="Use only the first N items of each split read (pairs, tune, test).")
+task_option = click.option("--task", required=True, type=click.Choice(task_names()),
+                           help="Built-in task over ../shared/data, or generic (your own JSONL "
+                                "files in --data-dir).")
 overwrite_option = click.option("--overwrite", is_flag=True,
                                 help="Replace an earlier output of aufold at the same path.")
-dtype_option = click.option("--dtype", default="auto", show_default=True, type=click.Choice(list(DTYPES)),
+dtype_option = click.option("--dtype", default="auto", show_default=True, type=click.Choice(list(DTYPE_NAMES)),
                             help="Dtype to load the model in (auto: the checkpoint's own).")
 data_dir_option = click.option("--data-dir", type=click.Path(path_type=Path), default=None,
                                help="Folder of the task's files (default: ../shared/data beside the "
@@ -122,10 +171,11 @@ data_dir_option = click.option("--data-dir", type=click.Path(path_type=Path), de
 def eval_options(command: F) -> F:
     """How evaluation runs: --batch-size, --max-length, --max-new-tokens, --chat-template."""
     for option in reversed([
-        click.option("--batch-size", default=EVAL_BATCH_SIZE, show_default=True, type=click.IntRange(min=1)),
-        click.option("--max-length", default=DEFAULT_EVAL_MAX_LENGTH, show_default=True,
+        click.option("--batch-size", default=EVAL_BATCH_SIZE, show_default=True, type=click.IntRange(min=1),
+                     help="Items per forward pass; lower it if memory runs out."),
+        click.option("--max-length", default=EVAL_MAX_LENGTH, show_default=True,
                      type=click.IntRange(min=1), help="Longer prompts keep their last tokens."),
-        click.option("--max-new-tokens", default=DEFAULT_MAX_NEW_TOKENS, show_default=True,
+        click.option("--max-new-tokens", default=MAX_NEW_TOKENS, show_default=True,
                      type=click.IntRange(min=1), help="Generation budget of math tasks."),
         click.option("--chat-template", is_flag=True,
                      help="Wrap each prompt in the tokenizer's chat template (instruct models)."),
@@ -139,7 +189,8 @@ class _EchoNotes(logging.Handler):
     stream is looked up when a note is written, so it follows a redirected stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        click.echo(f"aufold: {record.levelname.lower()}: {record.getMessage()}", err=True)
+        kind = "note" if record.levelno <= logging.INFO else record.levelname.lower()
+        click.echo(f"aufold: {kind}: {record.getMessage()}", err=True)
 
 
 def _show_notes() -> None:
@@ -151,7 +202,15 @@ def _show_notes() -> None:
 
 
 class OneLineErrors(click.Group):
-    """A group whose usage errors are one line, like aufold's own, instead of usage text."""
+    """A group whose usage errors are one line, like aufold's own, instead of usage text, and
+    whose --help lists each command's whole summary."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, self.commands[name].get_short_help_str(limit=500))
+                for name in self.list_commands(ctx) if not self.commands[name].hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         from aufold.safety.signals import Terminated, stop_cleanly_on_terminate
@@ -165,7 +224,8 @@ class OneLineErrors(click.Group):
             sys.exit(stop.exit_code)
         except click.ClickException as error:
             command = f" {error.ctx.command_path.split(' ', 1)[-1]}" if getattr(error, "ctx", None) else ""
-            click.echo(f"aufold: error: {error.format_message()} (see `aufold{command} --help`)", err=True)
+            message = " ".join(error.format_message().split())  # click lists choices on lines
+            click.echo(f"aufold: error: {message} (see `aufold{command} --help`)", err=True)
             sys.exit(error.exit_code)
         except click.Abort:
             click.echo("aborted", err=True)
@@ -185,16 +245,19 @@ def main() -> None:
 @click.argument("model")
 @click.option("--pairs", "pairs_file", default=None, type=click.Path(path_type=Path),
               help="JSONL with prompt, positive and negative per line (or use --task).")
-@click.option("--task", default=None, help="Localize on this task's pairs split instead of --pairs.")
+@click.option("--task", default=None, type=click.Choice(task_names()),
+              help="Localize on this task's pairs split instead of --pairs.")
 @data_dir_option
 @click.option("--site", "sites", multiple=True, required=True, type=click.Choice(list(SITES)),
               help="Site to localize; repeat for several.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Plan folder to write.")
-@click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-length", default=DEFAULT_MAX_LENGTH, show_default=True, type=click.IntRange(min=2),
+@click.option("--out", required=True, type=OUTPUT_PATH, help="Plan folder to write.")
+@click.option("--batch-size", default=LOCALIZE_BATCH_SIZE, show_default=True, type=click.IntRange(min=1),
+              help="Pairs per forward pass; lower it if memory runs out.")
+@limit_option
+@click.option("--max-length", default=LOCALIZE_MAX_LENGTH, show_default=True, type=click.IntRange(min=2),
               help="Longer texts are cut from the left, keeping the answer.")
 @click.option("--chat-template", is_flag=True, help="Wrap each prompt in the tokenizer's chat template.")
-@click.option("--tie-tolerance", default=DEFAULT_TIE_TOLERANCE, show_default=True,
+@click.option("--tie-tolerance", default=TIE_TOLERANCE, show_default=True,
               type=click.FloatRange(0, 1, max_open=True),
               help="x_pos - x_neg within this times the activations' RMS counts as a tie (float "
                    "rounding, not signal); 0 compares strictly.")
@@ -208,14 +271,18 @@ def main() -> None:
 @guarded(inputs=("model", "pairs_file", "data_dir"), folders=("out",))
 def localize(model: str, pairs_file: Path | None, task: str | None, data_dir: Path | None,
              sites: tuple[str, ...], out: Path, batch_size: int, max_length: int, chat_template: bool,
-             tie_tolerance: float, dtype: str, device: str | None, device_map: str | None,
-             allow_pickle: bool, shard: str | None, overwrite: bool) -> None:
+             tie_tolerance: float, limit: int | None, dtype: str, device: str | None,
+             device_map: str | None, allow_pickle: bool, shard: str | None, overwrite: bool) -> None:
     """Rank the atomic units of MODEL by how consistently they separate the pairs."""
     from aufold.modeling import load_model
-    from aufold.shards import is_main_process, localize_pairs, rank_device
+    from aufold.shards import is_main_process, localize_pairs, parse_shard, rank_device
     from aufold.tasks import read_pairs_or_task
 
-    pairs = read_pairs_or_task(pairs_file, task, data_dir)
+    pairs = read_pairs_or_task(pairs_file, task, data_dir, limit=limit)
+    if shard is not None:
+        parse_shard(shard)  # before the model loads, like every other check of the options
+    if tie_tolerance != tie_tolerance:  # NaN passes click's range check
+        raise AufoldError("--tie-tolerance must be a number in [0, 1), got nan")
     loaded, tokenizer, source = load_model(model, dtype=dtype, device=rank_device(device),
                                            device_map=device_map, sites=sites,
                                            allow_pickle=allow_pickle)
@@ -233,6 +300,14 @@ def localize(model: str, pairs_file: Path | None, task: str | None, data_dir: Pa
                    f"full texts (their prompt's tokens are not a prefix of both texts' tokens, or a "
                    f"text was cut); the others shared their prompt", err=True)
     plan.save(out, overwrite=overwrite)
+    if shard is not None:
+        index, count = shard.split("/")
+        click.echo(f"localized part {index} of {count}: counts over {plan.num_pairs} of the pairs, a "
+                   f"partial plan (its ranking is not the whole plan's); when all {count} parts are "
+                   f"done, add them with `aufold merge-counts PART0 ... PART{int(count) - 1} --out "
+                   f"PLAN`")
+        click.echo(f"partial plan written to {out}")
+        return
     click.echo(f"localized {plan.num_units()} units over {plan.num_pairs} pairs; top units:")
     for unit in plan.ranking(k=10):
         click.echo(f"  {unit.site:<8} layer {unit.layer:>3} unit {unit.unit:>5}  score {unit.score:.3f}"
@@ -242,7 +317,7 @@ def localize(model: str, pairs_file: Path | None, task: str | None, data_dir: Pa
 
 @main.command("merge-counts")
 @click.argument("parts", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Plan folder to write.")
+@click.option("--out", required=True, type=OUTPUT_PATH, help="Plan folder to write.")
 @overwrite_option
 @reports_errors
 @guarded(inputs=("parts",), folders=("out",))
@@ -258,9 +333,65 @@ def merge_counts(parts: tuple[Path, ...], out: Path, overwrite: bool) -> None:
 
 
 @main.command()
+@click.argument("plan_dir", metavar="PLAN", type=click.Path(path_type=Path))
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              help="How many ranked units to list.")
+@click.option("--all", "list_all", is_flag=True, help="List every unit (overrides --limit).")
+@click.option("--site", "sites", multiple=True, type=click.Choice(list(SITES)),
+              help="Only these sites of the plan (ranked together, as an export ranks them).")
+@click.option("--layer", type=int, default=None, help="Only units of this layer.")
+@click.option("--k", type=int, default=None, help="With --alpha: show the gammas of the top k.")
+@click.option("--alpha", type=float, default=None, help="With --k: the strength of the edit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the view as JSON.")
+@click.option("--plot", type=OUTPUT_PATH, default=None,
+              help="Also write the unit map (score of every unit over layers; the listed units "
+                   "circled) as a PNG file.")
+@overwrite_option
+@reports_errors
+@guarded(inputs=("plan_dir",), files=("plot",))
+def inspect(plan_dir: Path, limit: int, list_all: bool, sites: tuple[str, ...], layer: int | None,
+            k: int | None, alpha: float | None, as_json: bool, plot: Path | None,
+            overwrite: bool) -> None:
+    """List a plan's ranked units, where they sit, and the gammas an export would fold."""
+    from aufold.inspection import view_plan
+    from aufold.plan import Plan
+
+    plan = Plan.load(plan_dir)
+    view = view_plan(plan, sites=sites, layer=layer, limit=None if list_all else limit, k=k,
+                     alpha=alpha)
+    if plot is not None:
+        from aufold.plotting import plot_unit_scores
+
+        circled = [(unit.site, unit.layer, unit.unit) for _, unit in view.units]
+        plot_unit_scores({site: plan.scores(site) for site in view.sites}, circled, plot,
+                         title=f"{plan.model}: unit scores over {plan.num_pairs} pairs, "
+                               f"{len(circled)} listed units circled")
+    if as_json:
+        click.echo(json.dumps(view.to_dict(), indent=2))
+        return
+    click.echo(f"plan of {plan.model}: {plan.num_pairs} pairs; sites "
+               + ", ".join(f"{site} ({plan.counts[site].positive.shape[0]} layers x "
+                           f"{plan.counts[site].positive.shape[1]} units)" for site in view.sites))
+    gammas = view.k is not None
+    click.echo(f"{'rank':>6}  {'site':<8}{'layer':>6}{'unit':>7}{'r_pos':>8}{'r_neg':>8}{'score':>8}"
+               f"  direction" + ("    gamma" if gammas else ""))
+    for rank, unit in view.units:
+        gamma = view.gamma(rank, unit)
+        click.echo(f"{rank:>6}  {unit.site:<8}{unit.layer:>6}{unit.unit:>7}{unit.r_pos:>8.3f}"
+                   f"{unit.r_neg:>8.3f}{unit.score:>8.3f}  {unit.direction_word():<9}"
+                   + (f"{gamma:>+9.3f}" if gamma is not None else ""))
+    click.echo(f"where the {len(view.units)} listed units sit (units per layer):")
+    click.echo(f"{'layer':>7}" + "".join(f"{site:>9}" for site in view.sites))
+    for row_layer, row in view.placement().items():
+        click.echo(f"{row_layer:>7}" + "".join(f"{row[site]:>9}" for site in view.sites))
+    if plot is not None:
+        click.echo(f"unit map written to {plot}")
+
+
+@main.command()
 @click.argument("model")
-@optional_selection_options
-@click.option("--out", default=None, type=click.Path(path_type=Path),
+@selection_options
+@click.option("--out", default=None, type=OUTPUT_PATH,
               help="Folder to write: the checkpoint, the adapter or the GGUF file, with card. "
                    "Optional with --push-to-hub, which then keeps no local copy.")
 @click.option("--format", "output_format", default=CHECKPOINT, show_default=True,
@@ -312,16 +443,22 @@ def export(model: str, plan_dir: Path | None, k: int | None, alpha: float | None
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @device_options
 @reports_errors
-def verify(model: str, plan_dir: Path, k: int, alpha: float, sites: tuple[str, ...], force: bool,
-           allow_extreme: bool, dtype: str, folded: Path, prompts: tuple[str, ...], as_json: bool,
-           device: str | None, device_map: str | None, allow_pickle: bool) -> None:
+def verify(model: str, plan_dir: Path | None, k: int | None, alpha: float | None,
+           sites: tuple[str, ...], tuned: Path | None, force: bool, allow_extreme: bool, dtype: str,
+           folded: Path, prompts: tuple[str, ...], as_json: bool, device: str | None,
+           device_map: str | None, allow_pickle: bool) -> None:
     """Check that the folded checkpoint computes what MODEL computes with hooks."""
+    from aufold.tuned import resolve_selection
     from aufold.verify import DEFAULT_PROMPTS
     from aufold.verify import verify as run_verify
 
-    report = run_verify(model, plan_dir, k=k, alpha=alpha, folded=folded, sites=sites or None,
-                        dtype=dtype, prompts=prompts or DEFAULT_PROMPTS, force=force, device=device,
-                        device_map=device_map, allow_pickle=allow_pickle, allow_extreme=allow_extreme)
+    chosen = resolve_selection(plan_dir=plan_dir, k=k, alpha=alpha, sites=sites, tuned=tuned,
+                               required=True, allow_extreme=allow_extreme)
+    assert chosen is not None
+    report = run_verify(model, chosen.plan_dir, k=chosen.k, alpha=chosen.alpha, folded=folded,
+                        sites=chosen.sites, dtype=dtype, prompts=prompts or DEFAULT_PROMPTS,
+                        force=force, device=device, device_map=device_map,
+                        allow_pickle=allow_pickle, allow_extreme=allow_extreme)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -345,22 +482,29 @@ def verify(model: str, plan_dir: Path, k: int, alpha: float, sites: tuple[str, .
 @click.argument("model")
 @selection_options
 @click.option("--prompt", required=True, help="Prompt to complete.")
-@click.option("--max-new-tokens", default=40, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-new-tokens", default=40, show_default=True, type=click.IntRange(min=1),
+              help="Tokens to generate for each completion.")
 @click.option("--chat-template", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
 @device_options
 @reports_errors
-def generate(model: str, plan_dir: Path, k: int, alpha: float, sites: tuple[str, ...], force: bool,
-             allow_extreme: bool, dtype: str, prompt: str, max_new_tokens: int, chat_template: bool,
-             device: str | None, device_map: str | None, allow_pickle: bool) -> None:
+def generate(model: str, plan_dir: Path | None, k: int | None, alpha: float | None,
+             sites: tuple[str, ...], tuned: Path | None, force: bool, allow_extreme: bool, dtype: str,
+             prompt: str, max_new_tokens: int, chat_template: bool, device: str | None,
+             device_map: str | None, allow_pickle: bool) -> None:
     """Print MODEL's greedy completion of a prompt without and with steering (hook mode)."""
     from aufold.generate import compare_completions
+    from aufold.tuned import resolve_selection
 
-    plain, steered = compare_completions(model, plan_dir, k=k, alpha=alpha, sites=sites or None,
-                                         dtype=dtype, prompt=prompt, max_new_tokens=max_new_tokens,
-                                         chat_template=chat_template, force=force, device=device,
-                                         device_map=device_map, allow_pickle=allow_pickle,
-                                         allow_extreme=allow_extreme)
-    click.echo(f"--- unsteered ---\n{plain}\n--- steered (k={k}, alpha={alpha:g}) ---\n{steered}")
+    chosen = resolve_selection(plan_dir=plan_dir, k=k, alpha=alpha, sites=sites, tuned=tuned,
+                               required=True, allow_extreme=allow_extreme)
+    assert chosen is not None
+    plain, steered = compare_completions(model, chosen.plan_dir, k=chosen.k, alpha=chosen.alpha,
+                                         sites=chosen.sites, dtype=dtype, prompt=prompt,
+                                         max_new_tokens=max_new_tokens, chat_template=chat_template,
+                                         force=force, device=device, device_map=device_map,
+                                         allow_pickle=allow_pickle, allow_extreme=allow_extreme)
+    click.echo(f"--- unsteered ---\n{plain}\n--- steered (k={chosen.k}, alpha={chosen.alpha:g}) "
+               f"---\n{steered}")
 
 
 @main.command("fold-vector")
@@ -373,7 +517,7 @@ def generate(model: str, plan_dir: Path, k: int, alpha: float, sites: tuple[str,
                    "attention / MLP output.")
 @click.option("--scale", type=float, default=1.0, show_default=True,
               help="Multiplier of the vectors (repeng's coeff).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint folder to write.")
+@click.option("--out", required=True, type=OUTPUT_PATH, help="Checkpoint folder to write.")
 @overwrite_option
 @click.option("--base-model-id", default=None, help="Hub id of the base model for the model card.")
 @dtype_option
@@ -396,17 +540,18 @@ def fold_vector(model: str, vector_path: Path, site: str, scale: float, out: Pat
 
 @main.command("eval")
 @click.argument("model")
-@click.option("--task", required=True, help="Task: copa, boolq, winogrande, svamp, mawps or generic.")
-@click.option("--split", default="test", show_default=True, type=click.Choice(list(SPLITS)))
+@task_option
+@click.option("--split", default="test", show_default=True, type=click.Choice(list(SPLITS)),
+              help="Which fixed split to evaluate on.")
 @data_dir_option
-@click.option("--scorer", default=None, type=click.Choice(list(SCORERS)),
+@click.option("--scorer", default=None, type=click.Choice(list(SCORER_NAMES)),
               help="first-token (the authors' protocol) or loglik for choice tasks; math tasks "
                    "generate. Default: first-token, or math for math tasks.")
-@optional_selection_options
-@click.option("--limit", type=int, default=None, help="Evaluate only the first N items of the split.")
+@selection_options
+@limit_option
 @eval_options
 @device_options
-@click.option("--report", type=click.Path(path_type=Path), default=None,
+@click.option("--report", type=OUTPUT_PATH, default=None,
               help="JSON report to write, with every item's prediction.")
 @overwrite_option
 @reports_errors
@@ -417,20 +562,31 @@ def evaluate(model: str, task: str, split: str, data_dir: Path | None, scorer: s
              batch_size: int, max_length: int, max_new_tokens: int, chat_template: bool,
              device: str | None, device_map: str | None, allow_pickle: bool, report: Path | None,
              overwrite: bool) -> None:
-    """Evaluate MODEL (or MODEL steered by a plan's top-k units) on a task split."""
+    """Evaluate MODEL on a task split; with a plan (or --tuned), unsteered and steered side by
+    side."""
     from aufold.evaluate import evaluate_model
     from aufold.tuned import resolve_selection
 
     chosen = resolve_selection(plan_dir=plan_dir, k=k, alpha=alpha, sites=sites, tuned=tuned,
                                allow_extreme=allow_extreme)
-    result = evaluate_model(model, task, split, selection=chosen, scorer=scorer, data_dir=data_dir,
-                            limit=limit, dtype=dtype, device=device, device_map=device_map,
-                            force=force, report=report, overwrite=overwrite,
-                            allow_pickle=allow_pickle, batch_size=batch_size,
-                            chat_template=chat_template,
-                            max_length=max_length, max_new_tokens=max_new_tokens)
-    steering = f"steered k={chosen.k} alpha={chosen.alpha:g}" if chosen else "unsteered"
-    click.echo(f"{task} {split} ({result.scorer}, {steering}): {result.summary_line()}")
+    evaluation = evaluate_model(model, task, split, selection=chosen, scorer=scorer,
+                                data_dir=data_dir, limit=limit, dtype=dtype, device=device,
+                                device_map=device_map, force=force, report=report,
+                                overwrite=overwrite, allow_pickle=allow_pickle,
+                                batch_size=batch_size, chat_template=chat_template,
+                                max_length=max_length, max_new_tokens=max_new_tokens)
+    result, unsteered = evaluation.result, evaluation.unsteered
+    click.echo(f"{task} {split} ({result.scorer}, {result.n} items)")
+    if unsteered is None:
+        click.echo(f"  unsteered  {result.summary_line()}")
+    else:
+        assert chosen is not None and evaluation.gain is not None
+        steered = f"steered (k={chosen.k}, alpha={chosen.alpha:g})"
+        width = len(steered)
+        click.echo(f"  {'unsteered'.ljust(width)}  {unsteered.summary_line()}")
+        click.echo(f"  {steered}  {result.summary_line()}")
+        click.echo(f"  {'difference'.ljust(width)}  {evaluation.gain:+.4f} "
+                   f"({result.correct - unsteered.correct:+d} items)")
     if result.settings["truncated_prompts"]:
         click.echo(f"note: {result.settings['truncated_prompts']} prompt(s) were longer than "
                    f"{max_length} tokens and kept their last tokens", err=True)
@@ -440,22 +596,26 @@ def evaluate(model: str, task: str, split: str, data_dir: Path | None, scorer: s
 
 @main.command()
 @click.argument("model")
-@click.option("--task", required=True, help="Task: copa, boolq, winogrande, svamp, mawps or generic.")
+@task_option
 @click.option("--site", "sites", multiple=True, type=click.Choice(list(SITES)),
               help="Site to tune; repeat for several (default: the --plan's sites).")
 @click.option("--plan", "plan_dir", type=click.Path(path_type=Path), default=None,
               help="Use this plan instead of localizing on the task's pairs split.")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
+@click.option("--out", required=True, type=OUTPUT_PATH,
               help="Folder for tune.json, the test reports, the plan and the heatmaps.")
 @click.option("--k-grid", default=",".join(map(str, K_GRID)), show_default=True, help="Values of k.")
 @click.option("--alpha-grid", default=",".join(f"{a:g}" for a in ALPHA_GRID), show_default=True,
               help="Values of alpha.")
 @data_dir_option
-@click.option("--scorer", default=None, type=click.Choice(list(SCORERS)),
+@click.option("--scorer", default=None, type=click.Choice(list(SCORER_NAMES)),
               help="As for `aufold eval`; default first-token, or math for math tasks.")
-@click.option("--pairs-size", type=int, default=None, help="Localize on the first N pairs only.")
-@click.option("--tune-size", type=int, default=None, help="Sweep on the first N tune items only.")
-@click.option("--test-size", type=int, default=None, help="Report on the first N test items only.")
+@limit_option
+@click.option("--pairs-size", type=int, default=None,
+              help="Localize on the first N pairs only (overrides --limit).")
+@click.option("--tune-size", type=int, default=None,
+              help="Sweep on the first N tune items only (overrides --limit).")
+@click.option("--test-size", type=int, default=None,
+              help="Report on the first N test items only (overrides --limit).")
 @eval_options
 @dtype_option
 @device_options
@@ -466,8 +626,9 @@ def evaluate(model: str, task: str, split: str, data_dir: Path | None, scorer: s
 @reports_errors
 @guarded(inputs=("model", "plan_dir", "data_dir"), folders=("out",))
 def tune(model: str, task: str, sites: tuple[str, ...], plan_dir: Path | None, out: Path, k_grid: str,
-         alpha_grid: str, data_dir: Path | None, scorer: str | None, pairs_size: int | None,
-         tune_size: int | None, test_size: int | None, batch_size: int, max_length: int,
+         alpha_grid: str, data_dir: Path | None, scorer: str | None, limit: int | None,
+         pairs_size: int | None, tune_size: int | None, test_size: int | None, batch_size: int,
+         max_length: int,
          max_new_tokens: int, chat_template: bool, dtype: str, device: str | None,
          device_map: str | None, allow_pickle: bool, force: bool, allow_extreme: bool,
          overwrite: bool, no_plot: bool) -> None:
@@ -478,8 +639,10 @@ def tune(model: str, task: str, sites: tuple[str, ...], plan_dir: Path | None, o
     outcome = run_tune(model, task, out=out, sites=sites, plan_dir=plan_dir,
                        ks=parse_grid(k_grid, int, "--k-grid"),
                        alphas=parse_grid(alpha_grid, float, "--alpha-grid"), scorer=scorer,
-                       data_dir=data_dir, pairs_size=pairs_size, tune_size=tune_size,
-                       test_size=test_size, batch_size=batch_size, chat_template=chat_template,
+                       data_dir=data_dir,
+                       pairs_size=pairs_size or (limit if plan_dir is None else None),
+                       tune_size=tune_size or limit, test_size=test_size or limit,
+                       batch_size=batch_size, chat_template=chat_template,
                        max_length=max_length, max_new_tokens=max_new_tokens, dtype=dtype,
                        device=device, device_map=device_map, force=force, overwrite=overwrite,
                        plot=not no_plot, echo=click.echo, allow_pickle=allow_pickle,
@@ -498,18 +661,20 @@ def tune(model: str, task: str, sites: tuple[str, ...], plan_dir: Path | None, o
 
 
 @main.command()
-@click.option("--out", default=Path("aufold-demo"), show_default=True, type=click.Path(path_type=Path),
+@click.option("--out", default=Path("aufold-demo"), show_default=True, type=OUTPUT_PATH,
               help="Folder for the pairs, plan, folded model and report.")
 @click.option("--model", default=None, help="Model to use instead of the packaged SmolLM2-135M-Instruct.")
 @overwrite_option
+@click.option("--device", default=None, help="Device to run on, e.g. cuda or cpu.")
 @allow_pickle_option
 @reports_errors
 @guarded(inputs=("model",), folders=("out",))
-def demo(out: Path, model: str | None, overwrite: bool, allow_pickle: bool) -> None:
+def demo(out: Path, model: str | None, overwrite: bool, device: str | None, allow_pickle: bool) -> None:
     """Run the whole path on SmolLM2-135M-Instruct and a generated addition task."""
     from aufold.demo import run_demo
+    from aufold.progress import status
 
-    report = run_demo(out, model_ref=model, overwrite=overwrite, echo=click.echo,
+    report = run_demo(out, model_ref=model, overwrite=overwrite, echo=status, device=device,
                       allow_pickle=allow_pickle)
     check = report.verify
     click.echo(f"verify: max |logit diff| {check['max_abs_diff']:.3g} (relative "
@@ -517,7 +682,8 @@ def demo(out: Path, model: str | None, overwrite: bool, allow_pickle: bool) -> N
                f"{'PASS' if check['passed'] else 'FAIL'}")
     click.echo(f"held-out test ({report.test_items} items, log-likelihood of the right sum): "
                f"base {report.test_accuracy_base:.3f} -> folded {report.test_accuracy_folded:.3f}")
-    click.echo(f"outputs in {out}")
+    figures = f"; figures: {', '.join(report.figures)}" if report.figures else ""
+    click.echo(f"outputs in {out}{figures}")
     if not check["passed"]:
         sys.exit(CHECK_FAILED)
 

@@ -72,8 +72,11 @@ def card_files(record: ExportRecord) -> dict[str, str]:
 
 def units_sentence(record: ExportRecord) -> str:
     """What the edit does, in the words every card uses."""
-    return (f"{len(record.units)} atomic units (site {', '.join(record.sites)}) are scaled by "
-            f"`1 + gamma`, where gamma = alpha x the unit's signed consistency score.")
+    sites = list(record.sites)
+    where = (f"site {sites[0]}" if len(sites) == 1
+             else f"sites {', '.join(sites[:-1])} and {sites[-1]}")
+    return (f"{len(record.units)} atomic units ({where}) are scaled by `1 + gamma`, where "
+            f"gamma = alpha x the unit's signed consistency score.")
 
 
 def checkpoint_artifact(record: ExportRecord) -> Artifact:

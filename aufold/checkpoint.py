@@ -100,6 +100,8 @@ def read_header(path: str | Path) -> ShardHeader:
         for name, info in raw.items():
             begin, end = (int(offset) + data_start for offset in info["data_offsets"])
             shape = tuple(int(dim) for dim in info["shape"])
+            if any(dim < 0 for dim in shape):
+                raise _damaged(path, f"tensor {name} has a negative dimension {list(shape)}")
             if not data_start <= begin <= end <= size:
                 raise _damaged(path, f"tensor {name} lies outside the file (truncated?)")
             itemsize = ITEM_SIZES.get(str(info["dtype"]))

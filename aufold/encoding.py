@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from aufold.defaults import LOCALIZE_MAX_LENGTH
 from aufold.errors import AufoldError
 
-DEFAULT_MAX_LENGTH = 512
+DEFAULT_MAX_LENGTH = LOCALIZE_MAX_LENGTH
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -25,6 +27,8 @@ from aufold.streaming import StreamReport, export_streamed, streamable_folder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+log = logging.getLogger("aufold")
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ def export(
     # k, alpha, sites and the size of the scale factors fail here, before any loading.
     plan.select(k, alpha, chosen_sites, allow_extreme=allow_extreme)
     source = resolve_source(model_ref)
-    if push_to_hub:
+    if push_to_hub is not None:
         check_push_target(push_to_hub)
     options = dict(k=k, alpha=alpha, sites=chosen_sites, dtype=dtype, force=force,
                    base_model=base_model_id or base_model_name(source),
@@ -81,7 +85,7 @@ def export(
                    allow_extreme=allow_extreme, format=format)
     inputs = Inputs.of([*source.input_paths(), *plan_inputs])
     if out is None:
-        if not push_to_hub:
+        if push_to_hub is None:
             raise AufoldError("nowhere to write the export; give --out (or --push-to-hub to "
                               "upload it without keeping a local copy)")
         with tempfile.TemporaryDirectory(prefix="aufold-push-") as scratch:
@@ -90,7 +94,9 @@ def export(
             return push_export(result, push_to_hub, private=private, kept=False)
     with claim_output(out, overwrite=overwrite, inputs=inputs) as out_dir:
         result = _write_export(source, plan, out_dir, **options)  # type: ignore[arg-type]
-    return push_export(result, push_to_hub, private=private, kept=True) if push_to_hub else result
+    if push_to_hub is None:
+        return result
+    return push_export(result, push_to_hub, private=private, kept=True)
 
 
 def _write_export(source: ModelSource, plan: Plan, out: Path, *, k: int, alpha: float,
@@ -110,10 +116,28 @@ def _write_export(source: ModelSource, plan: Plan, out: Path, *, k: int, alpha: 
                                        force=force, link_unchanged=link_unchanged,
                                        base_model=base_model, allow_extreme=allow_extreme)
         return ExportResult(out, edit, None, report)
+    if source.gguf_path is not None:
+        _say_what_a_gguf_becomes(source.gguf_path, dtype)
     model, tokenizer, _ = load_model(source.ref, dtype=dtype, sites=sites, allow_pickle=allow_pickle)
     plan.check_fingerprint(fingerprint(model), force=force)
     return export_loaded(model, tokenizer, plan, k=k, alpha=alpha, out=out, sites=sites,
                          base_model=base_model, allow_extreme=allow_extreme)
+
+
+def _say_what_a_gguf_becomes(path: Path, dtype: str) -> None:
+    """A quantized GGUF file becomes a checkpoint several times its size: say so, and how to
+    halve it, before the minutes of dequantizing."""
+    from aufold.formats.gguf import gguf_tensors
+
+    tensors = gguf_tensors(path)
+    values = sum(int(math.prod(int(n) for n in tensor.shape)) for tensor in tensors.values())
+    written = "float32" if dtype == "auto" else dtype
+    size = values * (4 if written == "float32" else 2)
+    types = ", ".join(sorted({tensor.tensor_type.name for tensor in tensors.values()}))
+    hint = "; pass --dtype bfloat16 to halve it" if written == "float32" else ""
+    log.info("%s (%s, %.0f MB) is dequantized: the checkpoint is written in %s, about %.0f MB "
+             "(%.1fx the file)%s", path.name, types, path.stat().st_size / 1e6, written, size / 1e6,
+             size / path.stat().st_size, hint)
 
 
 def push_export(result: ExportResult, repo_id: str, *, private: bool, kept: bool) -> ExportResult:

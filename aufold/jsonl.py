@@ -27,6 +27,23 @@ def text_lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield line_number, line
 
 
+def _check_text(value: Any, where: str) -> None:
+    """Refuse strings that are not valid Unicode (JSON allows lone surrogates like \\ud800,
+    which no tokenizer can encode)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise AufoldError(f"{where}: a string holds a lone surrogate ({value!r:.40}); write "
+                              f"the text as valid Unicode") from None
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_text(item, where)
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item, where)
+
+
 def read_json_file(path: Path) -> Any:
     """A whole JSON file; a file that is not UTF-8 JSON is one error naming the file."""
     try:
@@ -36,6 +53,8 @@ def read_json_file(path: Path) -> Any:
     except json.JSONDecodeError as error:
         raise AufoldError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}); "
                           f"restore the original file") from None
+    except RecursionError:
+        raise AufoldError(f"{path}: nested too deeply to read; restore the original file") from None
 
 
 def parse_json_object(line: str, where: str, *, expected: str = "a JSON object") -> Record:
@@ -45,6 +64,10 @@ def parse_json_object(line: str, where: str, *, expected: str = "a JSON object")
     except json.JSONDecodeError as error:
         raise AufoldError(f"{where}: not valid JSON ({error.msg}); each line must be one "
                           f"JSON object") from None
+    except RecursionError:
+        raise AufoldError(f"{where}: nested too deeply to read; each line must be one flat "
+                          f"JSON object") from None
+    _check_text(record, where)
     if not isinstance(record, dict):
         raise AufoldError(f"{where}: expected {expected}, got {type(record).__name__}")
     return record

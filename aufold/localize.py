@@ -31,25 +31,22 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from aufold.defaults import LOCALIZE_BATCH_SIZE, TIE_TOLERANCE
 from aufold.encoding import DEFAULT_MAX_LENGTH, Batch, chat_prompt, encode, pad_id, pad_right
 from aufold.errors import AufoldError
 from aufold.modeling import check_site_exists, fingerprint, input_device, num_layers, site_module, site_width
 from aufold.pairs import ContrastivePair, validate_pairs
 from aufold.plan import Plan, SiteCounts
+from aufold.progress import bar as progress_bar
 from aufold.sites import SITE_ORDER, site_kind
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-DEFAULT_BATCH_SIZE = 16
-# |m| at most this times the activations' RMS is a tie. On SmolLM2 (800 COPA pairs, float32)
-# it brings every counter of the batched forward within 1 of the batch-1 forward's (strict
-# signs: within 3) and keeps the top 100 units of the strict rule; see
-# `benchmarks/localize_bench.py --also-tolerances` and benchmarks/README.md.
-DEFAULT_TIE_TOLERANCE = 1e-6
+DEFAULT_BATCH_SIZE = LOCALIZE_BATCH_SIZE
+DEFAULT_TIE_TOLERANCE = TIE_TOLERANCE  # why this value: aufold.defaults
 
 
 @torch.inference_mode()
@@ -87,7 +84,7 @@ def localize(
     padding = pad_id(tokenizer)
     window = getattr(model.config, "sliding_window", None)
     with _LastTokenReader(model, sites, layers) as reader, \
-            tqdm(total=len(encoded), desc="localize", unit="pair", disable=not progress) as bar:
+            progress_bar(total=len(encoded), desc="localize", unit="pair", enabled=progress) as bar:
         for chunk in _shared_batches(shared, batch_size, window):
             _run_shared(model, reader, chunk, padding, device)
             _count(reader, counts, device, tie_tolerance)

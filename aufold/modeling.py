@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from aufold.checkpoint import has_safetensors, open_checkpoint, pickle_weight_files
+from aufold.defaults import DTYPE_NAMES
 from aufold.errors import AufoldError, first_line
 from aufold.sites import Architecture, architecture_for, site_kind
 from aufold.source import (  # noqa: F401  (re-exported: the model-loading API)
@@ -29,10 +30,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 DTYPES: Mapping[str, torch.dtype | str] = {
-    "auto": "auto",
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
+    name: "auto" if name == "auto" else getattr(torch, name) for name in DTYPE_NAMES
 }
 
 
@@ -54,7 +52,7 @@ _FINGERPRINT_SITES = ("head", "mlp")
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-    except OSError as error:
+    except (OSError, ValueError, TypeError) as error:
         raise AufoldError(f"could not load the tokenizer of {source.ref!r}: "
                           f"{first_line(error)}") from None
 
@@ -82,6 +80,8 @@ def load_model(
         raise AufoldError("give either --device or --device-map, not both")
     if device:
         check_device(device)
+    if device_map and device_map not in _DEVICE_MAP_STRATEGIES:
+        check_device(device_map)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
@@ -92,7 +92,8 @@ def load_model(
     if device_map:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(source.path, output_loading_info=True,
+                                                              **kwargs)
     except pickle.UnpicklingError as error:
         raise AufoldError(f"torch's safe loader refused the pickle weights of {source.ref!r} "
                           f"({first_line(error)}); convert the model to safetensors from a "
@@ -101,19 +102,42 @@ def load_model(
         raise AufoldError(f"could not load model {source.ref!r}: {first_line(error)}") from None
     if source.gguf_file:
         _forget_gguf_quantization(model)
+    else:
+        _check_complete(source, loading)
     if device and not device_map:
         model.to(device)
     model.eval()
     return model, load_tokenizer(source), source
 
 
+def _check_complete(source: ModelSource, loading: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint that does not hold the weights its config describes: transformers
+    would fill missing ones with random values (a config with more layers than weights) or
+    drop the surplus (fewer), and either way aufold would edit another model."""
+    problems = {"missing": loading.get("missing_keys") or [],
+                "of another shape": loading.get("mismatched_keys") or [],
+                "left unused": loading.get("unexpected_keys") or []}
+    for what, names in problems.items():
+        if names:
+            first = sorted(str(name) for name in names)[0]
+            raise AufoldError(f"the weights of {source.ref!r} do not match its config.json: "
+                              f"{len(names)} weight(s) {what}, e.g. {first}; fix the config or "
+                              f"download the checkpoint again")
+
+
 def check_device(device: str) -> None:
     """Refuse a device name torch does not know, or a device this machine lacks, in one line."""
     try:
+        if torch.device(device).type == "meta":
+            raise ValueError("the meta device holds shapes, not weights")
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, ValueError) as error:
         raise AufoldError(f"device {device!r} cannot be used here ({first_line(error)}); "
                           f"pass --device cpu, or a device this machine has") from None
+
+
+# accelerate's placement strategies; any other --device-map value names one device.
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def check_gguf_file(source: ModelSource) -> None:

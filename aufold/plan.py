@@ -29,7 +29,8 @@ from aufold.version import __version__
 
 PLAN_JSON = "plan.json"
 COUNTS_FILE = "counts.safetensors"
-SUMMARY_TOP = 100  # how many ranked units plan.json lists; the counts hold all of them
+SUMMARY_TOP = 100
+MAX_PAIRS = 2**40  # far above any localization; keeps every count sum inside int64  # how many ranked units plan.json lists; the counts hold all of them
 
 
 @dataclass(frozen=True)
@@ -246,12 +247,15 @@ def _check_summary(folder: Path, meta: Any) -> tuple[int, list[str]]:
         if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
             raise _damaged(folder, f"{key!r} in {PLAN_JSON} must be a {kind.__name__}, got "
                                    f"{meta[key]!r}")
-    if meta["num_pairs"] < 1:
-        raise _damaged(folder, f"num_pairs must be at least 1, got {meta['num_pairs']}")
+    if not 1 <= meta["num_pairs"] <= MAX_PAIRS:
+        raise _damaged(folder, f"num_pairs must be at least 1 and at most {MAX_PAIRS}, got "
+                               f"{meta['num_pairs']}")
     if not isinstance(meta.get("settings", {}), dict):
         raise _damaged(folder, f"'settings' in {PLAN_JSON} must be an object")
     sites = meta["sites"]
-    if not sites or len(set(map(str, sites))) != len(sites):
+    if not all(isinstance(site, str) for site in sites):
+        raise _damaged(folder, f"'sites' must be a list of site names, got {sites!r}")
+    if not sites or len(set(sites)) != len(sites):
         raise _damaged(folder, f"'sites' must list each site once, got {sites!r}")
     for site in sites:
         if site not in SITE_ORDER:
@@ -278,6 +282,9 @@ def _site_counts(folder: Path, tensors: dict[str, torch.Tensor], site: str, num_
                                    f"{list(tensor.shape)}")
         if tensor.numel() and int(tensor.min()) < 0:
             raise _damaged(folder, f"{name} has a negative count ({int(tensor.min())})")
+        if tensor.numel() and int(tensor.max()) > num_pairs:  # checked alone: a sum could wrap
+            raise _damaged(folder, f"{name} has a count of {int(tensor.max())}, more than the "
+                                   f"plan's num_pairs={num_pairs}")
         pair.append(tensor)
     positive, negative = pair
     if positive.shape != negative.shape:

@@ -9,12 +9,15 @@ for the caller's process.
 from __future__ import annotations
 
 import importlib.util
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from aufold.errors import AufoldError
+from aufold.safety.outputs import PNG_SOFTWARE, write_file
 
 INSTALL_HINT = "pip install 'aufold[plot]' (or pip install matplotlib)"
 
@@ -38,7 +41,9 @@ def plot_heatmap(accuracy: Sequence[Sequence[float]], ks: Sequence[int], alphas:
 
     values = [list(row) for row in accuracy]
     flat = [value for row in values for value in row]
-    figure = Figure(figsize=(1.0 + 0.8 * len(ks), 1.2 + 0.5 * len(alphas)), dpi=120)
+    # At least wide and tall enough for the title and the colour bar's label on a 1 x 1 grid.
+    figure = Figure(figsize=(max(5.0, 1.6 + 0.8 * len(ks)), max(3.2, 1.2 + 0.5 * len(alphas))),
+                    dpi=120, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     norm = None
@@ -60,10 +65,7 @@ def plot_heatmap(accuracy: Sequence[Sequence[float]], ks: Sequence[int], alphas:
                       color="white" if dark else "black")
     colorbar = figure.colorbar(image, ax=axes)
     colorbar.set_label("accuracy" + (f" (base {base:.3f} at centre)" if base is not None else ""))
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path)
-    return path
+    return _save(figure, path)
 
 
 def plot_unit_scores(scores: Mapping[str, torch.Tensor], chosen: Sequence[tuple[str, int, int]],
@@ -79,7 +81,7 @@ def plot_unit_scores(scores: Mapping[str, torch.Tensor], chosen: Sequence[tuple[
     from matplotlib.figure import Figure
 
     sites = list(scores)
-    figure = Figure(figsize=(4.2 * len(sites), 3.6), dpi=120)
+    figure = Figure(figsize=(4.2 * len(sites), 3.6), dpi=120, layout="constrained")
     FigureCanvasAgg(figure)
     axes_row = figure.subplots(1, len(sites), squeeze=False)[0]
     for axes, site in zip(axes_row, sites):
@@ -95,7 +97,13 @@ def plot_unit_scores(scores: Mapping[str, torch.Tensor], chosen: Sequence[tuple[
         axes.set_ylabel("layer")
         figure.colorbar(image, ax=axes, label="score max(r_pos, r_neg)")
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path)
-    return path
+    return _save(figure, path)
+
+
+def _save(figure: Any, path: str | Path) -> Path:
+    """Save with every label inside the image (bbox_inches="tight" grows it to fit), marked as
+    aufold's (so --overwrite may replace it), through a temporary file and a rename."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.1,
+                   metadata={"Software": PNG_SOFTWARE})
+    return write_file(Path(path), buffer.getvalue())

@@ -82,6 +82,7 @@ def merge_counts(parts: Sequence[Plan]) -> Plan:
         if not isinstance(shard, dict):
             raise AufoldError(f"plan #{number + 1} ({part.model}) holds no partial counts; "
                               f"make each part with `aufold localize --shard I/N`")
+        _check_part(number, shard, part.settings)
         shards.append(shard)
     first, first_shard = parts[0], shards[0]
     common = _common_settings(first)
@@ -116,6 +117,19 @@ def merge_counts(parts: Sequence[Plan]) -> Plan:
     return Plan(model=first.model, fingerprint=first.fingerprint,
                 num_pairs=sum(p.num_pairs for p in parts), counts=counts, settings=settings,
                 aufold_version=first.aufold_version)
+
+
+def _check_part(number: int, shard: dict[str, Any], settings: dict[str, Any]) -> None:
+    """A part's shard record and additive settings, as `localize --shard` writes them."""
+    fields = {"index": shard.get("index"), "count": shard.get("count"), "pairs": shard.get("pairs")}
+    valid = (all(type(fields[key]) is int for key in ("index", "count"))
+             and isinstance(fields["pairs"], str) and 0 <= fields["index"] < fields["count"]
+             and all(type(settings.get(key, 0)) is int and settings.get(key, 0) >= 0
+                     for key in ADDITIVE_SETTINGS))
+    if not valid:
+        raise AufoldError(f"plan #{number + 1} is damaged: its {SHARD_KEY!r} or counted settings "
+                          f"are not what `aufold localize --shard I/N` writes; localize that part "
+                          f"again")
 
 
 def _common_settings(plan: Plan) -> dict[str, Any]:

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from aufold.edit import Edit, UnitGroup, scaled
-from aufold.modeling import check_site_exists, site_module
+from aufold.errors import AufoldError
+from aufold.modeling import check_site_exists, num_layers, site_module, site_width
 from aufold.sites import site_kind
 
 if TYPE_CHECKING:
@@ -27,6 +28,13 @@ def steer(model: PreTrainedModel, edit: Edit) -> Iterator[PreTrainedModel]:
     """Apply an edit with hooks for the duration of the ``with`` block."""
     for site in edit.sites:
         check_site_exists(model, site)
+    layers = num_layers(model)
+    for group in edit.groups():
+        width = site_width(model, group.site)
+        if group.layer >= layers or int(group.index.max()) >= width:
+            raise AufoldError(f"the edit steers layer {group.layer} unit {int(group.index.max())} "
+                              f"of site {group.site}, but this model has {layers} layers of "
+                              f"{width} units there; the plan was made for another model")
     handles = []
     try:
         for group in edit.groups():

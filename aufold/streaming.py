@@ -43,6 +43,7 @@ from aufold.errors import AufoldError
 from aufold.fold import TensorEdit, fold_tensor_, weight_edits
 from aufold.modeling import DTYPES, ModelSource, fingerprint_from
 from aufold.plan import Plan
+from aufold.progress import bar as progress_bar
 from aufold.safety.outputs import atomic_folder
 from aufold.sites import Architecture, architecture_for
 
@@ -208,7 +209,9 @@ def fold_checkpoint(
     _check_free_space(out, needed)
     folded, copied, linked = [], [], []
     with atomic_folder(out, content="checkpoint") as staging, _needs(out, needed):
-        for file, shard in checkpoint.shards.items():
+        shards = progress_bar(checkpoint.shards.items(), desc="export", unit="shard",
+                              total=len(checkpoint.shards))
+        for file, shard in shards:
             target = staging / file
             if file in edits:
                 _fold_shard(shard.path, shard.size, edits[file], target)
@@ -299,7 +302,7 @@ def _check_free_space(out: Path, needed: int) -> None:
 
 
 def _gb(size: int) -> str:
-    return f"{size / 1e9:.2f} GB"
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
 def _json(value: object) -> str:

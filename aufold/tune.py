@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from aufold.defaults import ALPHA_GRID, K_GRID  # the grids of the AUSteer paper
 from aufold.edit import Edit
 from aufold.errors import AufoldError
 from aufold.evaluate.batches import DEFAULT_BATCH_SIZE
@@ -40,9 +41,6 @@ from aufold.version import __version__
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-# The grids of the AUSteer paper.
-K_GRID: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 100)
-ALPHA_GRID: tuple[float, ...] = (1.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 CHOICE_RULE = ("highest tune accuracy; ties: smaller k, then smaller alpha, then site in the "
                "order head, mlp, mlp-out, residual")
 PLAN_FOLDER = "plan"

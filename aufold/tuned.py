@@ -49,7 +49,8 @@ def read_tuned(path: str | Path) -> Selection:
         best, plan = data["best"], Path(data["plan"])
         selection = Selection(plan if plan.is_absolute() else file.parent / plan,
                               int(best["k"]), float(best["alpha"]), (str(best["site"]),))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError,
+            OverflowError, UnicodeDecodeError, OSError) as error:
         raise AufoldError(f"{file} is not a tune result of aufold ({type(error).__name__}: "
                           f"{error}); run `aufold tune` again") from None
     return selection

@@ -16,6 +16,7 @@ from aufold.encoding import encode
 from aufold.errors import AufoldError
 from aufold.modeling import fingerprint, input_device, load_model, resolve_source
 from aufold.plan import Plan
+from aufold.progress import bar, status
 from aufold.steer import steer
 
 if TYPE_CHECKING:
@@ -94,10 +95,11 @@ def verify(
     folded_source = resolve_source(folded)
     if folded_source.local_dir is None:
         raise AufoldError(f"--folded must be a local folder written by aufold export, got {folded}")
-    if not prompts:
-        raise AufoldError("verify needs at least one prompt")
+    if not prompts or not all(prompt.strip() for prompt in prompts):
+        raise AufoldError("verify needs prompts with text; drop the empty --prompt")
 
     placement = {"device": device, "device_map": device_map, "allow_pickle": allow_pickle}
+    status(f"verify: {model_ref} with hooks")
     base, tokenizer, _ = load_model(model_ref, dtype=dtype, **placement)  # type: ignore[arg-type]
     plan.check_fingerprint(fingerprint(base), force=force)
     prompt_ids = _prompt_ids(tokenizer, prompts)
@@ -106,6 +108,7 @@ def verify(
     model_dtype = base.dtype
     del base  # keep at most one model in memory at a time
     gc.collect()
+    status(f"verify: the folded model {folded}")
     folded_model, _, _ = load_model(folded, dtype=str(model_dtype).removeprefix("torch."),
                                     **placement)  # type: ignore[arg-type]
     result = _logits(folded_model, prompt_ids)
@@ -113,6 +116,7 @@ def verify(
     gc.collect()
     reference = None
     if model_dtype != torch.float32:
+        status(f"verify: {model_ref} with hooks in float32, the reference for {model_dtype}")
         reference_model, _, _ = load_model(model_ref, dtype="float32", **placement)  # type: ignore[arg-type]
         with steer(reference_model, edit):
             reference = _logits(reference_model, prompt_ids)
@@ -182,5 +186,5 @@ def _logits(model: PreTrainedModel, prompt_ids: Sequence[Sequence[int]]) -> torc
     """
     device = input_device(model)
     rows = [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu()
-            for ids in prompt_ids]
+            for ids in bar(prompt_ids, desc="verify", unit="prompt", leave=False)]
     return torch.cat(rows)

@@ -157,10 +157,13 @@ def main() -> int:
             return 2
     with tempfile.TemporaryDirectory(prefix="aufold-kill-") as scratch:
         results = run_trials(model.resolve(), args.trials, args.seed, Path(scratch))
-    interrupted = sum(not r.finished_before_kill for r in results)
+    killed = sum(not r.finished_before_kill for r in results)
+    complete = sum(r.out_state == "complete" for r in results)
+    absent = sum(r.out_state == "absent" for r in results)
     with_leftovers = sum(bool(r.leftovers_before_rerun) for r in results)
-    print(f"{sum(r.ok for r in results)}/{len(results)} trials ok; {interrupted} killed before the "
-          f"export finished, {with_leftovers} left a partial folder or lock beside --out, which "
+    print(f"{sum(r.ok for r in results)}/{len(results)} trials ok; {killed} processes killed before "
+          f"they exited; --out complete after {complete} kills (after the rename), absent after "
+          f"{absent}; {with_leftovers} kills left a partial folder and lock beside --out, which "
           f"the rerun removed")
     return 0 if all(r.ok for r in results) else 1
 

@@ -233,7 +233,7 @@ def fails(args: list[str], message: str) -> None:
 
 def test_eval_bad_input(workspace: Path, tmp_path: Path) -> None:
     model, data = str(workspace / "model"), str(workspace / "data")
-    fails(["eval", model, "--task", "nope"], "unknown task 'nope'; choose one of copa, boolq")
+    fails(["eval", model, "--task", "nope"], "'nope' is not one of 'copa', 'boolq'")
     fails(["eval", model, "--task", "copa", "--data-dir", str(tmp_path / "missing")],
           f"data folder {tmp_path / 'missing'} does not exist")
     fails(["eval", model, "--task", "copa", "--data-dir", str(tmp_path)],

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from edit_helpers import assert_one_line_error, random_plan, run_cli, tree_digest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,6 +23,7 @@ from tiny_models import save_tiny_model, tiny_model
 
 from aufold.checkpoint import INDEX_FILE
 from aufold.pairs import ContrastivePair, write_pairs
+from aufold.plan import SiteCounts
 
 PAIRS = [ContrastivePair(f"{a} plus 2 is", f" {a + 2}", f" {a + 3}") for a in range(6)]
 
@@ -278,7 +280,7 @@ def damaged_plans(draw: st.DrawFn) -> tuple[str, object]:
     if kind == "bytes":
         return kind, draw(st.binary(max_size=64).filter(lambda b: not b.strip().startswith(b"{")))
     return kind, (draw(st.sampled_from(["positive", "negative"])), draw(st.one_of(
-        st.integers(min_value=11, max_value=10**12), st.integers(max_value=-1))))
+        st.integers(min_value=11, max_value=2**63 - 1), st.integers(min_value=-2**63, max_value=-1))))
 
 
 def _apply(plan: Path, damage: tuple[str, object]) -> None:
@@ -361,3 +363,72 @@ def test_any_damaged_pairs_file_is_refused_cleanly(world: Path, tmp_path: Path, 
     (case / "pairs.jsonl").write_bytes(content)
     _refused(case, ["localize", world / "model", "--pairs", case / "pairs.jsonl", "--site", "head",
                     "--out", case / "plan"])
+
+
+# --- reproductions of a hostile review (aufold's own helper, 410 trials) -------------------
+
+def test_more_damaged_inputs_are_one_line(world: Path, tmp_path: Path) -> None:
+    model = _damaged_copy(world, tmp_path)
+    (model / "tokenizer.json").write_text("{not json")
+    _refused(tmp_path, ["localize", model, "--pairs", world / "pairs.jsonl", "--site", "head",
+                        "--out", tmp_path / "plan"], "tokenizer")
+    plan = shutil.copytree(world / "plan", tmp_path / "nested")
+    meta = json.loads((plan / "plan.json").read_text())
+    meta["sites"] = [["head"], "mlp"]
+    (plan / "plan.json").write_text(json.dumps(meta))
+    _refused(tmp_path, _export(tmp_path, world / "model", plan), "list of site names")
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100000 + "]" * 100000 + "\n")
+    _refused(tmp_path, ["localize", world / "model", "--pairs", deep, "--site", "head", "--out",
+                        tmp_path / "p"], "nested too deeply")
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text('{"prompt": "a \\ud800 b", "positive": " c", "negative": " d"}\n')
+    _refused(tmp_path, ["localize", world / "model", "--pairs", surrogate, "--site", "head", "--out",
+                        tmp_path / "p"], "lone surrogate")
+    for prompt in ("", "   "):
+        _refused(tmp_path, ["generate", world / "model", "--plan", world / "plan", "--k", "2", "--alpha",
+                            "1", "--prompt", prompt], "--prompt is empty")
+    tuned = tmp_path / "tune.json"
+    tuned.write_text('{"format": "aufold-tune", "plan": "plan", "best": {"k": 1e400, "alpha": 1, '
+                     '"site": "head"}}')
+    _refused(tmp_path, ["export", world / "model", "--tuned", tuned, "--out", tmp_path / "o"],
+             "is not a tune result")
+
+
+def test_a_checkpoint_whose_weights_do_not_match_its_config_is_refused(world: Path, tmp_path: Path) -> None:
+    for layers, what in ((4, "missing"), (2, "left unused")):
+        model = shutil.copytree(world / "model", tmp_path / f"m{layers}")
+        config = json.loads((model / "config.json").read_text())
+        config["num_hidden_layers"] = layers
+        (model / "config.json").write_text(json.dumps(config))
+        _refused(tmp_path, ["localize", model, "--pairs", world / "pairs.jsonl", "--site", "head",
+                            "--out", tmp_path / "plan"], "do not match its config.json", what)
+
+
+def test_counts_that_would_overflow_their_sum_are_refused(world: Path, tmp_path: Path) -> None:
+    plan = shutil.copytree(world / "plan", tmp_path / "plan")
+    tensors = load_file(plan / "counts.safetensors")
+    tensors["head.positive"][0, 0] = 2**62
+    tensors["head.negative"][0, 0] = 2**62
+    save_file(tensors, plan / "counts.safetensors")
+    _refused(tmp_path, _export(tmp_path, world / "model", plan), "more than the plan's num_pairs")
+
+
+def test_a_steered_unit_beyond_the_model_is_refused_in_hook_mode(world: Path, tmp_path: Path) -> None:
+    from aufold.plan import Plan
+
+    plan = Plan.load(world / "plan")
+    wide = {site: SiteCounts(torch.cat([c.positive, c.positive * 0 + 10], dim=1),
+                             torch.cat([c.negative, c.negative * 0], dim=1))
+            for site, c in plan.counts.items()}
+    Plan(plan.model, plan.fingerprint, plan.num_pairs, wide).save(tmp_path / "wide")
+    _refused(tmp_path, ["generate", world / "model", "--plan", tmp_path / "wide", "--k", "1000",
+                        "--alpha", "1", "--prompt", "hi"], "the plan was made for another model")
+
+
+@pytest.mark.parametrize("device", ["meta"])
+def test_the_meta_device_is_one_line(world: Path, tmp_path: Path, device: str) -> None:
+    _refused(tmp_path, ["localize", world / "model", "--pairs", world / "pairs.jsonl", "--site", "head",
+                        "--out", tmp_path / "plan", "--device", device], "meta device")
+    _refused(tmp_path, ["localize", world / "model", "--pairs", world / "pairs.jsonl", "--site", "head",
+                        "--out", tmp_path / "plan", "--device-map", "cuda"], "device 'cuda'")

@@ -213,3 +213,96 @@ def test_a_stop_signal_removes_the_partial_output(project: Path, tmp_path: Path,
     assert process.returncode == (128 + signal.SIGTERM if signum == signal.SIGTERM else 1), stderr
     assert "Traceback" not in stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# --- reproductions of a hostile review (aufold's own helper, 410 trials) -------------------
+
+def test_a_planted_lock_link_is_refused_and_its_target_untouched(project: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "precious.txt"
+    victim.write_text("do not touch")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".x.aufold-lock").symlink_to(victim)
+    result = run_cli("export", project / "model", *[a.format(p=project) for a in SELECT],
+                     "--out", tmp_path / "out" / "x")
+    assert_one_line_error(result, "is a symbolic link, not aufold's lock file")
+    assert victim.read_text() == "do not touch"
+
+
+def test_a_link_inside_an_input_that_points_into_out_makes_out_an_input(project: Path,
+                                                                        tmp_path: Path) -> None:
+    ours = tmp_path / "ours"
+    assert run_cli("export", project / "model", *[a.format(p=project) for a in SELECT],
+                   "--out", ours).exit_code == 0
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for item in (project / "model").iterdir():
+        (linked / item.name).symlink_to(ours / item.name if item.name == "model.safetensors" else item)
+    before = tree_digest(ours)
+    result = run_cli("export", linked, *[a.format(p=project) for a in SELECT], "--alpha", "3",
+                     "--out", ours, "--overwrite")
+    assert_one_line_error(result, "never writes over its inputs")
+    assert tree_digest(ours) == before
+
+
+def test_a_report_replaces_only_an_eval_report(project: Path, tmp_path: Path) -> None:
+    plan = tmp_path / "plan-copy"
+    assert run_cli("localize", project / "model", "--pairs", project / "pairs.jsonl", "--site", "head",
+                   "--out", plan).exit_code == 0
+    for target in (plan / "plan.json", plan / MARKER):
+        before = target.read_bytes()
+        result = run_cli("eval", project / "model", "--task", "copa", "--limit", "2", "--report",
+                         target, "--overwrite")
+        assert_one_line_error(result, "is not an aufold report")
+        assert target.read_bytes() == before
+
+
+def test_an_empty_output_path_is_refused(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("mine")
+    result = run_cli("export", project / "model", *[a.format(p=project) for a in SELECT], "--out", "")
+    assert_one_line_error(result, "is empty; give a file or folder name")
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_a_kill_between_the_renames_of_a_replacement_is_repaired(project: Path, tmp_path: Path) -> None:
+    """kill -9 after the earlier output was moved aside and before the new one took its
+    place: the next writer restores the earlier output instead of deleting it."""
+    out = tmp_path / "folded"
+    assert run_cli("export", project / "model", *[a.format(p=project) for a in SELECT],
+                   "--out", out).exit_code == 0
+    before = tree_digest(out)
+    retired = tmp_path / ".folded.aufold-old-k1ll3d"
+    retired.mkdir()
+    out.rename(retired / "folded")
+    (tmp_path / ".folded.aufold-partial-n3w").mkdir()
+    result = run_cli("export", project / "model", *[a.format(p=project) for a in SELECT],
+                     "--out", out)  # no --overwrite: the restored output must make it refuse
+    assert "restoring" in result.output
+    assert_one_line_error(result, "already exists")
+    assert tree_digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folded"]
+
+
+SIGNAL_AT_RENAME = """
+import os, signal, sys
+import aufold.safety.outputs as outputs
+original = os.rename
+def rename(source, target):
+    original(source, target)
+    if ".aufold-old-" in str(target):  # the earlier output was just moved aside
+        os.kill(os.getpid(), signal.SIGTERM)
+outputs.os.rename = rename
+import cli
+cli.main(sys.argv[1:])
+"""
+
+
+def test_sigterm_between_the_renames_waits_for_the_replacement(project: Path, tmp_path: Path) -> None:
+    out = tmp_path / "folded"
+    args = ["export", str(project / "model"), *[a.format(p=project) for a in SELECT], "--out", str(out)]
+    assert run_cli(*args).exit_code == 0
+    result = subprocess.run([sys.executable, "-c", SIGNAL_AT_RENAME, *args, "--alpha", "3", "--overwrite"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert json.loads((out / "aufold.json").read_text())["selection"]["alpha"] == 3  # replaced whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folded"]

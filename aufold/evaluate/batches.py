@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from aufold.defaults import EVAL_BATCH_SIZE
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-DEFAULT_BATCH_SIZE = 16
+DEFAULT_BATCH_SIZE = EVAL_BATCH_SIZE
 
 
 @dataclass(frozen=True)

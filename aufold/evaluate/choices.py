@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from aufold.encoding import chat_prompt, pad_id
 from aufold.evaluate.batches import LeftBatch, LogitsFn, length_batches, pad_left
 from aufold.evaluate.report import ItemResult
 from aufold.tasks import Item
+from aufold.progress import bar
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def run_choices(prepared: PreparedChoices, logits_fn: LogitsFn, device: torch.de
                 progress: bool = True, desc: str = "eval") -> list[ItemResult]:
     """Run every batch through ``logits_fn`` and decide every item."""
     values: list[Any] = [None] * len(prepared.queries)
-    for index in tqdm(range(len(prepared.batches)), desc=desc, unit="batch", disable=not progress):
+    for index in bar(range(len(prepared.batches)), desc=desc, unit="batch", enabled=progress):
         batch, keep = prepared.batch(index, device)
         prepared.store(index, logits_fn(batch, keep), values)
     return prepared.results(values)

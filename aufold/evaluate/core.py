@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from aufold.defaults import CHOICE_SCORER_NAMES, EVAL_MAX_LENGTH, MATH_SCORER_NAME, SCORER_NAMES
 from aufold.edit import Edit
 from aufold.errors import AufoldError
 from aufold.evaluate.batches import DEFAULT_BATCH_SIZE, model_logits
@@ -18,7 +20,7 @@ from aufold.evaluate.choices import ChoiceScorer, prepare_choices, run_choices
 from aufold.evaluate.first_token import FirstTokenScorer
 from aufold.evaluate.loglik import LoglikScorer
 from aufold.evaluate.math import DEFAULT_MAX_NEW_TOKENS, score_math
-from aufold.evaluate.report import EvalResult, write_report
+from aufold.evaluate.report import EvalResult, write_json
 from aufold.modeling import fingerprint, input_device, load_model, resolve_source
 from aufold.plan import Plan
 from aufold.safety.outputs import Inputs, OutputKind, claim_output
@@ -31,11 +33,12 @@ if TYPE_CHECKING:
 
 # Long enough for every prompt of the built-in tasks (BoolQ's longest is about 1,300
 # tokens with SmolLM2's tokenizer); longer prompts keep their last tokens.
-DEFAULT_EVAL_MAX_LENGTH = 2048
+DEFAULT_EVAL_MAX_LENGTH = EVAL_MAX_LENGTH
 
 CHOICE_SCORERS: Mapping[str, ChoiceScorer] = {s.name: s for s in (FirstTokenScorer(), LoglikScorer())}
-MATH_SCORER = "math"
-SCORERS: tuple[str, ...] = (*CHOICE_SCORERS, MATH_SCORER)
+assert tuple(CHOICE_SCORERS) == CHOICE_SCORER_NAMES, "aufold.defaults names every scorer"
+MATH_SCORER = MATH_SCORER_NAME
+SCORERS: tuple[str, ...] = SCORER_NAMES
 # The authors' protocol for choice tasks; math answers are generated.
 DEFAULT_SCORER: Mapping[TaskKind, str] = {"choice": "first-token", "math": MATH_SCORER}
 
@@ -87,8 +90,10 @@ def evaluate_items(
     max_length: int = DEFAULT_EVAL_MAX_LENGTH,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     progress: bool = True,
+    desc: str = "eval",
 ) -> EvalResult:
-    """Score ``items`` with the model, steered by ``edit`` in hook mode when one is given."""
+    """Score ``items`` with the model, steered by ``edit`` in hook mode when one is given;
+    ``desc`` labels the progress bar."""
     name = resolve_scorer(kind, scorer)
     check_eval_options(items, batch_size=batch_size, max_length=max_length,
                        max_new_tokens=max_new_tokens)
@@ -97,13 +102,14 @@ def evaluate_items(
         if name == MATH_SCORER:
             results, truncated = score_math(model, tokenizer, items, chat_template=chat_template,
                                             max_length=max_length, batch_size=batch_size,
-                                            max_new_tokens=max_new_tokens, progress=progress)
+                                            max_new_tokens=max_new_tokens, progress=progress,
+                                            desc=desc)
         else:
             prepared = prepare_choices(CHOICE_SCORERS[name], tokenizer, items,
                                        chat_template=chat_template, max_length=max_length,
                                        batch_size=batch_size)
             results = run_choices(prepared, lambda batch, keep: model_logits(model, batch, keep),
-                                  input_device(model), progress=progress)
+                                  input_device(model), progress=progress, desc=desc)
             truncated = prepared.truncated
     settings: dict[str, Any] = {
         "model": str(getattr(model.config, "_name_or_path", "")),
@@ -141,12 +147,16 @@ def evaluate_model(
     overwrite: bool = False,
     allow_pickle: bool = False,
     **options: Any,
-) -> EvalResult:
-    """Load a model (base, or base + the selected edit in hook mode) and evaluate it.
+) -> ModelEvaluation:
+    """Load a model and evaluate it; with a selection, evaluate it unsteered and steered by
+    the selected edit (hook mode) on the same items, sharing the work before the first
+    steered layer (:func:`aufold.evaluate.edits.evaluate_edits`).
 
     Every input is checked before the model loads; ``report`` gets the JSON report (an
     existing one is replaced only with ``overwrite``, and only if aufold wrote it).
     """
+    from aufold.evaluate.edits import evaluate_edits  # it builds on this module
+
     items = load_split(task, split, data_dir, size=limit)
     kind = get_task(task).kind
     resolve_scorer(kind, scorer)
@@ -162,11 +172,40 @@ def evaluate_model(
                                               device_map=device_map, allow_pickle=allow_pickle)
         if plan is not None:
             plan.check_fingerprint(fingerprint(model), force=force)
-        result = evaluate_items(model, tokenizer, items, kind=kind, scorer=scorer, edit=edit,
-                                **options)
-        result.settings.update(model=source.ref, task=task, split=split,
-                               data_dir=str(resolve_data_dir(data_dir)),
-                               steering=selection.describe() if selection else None)
+        unsteered = None
+        if edit is None:
+            result = evaluate_items(model, tokenizer, items, kind=kind, scorer=scorer, **options)
+        else:
+            both = evaluate_edits(model, tokenizer, items, {"steered": edit}, kind=kind,
+                                  scorer=scorer, **options)
+            result, unsteered = both.steered["steered"], both.base
+        for each in (result, unsteered):
+            if each is not None:
+                each.settings.update(model=source.ref, task=task, split=split,
+                                     data_dir=str(resolve_data_dir(data_dir)))
+        result.settings["steering"] = selection.describe() if selection else None
+        evaluation = ModelEvaluation(result, unsteered)
         if report is not None:
-            write_report(result, report)
-    return result
+            write_json(evaluation.to_dict(), report)
+    return evaluation
+
+
+@dataclass(frozen=True)
+class ModelEvaluation:
+    """What `aufold eval` measured: the result, and with steering the unsteered one beside it."""
+
+    result: EvalResult  # steered when a selection was given
+    unsteered: EvalResult | None = None
+
+    @property
+    def gain(self) -> float | None:
+        return None if self.unsteered is None else self.result.accuracy - self.unsteered.accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report: the result with every item, plus the unsteered summary and predictions."""
+        report = self.result.to_dict()
+        if self.unsteered is not None:
+            report["unsteered"] = {**self.unsteered.summary(),
+                                   "predictions": self.unsteered.predictions()}
+            report["gain"] = self.gain
+        return report

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from aufold.edit import Edit
@@ -40,6 +39,7 @@ from aufold.evaluate.resume import (
     resume_points,
 )
 from aufold.modeling import input_device
+from aufold.progress import bar as progress_bar
 from aufold.steer import steer
 from aufold.tasks import Item, TaskKind
 
@@ -102,7 +102,7 @@ def evaluate_edits(
     options.update(kind=kind, scorer=name, max_new_tokens=max_new_tokens, progress=False)
     base = evaluate_items(model, tokenizer, items, **options)
     steered = {}
-    for key in tqdm(edits, desc=desc, unit="edit", disable=not progress):
+    for key in progress_bar(edits, desc=desc, unit="edit", enabled=progress):
         steered[key] = evaluate_items(model, tokenizer, items, edit=edits[key], **options)
     return EditResults(base, steered, starts, {}, time.perf_counter() - started)
 
@@ -120,7 +120,7 @@ def _resumed(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: 
     base_values: list[Any] = [None] * len(prepared.queries)
     values: dict[Key, list[Any]] = {key: [None] * len(prepared.queries) for key in edits}
     total = len(prepared.batches) * (1 + len(edits))
-    with tqdm(total=total, desc=desc, unit="pass", disable=not progress) as bar:
+    with progress_bar(total=total, desc=desc, unit="pass", enabled=progress) as bar:
         for index in range(len(prepared.batches)):
             batch, keep = prepared.batch(index, device)
             with capture_layer_inputs(model, set(starts.values())) as captured:

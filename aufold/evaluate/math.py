@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from aufold.defaults import MAX_NEW_TOKENS
 from aufold.encoding import pad_id
+from aufold.progress import bar
 from aufold.evaluate.batches import length_batches, pad_left
 from aufold.evaluate.choices import encode_prompts
 from aufold.evaluate.report import ItemResult
@@ -28,7 +29,7 @@ from aufold.tasks import Item, format_number
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_MAX_NEW_TOKENS = MAX_NEW_TOKENS
 ANSWER_MARK = "####"
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
 
@@ -71,7 +72,7 @@ def score_math(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items
     device = input_device(model)
     outputs: list[str] = [""] * len(items)
     batches = length_batches([len(ids) for ids in prompts], batch_size)
-    for indices in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+    for indices in bar(batches, desc=desc, unit="batch", enabled=progress):
         batch = pad_left([prompts[i] for i in indices], pad_id(tokenizer)).to(device)
         generated = model.generate(  # type: ignore[operator]
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, generation_config=config)

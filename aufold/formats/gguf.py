@@ -172,8 +172,8 @@ def gguf_artifact(record: ExportRecord, file_name: str, report: GgufFoldReport) 
     return Artifact(
         format="gguf",
         library_name="gguf",
-        summary=f"""`{file_name}` is `{record.base_model}` with fine-grained activation steering
-(AUSteer, arXiv 2602.04428) folded into its weights. {units_sentence(record)} Float
+        summary=f"""`{file_name}` is {_base_phrase(record.base_model, file_name)} with fine-grained
+activation steering (AUSteer, arXiv 2602.04428) folded into its weights. {units_sentence(record)} Float
 tensors (F32, F16, BF16) were scaled exactly, with one rounding. In quantized tensors
 only the blocks that hold a steered unit were dequantized, scaled and requantized to
 the same type ({blocks}); every other block, the metadata, and the tensor names and
@@ -198,6 +198,12 @@ tokenizer = AutoTokenizer.from_pretrained("path/or/repo-id", gguf_file="{file_na
    in place in a copy ({blocks}).""",
         settings=(("format", "GGUF"), ("edited tensor types", ", ".join(report.tensor_types))),
     )
+
+
+def _base_phrase(base_model: str, file_name: str) -> str:
+    """How the card names the base: its id, or "the GGUF model of the same name" when all
+    that is known of it is the file name."""
+    return "the GGUF model of the same name" if base_model == file_name else f"`{base_model}`"
 
 
 def gguf_tensors(path: Path) -> dict[str, ReaderTensor]:

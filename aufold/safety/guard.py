@@ -43,9 +43,11 @@ def _tuned(value: Any) -> list[Path]:
         return []
     file = Path(value).expanduser()
     file = file / "tune.json" if file.is_dir() else file
+    if not file.is_file():  # a FIFO or device would block the read; read_tuned refuses it
+        return [file]
     try:
         plan = Path(json.loads(file.read_text(encoding="utf-8"))["plan"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return [file]
     return [file, plan if plan.is_absolute() else file.parent / plan]
 

@@ -22,6 +22,7 @@ MAX_SCALE = 1e3
 ALLOW_HINT = "pass --allow-extreme if you really mean it"
 
 log = logging.getLogger("aufold")
+_warned: set[str] = set()
 
 
 def check_scale_factors(factors: Iterable[tuple[str, float]], *, allow_extreme: bool,
@@ -33,11 +34,18 @@ def check_scale_factors(factors: Iterable[tuple[str, float]], *, allow_extreme: 
     worst_label, worst = max(factors, key=lambda item: abs(item[1]), default=("", 0.0))
     if abs(worst) <= MAX_SCALE:
         return
-    message = (f"the largest {what} is {abs(worst):.3g} ({worst_label}), beyond {MAX_SCALE:g}: "
+    message = (f"the largest {what} is {abs(worst):.6g} ({worst_label}), beyond {MAX_SCALE:g}: "
                f"the edited model would be meaningless")
     if not allow_extreme:
         raise AufoldError(f"{message}; {fix}, or {ALLOW_HINT}")
-    log.warning("%s; going on because --allow-extreme was given", message)
+    if message not in _warned:  # the same edit is checked again on its way to the file
+        _warned.add(message)
+        log.warning("%s; going on because --allow-extreme was given", message)
+
+
+def forget_warnings() -> None:
+    """Warn again about edits already warned about (each command starts afresh)."""
+    _warned.clear()
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:

@@ -30,6 +30,8 @@ import logging
 import os
 import re
 import shutil
+import signal
+import threading
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -43,6 +45,8 @@ from aufold.version import __version__
 
 MARKER = ".aufold-output"  # inside every folder aufold writes; never uploaded or copied
 MARKER_FORMAT = "aufold-output"
+PNG_SOFTWARE = "aufold"  # the Software text of the PNG figures aufold writes
+REPLACEABLE_REPORTS = frozenset({"aufold-eval"})  # JSON files a file output may replace
 LOCK_SUFFIX = ".aufold-lock"
 PARTIAL_TAG = "aufold-partial-"
 RETIRED_TAG = "aufold-old-"
@@ -79,7 +83,10 @@ class Inputs:
 
     @classmethod
     def of(cls, paths: Iterable[str | Path | None]) -> Inputs:
-        return cls(tuple(dict.fromkeys(_resolved(p) for p in paths if p is not None)))
+        """The paths, resolved, and where every symbolic link inside an input folder points:
+        a model whose shard is a link into --out is read from --out."""
+        resolved = [_resolved(p) for p in paths if p is not None]
+        return cls(tuple(dict.fromkeys([*resolved, *_link_targets(resolved)])))
 
     def overlapping(self, out: Path) -> Path | None:
         """The first input that ``out`` is, contains, or lies inside; None if there is none."""
@@ -87,6 +94,14 @@ class Inputs:
             if out == source or source in out.parents or out in source.parents:
                 return source
         return None
+
+
+def _link_targets(folders: list[Path]) -> Iterator[Path]:
+    for folder in folders:
+        if folder.is_dir():
+            for entry in folder.rglob("*"):
+                if entry.is_symlink():
+                    yield _resolved(entry)
 
 
 @contextmanager
@@ -100,6 +115,8 @@ def claim_output(out: str | Path, *, overwrite: bool = False,
     before loading a model, and the library claims it again before writing): the checks
     run again, the lock is shared.
     """
+    if not str(out).strip():
+        raise AufoldError("the output path is empty; give a file or folder name")
     path = _resolved(out)
     inputs = inputs if isinstance(inputs, Inputs) else Inputs.of(inputs)
     source = inputs.overlapping(path)
@@ -136,7 +153,8 @@ def atomic_folder(out: Path, *, content: str = "") -> Iterator[Path]:
     """
     out = _resolved(out)
     with _claimed(out), _write_errors(out):
-        staging = _mkdtemp(out, PARTIAL_TAG)
+        with _signals_deferred():  # a stop signal must not fall between creating and guarding
+            staging = _mkdtemp(out, PARTIAL_TAG)
         try:
             yield staging
             _finish(staging, out, content)
@@ -149,8 +167,7 @@ def write_file(out: Path, data: bytes) -> Path:
     """Write a file output through a temporary file and a rename (claimed as
     :func:`atomic_folder` claims a folder)."""
     out = _resolved(out)
-
-    def write() -> None:
+    with _claimed(out, OutputKind.FILE), _write_errors(out):
         handle, staging = tempfile.mkstemp(prefix=f".{out.name}.{PARTIAL_TAG}", dir=out.parent)
         try:
             with os.fdopen(handle, "wb") as stream:
@@ -160,17 +177,18 @@ def write_file(out: Path, data: bytes) -> Path:
         except BaseException:
             Path(staging).unlink(missing_ok=True)
             raise
-
-    with _claimed(out, OutputKind.FILE), _write_errors(out):
-        write()
     return out
 
 
 def is_aufold_output(path: Path) -> bool:
-    """Whether ``path`` is a folder or file that aufold wrote (and may replace)."""
+    """Whether ``path`` is an output aufold wrote and may replace: a folder with the marker,
+    a JSON report (an evaluation's; not a plan's plan.json or a marker, which belong to
+    their folders), or a PNG figure aufold made."""
     if path.is_dir():
         return _json_format(path / MARKER) == MARKER_FORMAT
-    return (_json_format(path) or "").startswith("aufold-")
+    if path.suffix.lower() == ".png":
+        return _png_software(path) == PNG_SOFTWARE
+    return _json_format(path) in REPLACEABLE_REPORTS
 
 
 def marker_ignore_patterns() -> list[str]:
@@ -186,8 +204,16 @@ def _lock(out: Path) -> _Claim:
     try:
         while True:
             try:
-                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+                # O_NOFOLLOW: a link planted at the lock's name must not lead the lock (or its
+                # removal) to another file.
+                fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o666 & ~_umask())
             except OSError as error:
+                if error.errno == errno.ELOOP:
+                    raise AufoldError(f"{lock_path} is a symbolic link, not aufold's lock file; "
+                                      f"remove it, then run again") from None
+                if error.errno == errno.EISDIR:
+                    raise AufoldError(f"{lock_path} is a folder, not aufold's lock file; remove "
+                                      f"it, then run again") from None
                 raise _fs_error(out, error) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -203,8 +229,6 @@ def _lock(out: Path) -> _Claim:
             except FileNotFoundError:
                 same = False
             if same:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
                 return _Claim(fd, lock_path, created)
             os.close(fd)
     except BaseException:
@@ -291,6 +315,12 @@ def _remove_leftovers(out: Path) -> None:
     except OSError:
         return
     for leftover in siblings:
+        earlier = leftover / out.name
+        if (leftover.name.startswith(f".{out.name}.{RETIRED_TAG}") and pattern.match(leftover.name)
+                and not out.exists() and earlier.is_dir() and is_aufold_output(earlier)):
+            # Killed between the two renames of a replacement: the earlier output is whole.
+            log.info("restoring %s from %s, left by an interrupted aufold run", out, leftover)
+            os.rename(earlier, out)
         if pattern.match(leftover.name):
             log.info("removing %s, left by an interrupted aufold run", leftover)
             if leftover.is_dir() and not leftover.is_symlink():
@@ -304,13 +334,40 @@ def _remove_leftovers(out: Path) -> None:
 def _finish(staging: Path, out: Path, content: str) -> None:
     marker = {"format": MARKER_FORMAT, "aufold_version": __version__, "content": content}
     (staging / MARKER).write_text(json.dumps(marker) + "\n")
-    if out.exists() or out.is_symlink():
-        retired = _mkdtemp(out, RETIRED_TAG)
-        os.rename(out, retired / out.name)
-        os.rename(staging, out)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.rename(staging, out)
+    # Replacing takes two renames; Ctrl-C or SIGTERM between them would leave no output, so
+    # they wait until both are done. (After a kill -9 there, the next claim restores the
+    # earlier output: see _remove_leftovers.)
+    with _signals_deferred():
+        if out.exists() or out.is_symlink():
+            retired = _mkdtemp(out, RETIRED_TAG)
+            os.rename(out, retired / out.name)
+            os.rename(staging, out)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.rename(staging, out)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP back for the block; they are delivered right after.
+
+    Python runs signal handlers in the main thread whichever thread the kernel picked (torch
+    has several), so the handlers are swapped for ones that only take note. Outside the
+    main thread, where handlers cannot be set, the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {signum: signal.signal(signum, lambda number, _frame: pending.append(number))
+                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in pending:
+            signal.raise_signal(signum)
 
 
 def _mkdtemp(out: Path, tag: str) -> Path:
@@ -330,6 +387,11 @@ def _write_errors(out: Path) -> Iterator[None]:
         if error.errno in _FULL_OR_READ_ONLY or (error.errno in _USER_FS_ERRORS and written):
             raise _fs_error(out, error) from None
         raise
+    except Exception as error:
+        # safetensors reports a full disk as its own error type, with the OS's words inside.
+        if "No space left on device" in str(error):
+            raise _fs_error(out, OSError(errno.ENOSPC, "No space left on device")) from None
+        raise
 
 
 def _fs_error(out: Path, error: OSError) -> AufoldError:
@@ -346,7 +408,25 @@ def _umask() -> int:
 
 
 def _resolved(path: str | Path) -> Path:
-    return Path(path).expanduser().resolve()
+    try:
+        return Path(path).expanduser().resolve()
+    except RuntimeError:  # Python 3.11 and 3.12 raise it for a loop of symbolic links
+        raise AufoldError(f"{path} leads into a loop of symbolic links; fix the links") from None
+
+
+def _png_software(path: Path) -> str | None:
+    """The Software text chunk of a PNG file (matplotlib writes it before the image data)."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(1 << 16)
+    except OSError:
+        return None
+    start = head.find(b"tEXtSoftware\0")
+    if not head.startswith(b"\x89PNG") or start < 0:
+        return None
+    length = int.from_bytes(head[start - 4:start], "big") - len("Software") - 1
+    begin = start + len(b"tEXtSoftware\0")
+    return head[begin:begin + length].decode("latin-1")
 
 
 def _json_format(path: Path) -> str | None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 from aufold.errors import AufoldError
 from aufold.pairs import ContrastivePair, read_pairs
 from aufold.tasks.files import SHARED_DATA, default_data_dir
 from aufold.tasks.item import Item
 from aufold.tasks.registry import get_task
+
+T = TypeVar("T")
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path:
@@ -30,13 +33,18 @@ def load_split(task: str, split: str, data_dir: str | Path | None, *, size: int 
     too small for it gets an error that says which option to lower.
     """
     items = get_task(task).load(split, resolve_data_dir(data_dir))
+    return first(items, size, f"the {split} split of {task}", option)
+
+
+def first(items: list[T], size: int | None, what: str, option: str) -> list[T]:
+    """The first ``size`` of ``items`` (all for None); too few is an error naming ``option``."""
     if size is None:
         return items
     if size < 1:
         raise AufoldError(f"{option} must be at least 1, got {size}")
     if size > len(items):
-        raise AufoldError(f"the {split} split of {task} has {len(items)} items, fewer than "
-                          f"{option} {size}; choose {option} <= {len(items)}")
+        raise AufoldError(f"{what} has {len(items)} items, fewer than {option} {size}; choose "
+                          f"{option} <= {len(items)}")
     return items[:size]
 
 
@@ -48,13 +56,16 @@ def task_pairs(task: str, data_dir: str | Path | None, *, size: int | None = Non
 
 
 def read_pairs_or_task(pairs_file: str | Path | None, task: str | None,
-                       data_dir: str | Path | None) -> list[ContrastivePair]:
-    """The pairs of ``aufold localize``: a pairs file, or the pairs split of a task."""
+                       data_dir: str | Path | None, *, limit: int | None = None
+                       ) -> list[ContrastivePair]:
+    """The pairs of ``aufold localize``: a pairs file, or the pairs split of a task (the
+    first ``limit`` of them)."""
     if (pairs_file is None) == (task is None):
         raise AufoldError("give either --pairs FILE or --task NAME (to localize on the task's "
                           "pairs split), exactly one of them")
     if task is None:
         if data_dir is not None:
             raise AufoldError("--data-dir goes with --task; drop it when giving --pairs")
-        return read_pairs(pairs_file)  # type: ignore[arg-type]
-    return task_pairs(task, data_dir)
+        pairs = read_pairs(pairs_file)  # type: ignore[arg-type]
+        return first(pairs, limit, f"pairs file {pairs_file}", "--limit")
+    return task_pairs(task, data_dir, size=limit, option="--limit")

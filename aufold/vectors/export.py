@@ -48,7 +48,7 @@ def fold_vector_checkpoint(
     source = resolve_source(model_ref)
     try:
         config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
-    except OSError as error:
+    except (OSError, ValueError, KeyError) as error:
         raise AufoldError(f"could not read the config of {source.ref!r}: {error}") from None
     architecture_for(config.model_type).vector_bias(site, 0)  # refuses before loading weights
     inputs = Inputs.of([*source.input_paths(), vector_path])

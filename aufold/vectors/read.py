@@ -20,6 +20,7 @@ llama.cpp count it. Shapes against the model are checked by
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,9 @@ from aufold.errors import AufoldError, first_line
 from aufold.jsonl import read_json_file
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
-_KEY_LAYER = re.compile(r"(?:.*[._-])?(\d+)")  # "13", "direction.13", "model.layers.13", ...
+# "13", "direction.13", "model.layers.13", ...; a separator needs a name before it, so "-1"
+# is not read as layer 1.
+_KEY_LAYER = re.compile(r"(?:.*[^._-][._-])?(\d+)")
 _FILE_LAYER = re.compile(r"layers?[._-]?(\d+)", re.IGNORECASE)  # vec_layer_13_<model>.npy
 _JSON_WRAPPERS = ("layers", "directions", "vectors")
 _FILE_SUFFIXES = (".npy", ".safetensors", ".json")
@@ -98,7 +101,7 @@ def check_vectors(vectors: SteeringVectors, *, hidden_size: int, num_layers: int
 def _read_control_vector(path: Path) -> tuple[dict[int, torch.Tensor], bool]:
     try:
         tensors = GGUFReader(path, "r").tensors
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, IndexError, KeyError, TypeError, EOFError, struct.error) as error:
         raise AufoldError(f"could not read the GGUF control vector {path}: "
                           f"{first_line(error)}") from None
     vectors: dict[int, torch.Tensor] = {}
