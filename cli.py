@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -73,9 +75,6 @@ def reports_errors(command: F) -> F:
 
 def _configure_console(*, quiet: bool, verbose: bool) -> None:
     """Progress on stderr unless --quiet; libraries' warnings and notices only with --verbose."""
-    import os
-    import warnings
-
     from aufold.progress import set_quiet
     from aufold.safety.limits import forget_warnings
 
