@@ -78,9 +78,9 @@ def load_model(
         raise AufoldError(f"unknown dtype {dtype!r}; choose from: {', '.join(DTYPES)}")
     if device and device_map:
         raise AufoldError("give either --device or --device-map, not both")
-    if device:
+    if device is not None:
         check_device(device)
-    if device_map and device_map not in _DEVICE_MAP_STRATEGIES:
+    if device_map is not None and device_map not in _DEVICE_MAP_STRATEGIES:
         check_device(device_map)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
     if source.gguf_file:
@@ -128,6 +128,8 @@ def _check_complete(source: ModelSource, loading: Mapping[str, Any]) -> None:
 def check_device(device: str) -> None:
     """Refuse a device name torch does not know, or a device this machine lacks, in one line."""
     try:
+        if not device.strip():
+            raise ValueError("the name is empty")
         if torch.device(device).type == "meta":
             raise ValueError("the meta device holds shapes, not weights")
         torch.empty(0, device=device)

@@ -47,8 +47,10 @@ def read_tuned(path: str | Path) -> Selection:
         if data.get("format") != TUNE_FORMAT:
             raise KeyError("format")
         best, plan = data["best"], Path(data["plan"])
+        if type(best["k"]) is not int:  # 2.9 must not quietly become 2
+            raise TypeError(f"k must be an integer, got {best['k']!r}")
         selection = Selection(plan if plan.is_absolute() else file.parent / plan,
-                              int(best["k"]), float(best["alpha"]), (str(best["site"]),))
+                              best["k"], float(best["alpha"]), (str(best["site"]),))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError,
             OverflowError, UnicodeDecodeError, OSError) as error:
         raise AufoldError(f"{file} is not a tune result of aufold ({type(error).__name__}: "

@@ -240,7 +240,7 @@ def test_an_output_folder_that_cannot_be_created_is_one_line(world: Path, tmp_pa
                         "--out", blocker / "plan"], "cannot write")
 
 
-@pytest.mark.parametrize("device", ["bogus", "cuda", "cuda:7", "mps"])
+@pytest.mark.parametrize("device", ["bogus", "cuda", "cuda:7", "mps", ""])
 def test_an_unknown_or_missing_device_is_one_line(world: Path, tmp_path: Path, device: str) -> None:
     _refused(tmp_path, ["localize", world / "model", "--pairs", world / "pairs.jsonl", "--site", "head",
                         "--out", tmp_path / "plan", "--device", device], f"device {device!r}")
@@ -393,6 +393,10 @@ def test_more_damaged_inputs_are_one_line(world: Path, tmp_path: Path) -> None:
                      '"site": "head"}}')
     _refused(tmp_path, ["export", world / "model", "--tuned", tuned, "--out", tmp_path / "o"],
              "is not a tune result")
+    tuned.write_text('{"format": "aufold-tune", "plan": "plan", "best": {"k": 2.9, "alpha": 1, '
+                     '"site": "head"}}')
+    _refused(tmp_path, ["export", world / "model", "--tuned", tuned, "--out", tmp_path / "o"],
+             "k must be an integer")
 
 
 def test_a_checkpoint_whose_weights_do_not_match_its_config_is_refused(world: Path, tmp_path: Path) -> None:
