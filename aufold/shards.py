@@ -194,8 +194,24 @@ def localize_distributed(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         raise AufoldError("localize_distributed runs under torchrun with more than one process")
     rank, size, _ = world
     device = model.get_input_embeddings().weight.device
-    if not dist.is_initialized():
+    started_group = not dist.is_initialized()
+    if started_group:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _localize_and_reduce(model, tokenizer, pairs, sites, rank, size, device, **options)
+    finally:
+        # A group left running aborts its process at exit now and then ("terminate called
+        # without an active exception" from gloo's threads), failing a finished run.
+        if started_group:
+            dist.destroy_process_group()
+
+
+def _localize_and_reduce(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                         pairs: Sequence[ContrastivePair], sites: Sequence[str], rank: int,
+                         size: int, device: torch.device, **options: Any) -> Plan:
+    """This rank's part of the pairs, localized, with the counts summed over every rank."""
+    import torch.distributed as dist
+
     pairs = validate_pairs(pairs)
     if size > len(pairs):
         raise AufoldError(f"cannot split {len(pairs)} pairs over {size} processes")
