@@ -160,7 +160,8 @@ task_option = click.option("--task", required=True, type=click.Choice(task_names
                                 "files in --data-dir).")
 overwrite_option = click.option("--overwrite", is_flag=True,
                                 help="Replace an earlier output of aufold at the same path.")
-dtype_option = click.option("--dtype", default="auto", show_default=True, type=click.Choice(list(DTYPE_NAMES)),
+dtype_option = click.option("--dtype", default="auto", show_default=True,
+                            type=click.Choice(list(DTYPE_NAMES)),
                             help="Dtype to load the model in (auto: the checkpoint's own).")
 data_dir_option = click.option("--data-dir", type=click.Path(path_type=Path), default=None,
                                help="Folder of the task's files (default: ../shared/data beside the "

@@ -146,6 +146,15 @@ def pickle_weight_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
 
 
+def local_checkpoint(folder: Path, *, allow_pickle: bool) -> Checkpoint | None:
+    """The checked safetensors checkpoint of a model folder, or None for a folder of pickle
+    weights only when ``allow_pickle`` lets transformers unpickle them (with torch's
+    ``weights_only`` loader). Without it such a folder, and any damaged one, is refused."""
+    if allow_pickle and not has_safetensors(folder) and pickle_weight_files(folder):
+        return None
+    return open_checkpoint(folder)
+
+
 def open_checkpoint(folder: str | Path) -> Checkpoint:
     """Read the index (or the single file's header) and every shard header of a folder.
 

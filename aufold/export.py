@@ -117,16 +117,16 @@ def _write_export(source: ModelSource, plan: Plan, out: Path, *, k: int, alpha: 
                                        base_model=base_model, allow_extreme=allow_extreme)
         return ExportResult(out, edit, None, report)
     if source.gguf_path is not None:
-        _say_what_a_gguf_becomes(source.gguf_path, dtype)
+        log.info("%s", gguf_dequantization_note(source.gguf_path, dtype))
     model, tokenizer, _ = load_model(source.ref, dtype=dtype, sites=sites, allow_pickle=allow_pickle)
     plan.check_fingerprint(fingerprint(model), force=force)
     return export_loaded(model, tokenizer, plan, k=k, alpha=alpha, out=out, sites=sites,
                          base_model=base_model, allow_extreme=allow_extreme)
 
 
-def _say_what_a_gguf_becomes(path: Path, dtype: str) -> None:
-    """A quantized GGUF file becomes a checkpoint several times its size: say so, and how to
-    halve it, before the minutes of dequantizing."""
+def gguf_dequantization_note(path: Path, dtype: str) -> str:
+    """What a GGUF file becomes when exported as a checkpoint: several times its size, said
+    (with how to halve it) before the minutes of dequantizing."""
     from aufold.formats.gguf import gguf_tensors
 
     tensors = gguf_tensors(path)
@@ -135,9 +135,10 @@ def _say_what_a_gguf_becomes(path: Path, dtype: str) -> None:
     size = values * (4 if written == "float32" else 2)
     types = ", ".join(sorted({tensor.tensor_type.name for tensor in tensors.values()}))
     hint = "; pass --dtype bfloat16 to halve it" if written == "float32" else ""
-    log.info("%s (%s, %.0f MB) is dequantized: the checkpoint is written in %s, about %.0f MB "
-             "(%.1fx the file)%s", path.name, types, path.stat().st_size / 1e6, written, size / 1e6,
-             size / path.stat().st_size, hint)
+    file_size = path.stat().st_size
+    return (f"{path.name} ({types}, {file_size / 1e6:.0f} MB) is dequantized: the checkpoint is "
+            f"written in {written}, about {size / 1e6:.0f} MB ({size / file_size:.1f}x the "
+            f"file){hint}")
 
 
 def push_export(result: ExportResult, repo_id: str, *, private: bool, kept: bool) -> ExportResult:

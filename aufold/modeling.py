@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from aufold.checkpoint import has_safetensors, open_checkpoint, pickle_weight_files
+from aufold.checkpoint import local_checkpoint
 from aufold.defaults import DTYPE_NAMES
 from aufold.errors import AufoldError, first_line
 from aufold.sites import Architecture, architecture_for, site_kind
@@ -70,7 +70,7 @@ def load_model(
 
     Every command loads models through here. Before any weight loads: ``sites`` that the
     architecture lacks are refused, a local checkpoint's safetensors headers and index are
-    checked (:func:`aufold.checkpoint.open_checkpoint`), and pickle weights, which can run
+    checked (:func:`aufold.checkpoint.local_checkpoint`), and pickle weights, which can run
     code when unpickled, are refused unless ``allow_pickle``.
     """
     source = resolve_source(ref)
@@ -87,8 +87,11 @@ def load_model(
         kwargs["gguf_file"] = source.gguf_file
         check_gguf_file(source)
     architecture_for(_model_type(source)).check_sites(sites)  # fail before loading any weights
-    if not source.gguf_file:
-        kwargs["use_safetensors"] = _check_weights(source, allow_pickle=allow_pickle)
+    if source.local_dir is not None:  # checked before loading; pickle only when allowed
+        kwargs["use_safetensors"] = local_checkpoint(source.local_dir,
+                                                     allow_pickle=allow_pickle) is not None
+    elif not source.gguf_file:  # a hub repo: transformers picks the files
+        kwargs["use_safetensors"] = not allow_pickle
     if device_map:
         kwargs["device_map"] = device_map
     try:
@@ -148,18 +151,6 @@ def check_gguf_file(source: ModelSource) -> None:
 
     assert source.gguf_path is not None
     gguf_tensors(source.gguf_path)
-
-
-def _check_weights(source: ModelSource, *, allow_pickle: bool) -> bool:
-    """Check a local checkpoint's weights before loading; return whether to load safetensors
-    only (pickle weights are taken only with ``allow_pickle``)."""
-    folder = source.local_dir
-    if folder is None:
-        return not allow_pickle  # a hub repo: transformers picks the files
-    if not has_safetensors(folder) and allow_pickle and pickle_weight_files(folder):
-        return False  # transformers unpickles with torch.load(weights_only=True)
-    open_checkpoint(folder)  # refuses pickle-only folders, damaged headers, bad indexes
-    return True
 
 
 def _model_type(source: ModelSource) -> str:

@@ -20,17 +20,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from aufold.safety.limits import check_scale_factors
-from aufold.safety.outputs import atomic_folder, claim_output
 from aufold.edit import Edit, SteeredUnit
 from aufold.errors import AufoldError, first_line
-from aufold.sites import SITE_ORDER, site_kind
+from aufold.safety.limits import check_scale_factors
+from aufold.safety.outputs import atomic_folder, claim_output
+from aufold.sites import SITE_ORDER
 from aufold.version import __version__
 
 PLAN_JSON = "plan.json"
 COUNTS_FILE = "counts.safetensors"
-SUMMARY_TOP = 100
-MAX_PAIRS = 2**40  # far above any localization; keeps every count sum inside int64  # how many ranked units plan.json lists; the counts hold all of them
+SUMMARY_TOP = 100  # how many ranked units plan.json lists; the counts hold all of them
+MAX_PAIRS = 2**40  # far above any localization; keeps every count sum inside int64
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,8 @@ class Plan:
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the plan folder atomically."""
-        with claim_output(path, overwrite=overwrite) as out, atomic_folder(out, content="plan") as staging:
+        with (claim_output(path, overwrite=overwrite) as out,
+              atomic_folder(out, content="plan") as staging):
             tensors = {}
             for site, counts in self.counts.items():
                 tensors[f"{site}.positive"] = counts.positive.contiguous()

@@ -21,10 +21,6 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
-def is_quiet() -> bool:
-    return _quiet
-
-
 def bar(iterable: Iterable[T] | None = None, *, desc: str, unit: str, total: int | None = None,
         enabled: bool = True, **options: Any) -> Any:
     """A tqdm bar on stderr, off under ``--quiet`` or when ``enabled`` is false."""

@@ -31,9 +31,8 @@ from aufold.checkpoint import (
     Checkpoint,
     TensorEntry,
     copy_range,
-    has_safetensors,
+    local_checkpoint,
     open_checkpoint,
-    pickle_weight_files,
     read_tensor,
     tensor_bytes,
     write_all,
@@ -83,11 +82,10 @@ def streamable_folder(source: ModelSource, *, dtype: str = "auto",
     folder = source.local_dir
     if folder is None:
         return _cached_snapshot(source.path)
-    if not has_safetensors(folder):
-        if allow_pickle and pickle_weight_files(folder):
-            return None
-        open_checkpoint(folder)  # raises the error that says what is wrong
-    if dtype != "auto" and not _stored_as(open_checkpoint(folder), dtype):
+    checkpoint = local_checkpoint(folder, allow_pickle=allow_pickle)  # refuses what is wrong
+    if checkpoint is None:
+        return None  # pickle weights, allowed: transformers loads them
+    if dtype != "auto" and not _stored_as(checkpoint, dtype):
         return None  # converting dtypes is the in-memory path's job
     return folder
 

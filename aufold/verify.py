@@ -102,16 +102,16 @@ def verify(
     status(f"verify: {model_ref} with hooks")
     base, tokenizer, _ = load_model(model_ref, dtype=dtype, **placement)  # type: ignore[arg-type]
     plan.check_fingerprint(fingerprint(base), force=force)
-    prompt_ids = _prompt_ids(tokenizer, prompts)
+    prompt_ids = encode_prompts(tokenizer, prompts)
     with steer(base, edit):
-        hooked = _logits(base, prompt_ids)
+        hooked = prompt_logits(base, prompt_ids)
     model_dtype = base.dtype
     del base  # keep at most one model in memory at a time
     gc.collect()
     status(f"verify: the folded model {folded}")
     folded_model, _, _ = load_model(folded, dtype=str(model_dtype).removeprefix("torch."),
                                     **placement)  # type: ignore[arg-type]
-    result = _logits(folded_model, prompt_ids)
+    result = prompt_logits(folded_model, prompt_ids)
     del folded_model
     gc.collect()
     reference = None
@@ -119,7 +119,7 @@ def verify(
         status(f"verify: {model_ref} with hooks in float32, the reference for {model_dtype}")
         reference_model, _, _ = load_model(model_ref, dtype="float32", **placement)  # type: ignore[arg-type]
         with steer(reference_model, edit):
-            reference = _logits(reference_model, prompt_ids)
+            reference = prompt_logits(reference_model, prompt_ids)
     return judge(hooked, result, reference, model_dtype)
 
 
@@ -128,10 +128,10 @@ def verify_loaded(base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, edi
     """The same comparison for float32 models already in memory (base left unchanged)."""
     if base.dtype != torch.float32:
         raise AufoldError("verify_loaded compares float32 models; use verify() for other dtypes")
-    prompt_ids = _prompt_ids(tokenizer, prompts)
+    prompt_ids = encode_prompts(tokenizer, prompts)
     with steer(base, edit):
-        hooked = _logits(base, prompt_ids)
-    return judge(hooked, _logits(folded_model, prompt_ids), None, base.dtype)
+        hooked = prompt_logits(base, prompt_ids)
+    return judge(hooked, prompt_logits(folded_model, prompt_ids), None, base.dtype)
 
 
 def judge(hooked: torch.Tensor, folded: torch.Tensor, reference: torch.Tensor | None,
@@ -171,13 +171,13 @@ def rms_distance(logits: torch.Tensor, reference: torch.Tensor) -> float:
     return float((logits.double() - reference.double()).pow(2).mean().sqrt())
 
 
-def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
     ids, _ = encode(tokenizer, prompts)
     return ids
 
 
 @torch.inference_mode()
-def _logits(model: PreTrainedModel, prompt_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+def prompt_logits(model: PreTrainedModel, prompt_ids: Sequence[Sequence[int]]) -> torch.Tensor:
     """Float32 logits at every token, one prompt at a time, as one [tokens, vocab] matrix.
 
     Each prompt runs alone, unpadded: in a padded batch a low-precision model computes

@@ -34,18 +34,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from edit_helpers import random_plan  # noqa: E402
+from tiny_models import tiny_model, tiny_tokenizer  # noqa: E402
+
 from aufold.fold import fold_model  # noqa: E402
 from aufold.modeling import load_model, local_smollm2  # noqa: E402
 from aufold.steer import steer  # noqa: E402
 from aufold.verify import (  # noqa: E402
     DEFAULT_PROMPTS,
     LOW_PRECISION_FACTOR,
-    _logits,
-    _prompt_ids,
+    encode_prompts,
+    prompt_logits,
     rms_distance,
 )
-from edit_helpers import random_plan  # noqa: E402
-from tiny_models import tiny_model, tiny_tokenizer  # noqa: E402
 
 DTYPES = (torch.bfloat16, torch.float16)
 SITES = ("head", "mlp", "mlp-out")
@@ -59,16 +60,16 @@ def distances(base32: torch.nn.Module, ids: list[list[int]], dtype: torch.dtype,
     """Distances to the float32 steered model, in one dtype, of: the fold, the hooks, the
     unedited base and the wrong fold."""
     with steer(base32, edit):
-        reference = _logits(base32, ids)
+        reference = prompt_logits(base32, ids)
     low = copy.deepcopy(base32).to(dtype)
     with steer(low, edit):
-        hooks = _logits(low, ids)
+        hooks = prompt_logits(low, ids)
     folded = copy.deepcopy(low)
     fold_model(folded, edit)
     wrong = copy.deepcopy(low)
     fold_model(wrong, wrong_edit)
     return tuple(rms_distance(x, reference)  # type: ignore[return-value]
-                 for x in (_logits(folded, ids), hooks, _logits(low, ids), _logits(wrong, ids)))
+                 for x in (prompt_logits(folded, ids), hooks, prompt_logits(low, ids), prompt_logits(wrong, ids)))
 
 
 def main() -> int:
@@ -83,7 +84,7 @@ def main() -> int:
           f"{'ratio':>8}{'unedited':>10}{'2x alpha':>10}")
     worst, least_unedited, least_doubled = 0.0, float("inf"), float("inf")
     for name, model, tokenizer in models:
-        ids = _prompt_ids(tokenizer, DEFAULT_PROMPTS)
+        ids = encode_prompts(tokenizer, DEFAULT_PROMPTS)
         plan = random_plan(model, num_pairs=100)
         for dtype in DTYPES:
             for site in SITES:

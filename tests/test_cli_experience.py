@@ -4,8 +4,6 @@ by --quiet), `aufold inspect`, eval's side-by-side line, one option vocabulary, 
 from __future__ import annotations
 
 import json
-import logging
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +16,7 @@ from tiny_models import save_tiny_model, tiny_model
 
 import cli
 from aufold.card import units_sentence
-from aufold.export import _say_what_a_gguf_becomes
+from aufold.export import gguf_dequantization_note
 from aufold.modeling import fingerprint
 from aufold.pairs import ContrastivePair, write_pairs
 from aufold.plan import Plan, SiteCounts
@@ -264,13 +262,11 @@ def test_cards_name_their_sites_in_words() -> None:
     assert "(site head)" in units_sentence(Record())  # type: ignore[arg-type]
 
 
-def test_a_gguf_export_says_what_it_becomes(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_gguf_export_says_what_it_becomes() -> None:
     from aufold.source import smollm2_gguf_path
 
-    with caplog.at_level(logging.INFO, logger="aufold"):
-        _say_what_a_gguf_becomes(smollm2_gguf_path(), "auto")
-        _say_what_a_gguf_becomes(smollm2_gguf_path(), "bfloat16")
-    loud, halved = caplog.messages
+    loud = gguf_dequantization_note(smollm2_gguf_path(), "auto")
+    halved = gguf_dequantization_note(smollm2_gguf_path(), "bfloat16")
     assert "Q4_1" in loud and "float32" in loud and "5.5x the file" in loud and "--dtype bfloat16" in loud
     assert "bfloat16" in halved and "2.7x the file" in halved and "pass --dtype" not in halved
 

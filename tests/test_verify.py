@@ -79,11 +79,11 @@ def test_judge_in_float32_keeps_the_relative_rule() -> None:
 
 def test_verify_runs_each_prompt_alone(tiny: dict[str, tuple[Path, Path]]) -> None:
     """Unpadded prompts: the logits of a prompt do not depend on the other prompts."""
-    from aufold.verify import _logits, _prompt_ids
+    from aufold.verify import encode_prompts, prompt_logits
 
     base, _ = tiny["llama"]
     model, tokenizer, _ = load_model(base, dtype="bfloat16")
     prompts = ["a b c", "a much longer prompt than the first one, padded in a batch"]
-    together = _logits(model, _prompt_ids(tokenizer, prompts))
-    alone = _logits(model, _prompt_ids(tokenizer, prompts[:1]))
+    together = prompt_logits(model, encode_prompts(tokenizer, prompts))
+    alone = prompt_logits(model, encode_prompts(tokenizer, prompts[:1]))
     assert torch.equal(together[:alone.shape[0]], alone)

@@ -22,8 +22,8 @@ from transformers import PreTrainedTokenizerBase
 from aufold.encoding import chat_prompt, pad_id
 from aufold.evaluate.batches import LeftBatch, LogitsFn, length_batches, pad_left
 from aufold.evaluate.report import ItemResult
-from aufold.tasks import Item
 from aufold.progress import bar
+from aufold.tasks import Item
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -160,7 +160,8 @@ def evaluate_model(
     items = load_split(task, split, data_dir, size=limit)
     kind = get_task(task).kind
     resolve_scorer(kind, scorer)
-    inputs = Inputs.of([*resolve_source(model_ref).input_paths(), resolve_data_dir(data_dir),
+    data_folder = resolve_data_dir(data_dir)
+    inputs = Inputs.of([*resolve_source(model_ref).input_paths(), data_folder,
                         selection.plan_dir if selection else None])
     claim = (claim_output(report, overwrite=overwrite, inputs=inputs, kind=OutputKind.FILE)
              if report is not None else nullcontext())
@@ -182,7 +183,7 @@ def evaluate_model(
         for each in (result, unsteered):
             if each is not None:
                 each.settings.update(model=source.ref, task=task, split=split,
-                                     data_dir=str(resolve_data_dir(data_dir)))
+                                     data_dir=str(data_folder))
         result.settings["steering"] = selection.describe() if selection else None
         evaluation = ModelEvaluation(result, unsteered)
         if report is not None:

@@ -19,11 +19,11 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from aufold.defaults import MAX_NEW_TOKENS
 from aufold.encoding import pad_id
-from aufold.progress import bar
 from aufold.evaluate.batches import length_batches, pad_left
 from aufold.evaluate.choices import encode_prompts
 from aufold.evaluate.report import ItemResult
 from aufold.modeling import input_device
+from aufold.progress import bar
 from aufold.tasks import Item, format_number
 
 if TYPE_CHECKING:

@@ -14,9 +14,9 @@ import torch
 from peft import PeftConfig
 from safetensors.torch import save_file
 
+from aufold.card import ExportRecord, card_files
 from aufold.safety.limits import check_finite
 from aufold.safety.outputs import atomic_folder
-from aufold.card import ExportRecord, card_files
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -31,8 +31,8 @@ import os
 import re
 import shutil
 import signal
-import threading
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field

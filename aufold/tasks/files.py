@@ -7,7 +7,6 @@ from pathlib import Path
 from aufold.errors import AufoldError
 from aufold.jsonl import Record, parse_json_object, read_json_file, text_lines
 
-
 # The data lives beside the repository, never inside it: repo/../shared/data.
 # This file is repo/aufold/tasks/files.py, so the repository root is three levels up.
 _REPO_ROOT = Path(__file__).resolve().parents[2]

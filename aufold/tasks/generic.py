@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from aufold.errors import AufoldError
-from aufold.tasks.base import Task, TaskKind, check_split
 from aufold.jsonl import parse_json_object, text_lines
+from aufold.tasks.base import Task, TaskKind, check_split
 from aufold.tasks.files import require_file
 from aufold.tasks.item import Item
 
