@@ -21,6 +21,8 @@ from aufold.defaults import (
     DTYPE_NAMES,
     EVAL_BATCH_SIZE,
     EVAL_MAX_LENGTH,
+    GGUF_REENCODE,
+    GGUF_REENCODE_NAMES,
     K_GRID,
     LOCALIZE_BATCH_SIZE,
     LOCALIZE_MAX_LENGTH,
@@ -398,6 +400,10 @@ def inspect(plan_dir: Path, limit: int, list_all: bool, sites: tuple[str, ...], 
               type=click.Choice(list(FORMATS)),
               help="checkpoint: full folded model; lora / ia3: exact PEFT adapter; gguf: fold into "
                    "a copy of MODEL's .gguf file.")
+@click.option("--gguf-reencode", default=None, type=click.Choice(list(GGUF_REENCODE_NAMES)),
+              help=f"With --format gguf: the type a block-quantized tensor whose columns are "
+                   f"steered (head units) is re-encoded to [default: {GGUF_REENCODE}]. Row "
+                   f"units (mlp, mlp-out) scale block scales and keep the type.")
 @overwrite_option
 @click.option("--base-model-id", default=None, help="Hub id of the base model for the model card.")
 @click.option("--push-to-hub", "repo_id", default=None, help="Also upload the folder to this hub repo.")
@@ -410,8 +416,9 @@ def inspect(plan_dir: Path, limit: int, list_all: bool, sites: tuple[str, ...], 
 @guarded(inputs=("model", "plan_dir", "tuned"), folders=("out",))
 def export(model: str, plan_dir: Path | None, k: int | None, alpha: float | None,
            sites: tuple[str, ...], tuned: Path | None, force: bool, allow_extreme: bool, dtype: str,
-           out: Path | None, output_format: str, overwrite: bool, base_model_id: str | None,
-           repo_id: str | None, private: bool, link_unchanged: bool, allow_pickle: bool) -> None:
+           out: Path | None, output_format: str, gguf_reencode: str | None, overwrite: bool,
+           base_model_id: str | None, repo_id: str | None, private: bool, link_unchanged: bool,
+           allow_pickle: bool) -> None:
     """Fold the top-k units of a plan (or the choice of `aufold tune`) into MODEL and write a
     standard checkpoint (or --format)."""
     from aufold.export import export as run_export
@@ -424,7 +431,8 @@ def export(model: str, plan_dir: Path | None, k: int | None, alpha: float | None
                         sites=chosen.sites, dtype=dtype, overwrite=overwrite, force=force,
                         base_model_id=base_model_id, push_to_hub=repo_id, private=private,
                         link_unchanged=link_unchanged, allow_pickle=allow_pickle,
-                        allow_extreme=allow_extreme, format=output_format)
+                        allow_extreme=allow_extreme, format=output_format,
+                        gguf_reencode=gguf_reencode)
     if result.streamed:
         click.echo(result.streamed.summary())
     written = "folded" if output_format == CHECKPOINT else f"wrote as {output_format}"

@@ -29,3 +29,8 @@ ALPHA_GRID: tuple[float, ...] = (1.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 
 # Dtypes a model can be loaded in ("auto": the checkpoint's own).
 DTYPE_NAMES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+
+# GGUF export (aufold.formats.gguf): the type a block-quantized tensor is re-encoded to when
+# its columns are steered (head units of attn_output), which no block scale can express.
+GGUF_REENCODE_NAMES: tuple[str, ...] = ("q8_0", "f16")
+GGUF_REENCODE = "q8_0"

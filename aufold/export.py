@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from transformers import PreTrainedTokenizerBase
 
 from aufold.card import PROVENANCE_FILE, ExportRecord, model_card
+from aufold.defaults import GGUF_REENCODE
 from aufold.edit import Edit
 from aufold.errors import AufoldError
 from aufold.fold import fold_model
@@ -57,6 +58,7 @@ def export(
     allow_pickle: bool = False,
     allow_extreme: bool = False,
     format: str = CHECKPOINT,
+    gguf_reencode: str | None = None,
 ) -> ExportResult:
     """Fold the top-k units of ``plan`` into ``model_ref`` and write the result to ``out``.
 
@@ -66,10 +68,15 @@ def export(
     loading the model (:mod:`aufold.streaming`); ``link_unchanged`` hard-links its shards
     that hold no edit. Pickle weights load only with ``allow_pickle``. ``format``
     "lora", "ia3" or "gguf" writes the edit as an adapter or a GGUF file instead
-    (:mod:`aufold.formats`). With ``push_to_hub`` and no ``out``, the export is written
-    to a temporary folder that is removed after the upload, whether it succeeds or not.
+    (:mod:`aufold.formats`); ``gguf_reencode`` is the type a GGUF tensor with steered
+    columns becomes (:data:`aufold.defaults.GGUF_REENCODE` when None). With
+    ``push_to_hub`` and no ``out``, the export is written to a temporary folder that is
+    removed after the upload, whether it succeeds or not.
     """
     check_format(format)
+    if gguf_reencode is not None and format != "gguf":
+        raise AufoldError(f"--gguf-reencode applies to --format gguf only, not {format}; "
+                          f"drop it or pass --format gguf")
     plan_inputs = () if isinstance(plan, Plan) else (plan,)
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     chosen_sites = plan.sites if sites is None else tuple(sites)
@@ -82,7 +89,8 @@ def export(
     options = dict(k=k, alpha=alpha, sites=chosen_sites, dtype=dtype, force=force,
                    base_model=base_model_id or base_model_name(source),
                    link_unchanged=link_unchanged, allow_pickle=allow_pickle,
-                   allow_extreme=allow_extreme, format=format)
+                   allow_extreme=allow_extreme, format=format,
+                   gguf_reencode=gguf_reencode or GGUF_REENCODE)
     inputs = Inputs.of([*source.input_paths(), *plan_inputs])
     if out is None:
         if push_to_hub is None:
@@ -102,14 +110,15 @@ def export(
 def _write_export(source: ModelSource, plan: Plan, out: Path, *, k: int, alpha: float,
                   sites: Sequence[str], dtype: str, force: bool, base_model: str,
                   link_unchanged: bool, allow_pickle: bool, allow_extreme: bool,
-                  format: str) -> ExportResult:
+                  format: str, gguf_reencode: str) -> ExportResult:
     """Write one export into the claimed folder ``out``: streamed, loaded, or another format."""
     if format != CHECKPOINT:
         from aufold.formats.export import export_format  # loads peft and gguf only when asked
 
         return export_format(format, source, plan, k=k, alpha=alpha, out=out, sites=sites,
                              dtype=dtype, force=force, base_model=base_model,
-                             allow_pickle=allow_pickle, allow_extreme=allow_extreme)
+                             allow_pickle=allow_pickle, allow_extreme=allow_extreme,
+                             gguf_reencode=gguf_reencode)
     folder = streamable_folder(source, dtype=dtype, allow_pickle=allow_pickle)
     if folder is not None:
         edit, report = export_streamed(folder, plan, k=k, alpha=alpha, out=out, sites=sites,

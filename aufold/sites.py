@@ -124,6 +124,10 @@ class Architecture:
     # converters store every one as [out, in] (GPT-2's Conv1D weights are transposed).
     gguf_attention_out: str = "attn_output"
     gguf_mlp_down: str = "ffn_down"
+    # The GGUF tensor whose rows scale the MLP neurons one by one: the up projection of a
+    # gated MLP (neuron = act(gate x) * (up x)). None where no such tensor exists: an
+    # ungated MLP (GPT-2), or gate and up fused in one tensor (Phi-3's ffn_up).
+    gguf_mlp_up: str | None = "ffn_up"
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -230,9 +234,11 @@ ARCHITECTURES: Mapping[str, Architecture] = {
         Architecture("gemma3_text", "model.layers", "self_attn.o_proj", "mlp.down_proj",
                      attention_out_bias="attention_bias",
                      norm_after_mlp_down="post_feedforward_layernorm"),
-        Architecture("phi3", "model.layers", "self_attn.o_proj", "mlp.down_proj"),
+        Architecture("phi3", "model.layers", "self_attn.o_proj", "mlp.down_proj",
+                     gguf_mlp_up=None),
         Architecture("gpt2", "transformer.h", "attn.c_proj", "mlp.c_proj", layout="conv1d",
-                     attention_out_bias=BUILT_IN_BIAS, mlp_down_bias=BUILT_IN_BIAS),
+                     attention_out_bias=BUILT_IN_BIAS, mlp_down_bias=BUILT_IN_BIAS,
+                     gguf_mlp_up=None),
         # Mixture of Experts: the experts' down projections are one fused 3D parameter in
         # memory (per-expert 2D tensors on disk), so only the head site folds.
         Architecture("mixtral", "model.layers", "self_attn.o_proj", mlp_down=None),

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from aufold.card import Artifact, ExportRecord, card_files
+from aufold.defaults import GGUF_REENCODE
 from aufold.edit import Edit
 from aufold.errors import AufoldError
 from aufold.export import ExportResult
@@ -46,6 +47,7 @@ def export_format(
     base_model: str,
     allow_pickle: bool = False,
     allow_extreme: bool = False,
+    gguf_reencode: str = GGUF_REENCODE,
 ) -> ExportResult:
     """Write the top-k units of ``plan`` applied to ``source`` as ``format`` into the claimed
     folder ``out``."""
@@ -54,7 +56,7 @@ def export_format(
     record = ExportRecord(base_model=base_model, plan=plan, units=plan.ranking(sites, k), k=k,
                           alpha=alpha, sites=tuple(sites), dtype=dtype)
     if format == "gguf":
-        _export_gguf(source, plan, edit, record, out, force=force)
+        _export_gguf(source, plan, edit, record, out, force=force, reencode=gguf_reencode)
     else:
         build, describe = ADAPTERS[format]  # a checkpoint is aufold.export's own job
         model, _, _ = load_model(source.ref, dtype=dtype, allow_pickle=allow_pickle)
@@ -66,7 +68,7 @@ def export_format(
 
 
 def _export_gguf(source: ModelSource, plan: Plan, edit: Edit, record: ExportRecord, out: Path,
-                 *, force: bool) -> None:
+                 *, force: bool, reencode: str) -> None:
     if not source.gguf_file:
         raise AufoldError(f"--format gguf folds into a GGUF file, but {source.ref} is not one; "
                           f"pass a .gguf MODEL (convert a checkpoint with llama.cpp's "
@@ -74,7 +76,7 @@ def _export_gguf(source: ModelSource, plan: Plan, edit: Edit, record: ExportReco
     model = read_gguf_model(Path(source.path) / source.gguf_file)
     plan.check_fingerprint(model.fingerprint, force=force)
     with atomic_folder(out, content="gguf") as staging:
-        report = fold_gguf(model, edit, staging / source.gguf_file)
+        report = fold_gguf(model, edit, staging / source.gguf_file, reencode=reencode)
         record = replace(record, dtype=", ".join(report.tensor_types),
                          artifact=gguf_artifact(record, source.gguf_file, report))
         for name, text in card_files(record).items():
