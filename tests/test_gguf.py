@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 from aufold.edit import Edit, SteeredUnit
 from aufold.export import export
 from aufold.fold import fold_tensor, weight_edits
-from aufold.formats.gguf import GgufModel, fold_gguf, gguf_tensors, read_gguf_model
+from aufold.formats.gguf import GgufModel, fold_gguf, gguf_tensors
 from aufold.formats.gguf.blocks import BLOCK_SCALES, scale_rows
 from aufold.safety.outputs import MARKER
 from aufold.sites import ARCHITECTURES as TABLE
@@ -221,7 +221,7 @@ def test_reencoding_rewrites_only_types_and_offsets_in_the_header(
     source = write_llama_gguf(super_block_model, tmp_path / "in" / "tiny.gguf", Q.Q4_K)
     tensors = gguf_tensors(source)
     edit = Edit.of([SteeredUnit("head", 1, unit, 0.5) for unit in (3, 100)])
-    model = GgufModel(source, TABLE["llama"], "unused", tensors)
+    model = GgufModel.read(source, TABLE["llama"], "unused")
     report = fold_gguf(model, edit, tmp_path / "out.gguf")
     assert [(f.name, f.source_type, f.written_type, f.method) for f in report.folds] == [
         ("blk.1.attn_output.weight", "Q4_K", "Q8_0", "re-encoded")]
@@ -291,7 +291,7 @@ def test_gguf_refuses_a_column_edit_it_cannot_decode_naming_the_tensor(tmp_path:
     source = write_two_layer_gguf(tmp_path / "in" / "q1.gguf", {"attn_output": Q.Q1_0})
     tensors = gguf_tensors(source)
     edit = Edit.of([SteeredUnit("head", 0, 5, 0.5)])
-    model = GgufModel(source, TABLE["llama"], "unused", tensors)
+    model = GgufModel.read(source, TABLE["llama"], "unused")
     with pytest.raises(Exception, match=r"blk\.0\.attn_output\.weight is Q1_0.*mlp-out"):
         fold_gguf(model, edit, tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
@@ -312,7 +312,7 @@ def test_gguf_mlp_of_an_ungated_model_reencodes_its_down_projection(tmp_path: Pa
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    model = GgufModel(source, TABLE["gpt2"], "unused", gguf_tensors(source))
+    model = GgufModel.read(source, TABLE["gpt2"], "unused")
     report = fold_gguf(model, Edit.of([SteeredUnit("mlp", 0, 7, 1.0)]), tmp_path / "out.gguf")
     assert [(f.name, f.written_type, f.method) for f in report.folds] == [
         ("blk.0.ffn_down.weight", "Q8_0", "re-encoded")]
@@ -358,7 +358,7 @@ def test_gguf_fold_scales_the_bias_of_a_row_edit(tmp_path: Path) -> None:
     writer.close()
     tensors = gguf_tensors(source)
     edit = Edit.of([SteeredUnit("mlp-out", 0, unit, 0.25 * unit) for unit in (1, 5, 63)])
-    fold_gguf(GgufModel(source, TABLE["gpt2"], "unused", tensors), edit, tmp_path / "out.gguf")
+    fold_gguf(GgufModel.read(source, TABLE["gpt2"], "unused"), edit, tmp_path / "out.gguf")
     after = gguf_tensors(tmp_path / "out.gguf")
     edits = weight_edits(edit, TABLE["gpt2"].gguf_naming())
     (name, bias_edit), = [(n, e) for n, e in edits.items() if n.endswith("bias")]

@@ -16,9 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from transformers import AutoConfig
 
 from aufold.errors import AufoldError, first_line
@@ -33,7 +32,14 @@ class GgufModel:
     path: Path
     architecture: Architecture
     fingerprint: str
+    reader: GGUFReader  # parsing a header takes seconds on a large vocabulary: done once
     tensors: Mapping[str, ReaderTensor]
+
+    @classmethod
+    def read(cls, path: Path, architecture: Architecture, fingerprint: str) -> GgufModel:
+        reader = read_gguf(path)
+        return cls(path, architecture, fingerprint, reader,
+                   {tensor.name: tensor for tensor in reader.tensors})
 
 
 @dataclass(frozen=True)
@@ -49,10 +55,11 @@ def gguf_tensors(path: Path) -> dict[str, ReaderTensor]:
 
     A truncated or damaged file is refused here, in one line, before transformers parses it.
     """
-    return {tensor.name: tensor for tensor in _reader(path).tensors}
+    return {tensor.name: tensor for tensor in read_gguf(path).tensors}
 
 
-def _reader(path: Path) -> GGUFReader:
+def read_gguf(path: Path) -> GGUFReader:
+    """A GGUF file's header parsed, its data memory-mapped read-only."""
     try:
         return GGUFReader(path, "r")
     except (OSError, ValueError, struct.error, IndexError, KeyError, TypeError, EOFError) as error:
@@ -62,7 +69,8 @@ def _reader(path: Path) -> GGUFReader:
 
 def read_gguf_model(path: Path) -> GgufModel:
     """The architecture and fingerprint of a GGUF model, as transformers would load it."""
-    tensors = gguf_tensors(path)
+    reader = read_gguf(path)
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError) as error:
@@ -81,23 +89,16 @@ def read_gguf_model(path: Path) -> GgufModel:
             # out_in() is a transpose or nothing, so it also maps [out, in] to the stored shape.
             stored = architecture.out_in(torch.empty(out_in, device="meta")).shape
             weights[architecture.module_path(site, layer) + ".weight"] = list(stored)
-    return GgufModel(path, architecture, fingerprint_of(config.to_dict(), weights), tensors)
+    return GgufModel(path, architecture, fingerprint_of(config.to_dict(), weights), reader, tensors)
 
 
-def tensor_bytes(tensor_type: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
-    """The size of a tensor's data: whole blocks of its type along the last ([in]) axis."""
-    block_size, type_size = GGML_QUANT_SIZES[tensor_type]
-    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block_size) * type_size
-
-
-def write_gguf(source: Path, replaced: Mapping[str, TensorData], destination: Path) -> None:
+def write_gguf(source: GgufModel, replaced: Mapping[str, TensorData], destination: Path) -> None:
     """Write ``source`` to ``destination`` with the data (and type) of some tensors replaced."""
-    reader = _reader(source)
-    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    reader, tensors = source.reader, source.tensors
     same_layout = all(new.tensor_type == tensors[name].tensor_type
                       and len(new.data) == tensors[name].n_bytes for name, new in replaced.items())
     if same_layout:
-        shutil.copyfile(source, destination)
+        shutil.copyfile(source.path, destination)
         with destination.open("r+b") as file:
             for name, new in replaced.items():
                 file.seek(tensors[name].data_offset)

@@ -94,7 +94,7 @@ def fold_gguf(source: GgufModel, edit: Edit, destination: Path, *, reencode: str
             raise AufoldError(f"the GGUF file has no tensor {name}; the plan does not fit it")
         replaced[name], fold = fold_gguf_tensor(tensor, tensor_edit, target)
         folds.append(fold)
-    write_gguf(source.path, replaced, destination)
+    write_gguf(source, replaced, destination)
     return GgufFoldReport(tuple(folds))
 
 
