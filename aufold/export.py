@@ -24,6 +24,7 @@ from aufold.modeling import ModelSource, fingerprint, load_model, resolve_source
 from aufold.plan import Plan
 from aufold.safety.outputs import Inputs, atomic_folder, claim_output
 from aufold.sites import check_foldable
+from aufold.source import hub_cache_repo
 from aufold.streaming import StreamReport, export_streamed, streamable_folder
 
 if TYPE_CHECKING:
@@ -195,7 +196,20 @@ def write_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
 
 def base_model_name(source: ModelSource) -> str:
-    # A hub id names the base model on the Hub; a local path is all we know otherwise.
+    """What the card and adapter config call the base model, when --base-model-id is not given.
+
+    A hub id, or the repo of a hub-cache path; for a GGUF file, the model its metadata says
+    it was converted from, or its repo in the hub cache. Otherwise the folder or file name
+    is all that is known.
+    """
     if source.local_dir is None and not source.gguf_file:
         return source.ref
-    return Path(source.ref).name
+    if source.gguf_path is not None:
+        from aufold.formats.gguf.file import gguf_source_repo
+
+        converted_from = gguf_source_repo(source.gguf_path)
+        if converted_from is not None:
+            return converted_from
+    local = source.gguf_path or source.local_dir
+    assert local is not None
+    return hub_cache_repo(local) or Path(source.ref).name

@@ -52,6 +52,14 @@ class ModelSource:
         return (cached.resolve(),) if cached.exists() else ()
 
 
+def hub_cache_repo(path: Path) -> str | None:
+    """The repo id of a path inside the Hugging Face hub cache (``models--org--name/...``)."""
+    for part in path.resolve().parts:
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part.removeprefix("models--").replace("--", "/", 1)
+    return None
+
+
 def resolve_source(ref: str | Path) -> ModelSource:
     """Classify a model reference as a GGUF file, a local folder or a hub id."""
     text = str(ref)

@@ -11,6 +11,7 @@ The real SmolLM2 (Q4_1) and Gemma 3 (Q4_K_M) files are in ``test_gguf_real.py``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gguf
@@ -25,12 +26,13 @@ from tiny_models import ARCHITECTURES, save_tiny_model, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from aufold.edit import Edit, SteeredUnit
-from aufold.export import export
+from aufold.export import base_model_name, export
 from aufold.fold import fold_tensor, weight_edits
 from aufold.formats.gguf import GgufModel, fold_gguf, gguf_tensors
 from aufold.formats.gguf.blocks import BLOCK_SCALES, scale_rows
 from aufold.safety.outputs import MARKER
 from aufold.sites import ARCHITECTURES as TABLE
+from aufold.source import hub_cache_repo, resolve_source
 from aufold.steer import steer
 
 # Block types whose values are not linear in a float16 scale (power-of-two or fp8 scales),
@@ -103,7 +105,8 @@ def test_a_block_scale_beyond_float16_is_refused() -> None:
     assert np.array_equal(blocks, original)
 
 
-def write_llama_gguf(model: PreTrainedModel, path: Path, kind: Q) -> Path:
+def write_llama_gguf(model: PreTrainedModel, path: Path, kind: Q, *,
+                     source_url: str | None = None) -> Path:
     """A GGUF file of a llama model: attn_output, ffn_down and ffn_up as ``kind``, the rest F32.
 
     Types with a gguf quantizer encode the model's weights; the others get random codes.
@@ -121,6 +124,8 @@ def write_llama_gguf(model: PreTrainedModel, path: Path, kind: Q) -> Path:
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
+    if source_url is not None:
+        writer.add_string("general.source.url", source_url)
     rng = np.random.default_rng(0)
     for name, tensor in model.state_dict().items():
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -369,3 +374,26 @@ def test_gguf_fold_scales_the_bias_of_a_row_edit(tmp_path: Path) -> None:
     scale[[1, 5, 63]] = [1.25, 2.25, 16.75]
     exact = dequantize(np.array(tensors["blk.0.ffn_down.weight"].data), Q.Q8_0) * scale[:, None]
     assert np.allclose(rows, exact, rtol=2.0 ** -11, atol=0)  # only the block scales moved
+
+
+def test_gguf_exports_name_the_model_the_file_was_converted_from(
+        super_block_model: PreTrainedModel, tmp_path: Path) -> None:
+    url = "https://huggingface.co/example-org/tiny-llama"
+    source = write_llama_gguf(super_block_model, tmp_path / "in" / "tiny.gguf", Q.Q8_0,
+                              source_url=url)
+    plan = random_plan(load_gguf(source))
+    out = tmp_path / "folded"
+    export(source, plan, k=8, alpha=1.0, out=out, format="gguf")
+    assert json.loads((out / "aufold.json").read_text())["base_model"] == "example-org/tiny-llama"
+    assert 'base_model: "example-org/tiny-llama"' in (out / "README.md").read_text()
+    # every format asks the same function (adapters write it into adapter_config.json)
+    assert base_model_name(resolve_source(source)) == "example-org/tiny-llama"
+    plain = write_llama_gguf(super_block_model, tmp_path / "plain" / "tiny.gguf", Q.Q8_0)
+    export(plain, plan, k=8, alpha=1.0, out=tmp_path / "unnamed", format="gguf")
+    assert json.loads((tmp_path / "unnamed" / "aufold.json").read_text())["base_model"] == "tiny.gguf"
+
+
+def test_a_hub_cache_path_names_its_repo(tmp_path: Path) -> None:
+    snapshot = tmp_path / "hub" / "models--some-org--Some-Model-GGUF" / "snapshots" / "0123"
+    assert hub_cache_repo(snapshot / "model.Q4_K_M.gguf") == "some-org/Some-Model-GGUF"
+    assert hub_cache_repo(tmp_path / "my-model") is None

@@ -10,10 +10,12 @@ header and every other tensor's data is the input's.
 
 from __future__ import annotations
 
+import re
 import shutil
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -59,12 +61,42 @@ def gguf_tensors(path: Path) -> dict[str, ReaderTensor]:
 
 
 def read_gguf(path: Path) -> GGUFReader:
-    """A GGUF file's header parsed, its data memory-mapped read-only."""
+    """A GGUF file's header parsed, its data memory-mapped read-only.
+
+    Parsing takes seconds for a large vocabulary (28 s for Gemma 3's 262k tokens), and
+    an export reads the header for the card and again for the fold, so the last few
+    are kept, keyed by the file's identity, size and modification time.
+    """
+    stat = path.stat()
+    return _read_gguf(path.resolve(), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=2)
+def _read_gguf(path: Path, inode: int, size: int, modified: int) -> GGUFReader:
     try:
         return GGUFReader(path, "r")
     except (OSError, ValueError, struct.error, IndexError, KeyError, TypeError, EOFError) as error:
         raise AufoldError(f"{path} is not a valid GGUF file (truncated or damaged: "
                           f"{first_line(error)}); download it again") from None
+
+
+# Metadata keys that may name the model a GGUF file was converted from, by its hub URL
+# (llama.cpp's converters write general.source.url and general.base_model.N.repo_url).
+SOURCE_KEYS = ("general.source.url", "general.source.huggingface.repository",
+               "general.base_model.0.repo_url", "general.url")
+HUB_URL = re.compile(r"(?:huggingface\.co/|^)([\w.-]+/[\w.-]+?)/?$")
+
+
+def gguf_source_repo(path: Path) -> str | None:
+    """The hub id of the model a GGUF file was converted from, where its metadata says."""
+    fields = read_gguf(path).fields
+    for key in SOURCE_KEYS:
+        if key in fields:
+            value = fields[key].contents()
+            match = HUB_URL.search(str(value).strip()) if isinstance(value, str) else None
+            if match:
+                return match.group(1)
+    return None
 
 
 def read_gguf_model(path: Path) -> GgufModel:
