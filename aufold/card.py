@@ -48,6 +48,8 @@ class ExportRecord:
     sites: Sequence[str]
     dtype: str
     artifact: Artifact | None = None  # None: a standard checkpoint (:func:`checkpoint_artifact`)
+    # The GGUF file whose dequantized weights the edit was computed on, when the base is one.
+    quantized_base: str | None = None
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -60,6 +62,7 @@ class ExportRecord:
                      "aufold_version": self.plan.aufold_version},
             "dtype": self.dtype,
             "output_format": self.artifact.format if self.artifact else "checkpoint",
+            "quantized_base": self.quantized_base,
             "units": [{**unit.to_record(), "gamma": unit.gamma(self.alpha)} for unit in self.units],
         }
 
@@ -103,6 +106,23 @@ base model (transformers, vLLM, llama.cpp after conversion).""",
     )
 
 
+def exact_on_sentence(record: ExportRecord) -> str:
+    """Which weights the export is exact on, when the base was a quantized GGUF file."""
+    if record.quantized_base is None:
+        return ""
+    if record.artifact is None:
+        return (f"\n\nIts weights are those of `{record.quantized_base}`, dequantized, with the "
+                f"edit folded in exactly.")
+    if record.artifact.format == "gguf":
+        return ""  # a folded GGUF file says what it is itself
+    return f"""
+
+It was made from `{record.quantized_base}`, dequantized, and is exact on those weights
+(`from_pretrained(<its folder>, gguf_file="{record.quantized_base}")`). On the original
+weights of `{record.base_model}` it scales the same units by the same factors, so it
+matches the folded model there only up to the file's quantization noise."""
+
+
 def model_card(record: ExportRecord) -> str:
     """A README.md with Hub metadata, what was changed, and how to load the result."""
     artifact = record.artifact or checkpoint_artifact(record)
@@ -124,7 +144,7 @@ def model_card(record: ExportRecord) -> str:
 
 # {record.base_model}, steered with aufold
 
-{artifact.summary}
+{artifact.summary}{exact_on_sentence(record)}
 
 | setting | value |
 |---|---|

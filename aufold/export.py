@@ -131,7 +131,8 @@ def _write_export(source: ModelSource, plan: Plan, out: Path, *, k: int, alpha: 
     model, tokenizer, _ = load_model(source.ref, dtype=dtype, sites=sites, allow_pickle=allow_pickle)
     plan.check_fingerprint(fingerprint(model), force=force)
     return export_loaded(model, tokenizer, plan, k=k, alpha=alpha, out=out, sites=sites,
-                         base_model=base_model, allow_extreme=allow_extreme)
+                         base_model=base_model, allow_extreme=allow_extreme,
+                         quantized_base=source.gguf_file)
 
 
 def gguf_dequantization_note(path: Path, dtype: str) -> str:
@@ -174,13 +175,16 @@ def export_loaded(
     sites: Sequence[str],
     base_model: str,
     allow_extreme: bool = False,
+    quantized_base: str | None = None,
 ) -> ExportResult:
-    """Fold into an already loaded model (in place) and write it to the claimed ``out``."""
+    """Fold into an already loaded model (in place) and write it to the claimed ``out``;
+    ``quantized_base`` names the GGUF file the model was dequantized from, if it was."""
     edit = plan.select(k, alpha, sites, allow_extreme=allow_extreme)
     fold_model(model, edit)
     record = ExportRecord(base_model=base_model, plan=plan, units=plan.ranking(sites, k), k=k,
                           alpha=alpha, sites=tuple(sites),
-                          dtype=str(model.dtype).removeprefix("torch."))
+                          dtype=str(model.dtype).removeprefix("torch."),
+                          quantized_base=quantized_base)
     write_checkpoint(model, tokenizer, record, out)
     return ExportResult(out, edit)
 

@@ -12,6 +12,7 @@ The real SmolLM2 (Q4_1) and Gemma 3 (Q4_K_M) files are in ``test_gguf_real.py``.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -25,6 +26,7 @@ from gguf.quants import dequantize, quantize
 from tiny_models import ARCHITECTURES, save_tiny_model, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from aufold.card import Artifact, ExportRecord, card_files, model_card
 from aufold.edit import Edit, SteeredUnit
 from aufold.export import base_model_name, export
 from aufold.fold import fold_tensor, weight_edits
@@ -397,3 +399,17 @@ def test_a_hub_cache_path_names_its_repo(tmp_path: Path) -> None:
     snapshot = tmp_path / "hub" / "models--some-org--Some-Model-GGUF" / "snapshots" / "0123"
     assert hub_cache_repo(snapshot / "model.Q4_K_M.gguf") == "some-org/Some-Model-GGUF"
     assert hub_cache_repo(tmp_path / "my-model") is None
+
+
+def test_cards_of_exports_from_a_gguf_say_which_weights_they_are_exact_on() -> None:
+    plan = random_plan(tiny_model("llama"))
+    record = ExportRecord(base_model="example-org/tiny-llama", plan=plan,
+                          units=plan.ranking(("head",), 4), k=4, alpha=1.0, sites=("head",),
+                          dtype="float32", quantized_base="tiny.Q4_K_M.gguf")
+    adapter = Artifact(format="lora", library_name="peft", summary="S.", usage="U", written="W")
+    lora_card = model_card(replace(record, artifact=adapter))
+    assert "made from `tiny.Q4_K_M.gguf`, dequantized, and is exact on those weights" in lora_card
+    assert "only up to the file's quantization noise" in lora_card
+    assert "`tiny.Q4_K_M.gguf`, dequantized, with the edit folded in exactly" in model_card(record)
+    assert "dequantized" not in model_card(replace(record, quantized_base=None))
+    assert json.loads(card_files(record)["aufold.json"])["quantized_base"] == "tiny.Q4_K_M.gguf"

@@ -54,7 +54,8 @@ def export_format(
     check_format(format)
     edit = plan.select(k, alpha, sites, allow_extreme=allow_extreme)
     record = ExportRecord(base_model=base_model, plan=plan, units=plan.ranking(sites, k), k=k,
-                          alpha=alpha, sites=tuple(sites), dtype=dtype)
+                          alpha=alpha, sites=tuple(sites), dtype=dtype,
+                          quantized_base=source.gguf_file)
     if format == "gguf":
         _export_gguf(source, plan, edit, record, out, force=force, reencode=gguf_reencode)
     else:
