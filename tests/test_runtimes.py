@@ -1,0 +1,231 @@
+"""The edited model in other runtimes: llama.cpp runs what aufold writes, as the hooks steer.
+
+These tests need runtimes that CI does not install (see docs/runtimes.md for why and for
+the figures measured when they last ran); each test runs whenever its runtime is there:
+
+- llama.cpp: ``llama-cpp-python`` importable, and ``AUFOLD_LLAMA_CPP`` naming a llama.cpp
+  source tree of the same version (for ``convert_hf_to_gguf.py`` and
+  ``convert_lora_to_gguf.py``; the llama-cpp-python sdist has one in ``vendor/llama.cpp``).
+- lm-eval-harness: ``lm_eval`` importable (it shares aufold's transformers), and the
+  benchmark data in ``../shared/data``.
+- vLLM: ``AUFOLD_VLLM_PYTHON`` naming the Python of an environment with vLLM (vLLM pins an
+  older transformers than aufold, so it cannot share aufold's environment); the tests run
+  ``examples/serve_vllm.py`` there.
+
+Every comparison is against the hook mode on SmolLM2 in transformers (float32), on the
+same token ids, for one edit of head, mlp and mlp-out units (k=32, alpha=10).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from edit_helpers import random_plan
+
+from aufold.export import export
+from aufold.modeling import load_model, smollm2_gguf_path
+from aufold.steer import steer
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = [pytest.mark.runtime, pytest.mark.slow]
+
+TEXT = "The capital of France is Paris. The capital of Italy is Rome, and the capital of Spain is"
+K, ALPHA = 32, 10.0
+
+
+def llama_cpp_source() -> Path:
+    """The llama.cpp source tree whose converters match the installed llama-cpp-python."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    source = os.environ.get("AUFOLD_LLAMA_CPP")
+    if not source or not (Path(source) / "convert_hf_to_gguf.py").is_file():
+        pytest.skip("AUFOLD_LLAMA_CPP does not name a llama.cpp source tree")
+    return Path(source)
+
+
+def llama_cpp_logits(model: Path, ids: list[int], lora: Path | None = None) -> np.ndarray:
+    """llama.cpp's logits at every position of ``ids``, on the CPU."""
+    from llama_cpp import Llama
+
+    options = {"lora_path": str(lora)} if lora is not None else {}
+    llm = Llama(model_path=str(model), n_ctx=256, logits_all=True, n_threads=2, n_gpu_layers=0,
+                verbose=False, **options)
+    llm.eval(ids)
+    return np.array(llm.scores[:len(ids)], dtype=np.float64)
+
+
+def convert(script: str, *args: object) -> None:
+    """Run one of llama.cpp's own converters, with the gguf package of its own tree."""
+    source = llama_cpp_source()
+    result = subprocess.run([sys.executable, str(source / script), *map(str, args)],
+                            capture_output=True, text=True, env={**os.environ,
+                            "PYTHONPATH": str(source / "gguf-py")}, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def relative(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+@pytest.fixture(scope="module")
+def steered(smollm2_dir: Path):  # type: ignore[no-untyped-def]
+    """The plan, the edit, the token ids, and transformers' logits unsteered and hooked."""
+    base, tokenizer, _ = load_model(smollm2_dir, dtype="float32")
+    plan = random_plan(base)
+    edit = plan.select(K, ALPHA, ("head", "mlp", "mlp-out"))
+    ids = tokenizer(TEXT)["input_ids"]
+    with torch.no_grad():
+        plain = base(torch.tensor([ids])).logits[0].double().numpy()
+        with steer(base, edit):
+            hooked = base(torch.tensor([ids])).logits[0].double().numpy()
+    return plan, ids, plain, hooked
+
+
+def test_llama_cpp_runs_the_folded_gguf_as_the_hooks_steer(steered, tmp_path: Path) -> None:
+    llama_cpp_source()
+    plan, ids, plain, hooked = steered
+    out = tmp_path / "folded"
+    export(smollm2_gguf_path(), plan, k=K, alpha=ALPHA, out=out, format="gguf")
+    base = llama_cpp_logits(smollm2_gguf_path(), ids)
+    folded = llama_cpp_logits(out / smollm2_gguf_path().name, ids)
+    # llama.cpp's Q4_1 kernels differ from transformers' dequantized float32 model, so the
+    # edit is compared as a shift: what the fold changes in llama.cpp against what the hooks
+    # change in transformers.
+    shift, expected = (folded - base).ravel(), (hooked - plain).ravel()
+    correlation = float(np.corrcoef(shift, expected)[0, 1])
+    error = float(np.linalg.norm(shift - expected) / np.linalg.norm(expected))
+    print(f"\nllama.cpp, folded Q4_1 GGUF: logit shift vs hooks: correlation {correlation:.4f}, "
+          f"relative error {error:.4f}")
+    assert correlation >= 0.98
+    assert error <= 0.2
+
+
+def test_llama_cpp_runs_the_converted_folded_checkpoint(steered, smollm2_dir: Path,
+                                                        tmp_path: Path) -> None:
+    llama_cpp_source()
+    plan, ids, plain, hooked = steered
+    export(smollm2_dir, plan, k=K, alpha=ALPHA, out=tmp_path / "folded")
+    convert("convert_hf_to_gguf.py", tmp_path / "folded", "--outtype", "f32",
+            "--outfile", tmp_path / "folded.gguf")
+    convert("convert_hf_to_gguf.py", smollm2_dir, "--outtype", "f32",
+            "--outfile", tmp_path / "base.gguf")
+    folded = llama_cpp_logits(tmp_path / "folded.gguf", ids)
+    floor = relative(llama_cpp_logits(tmp_path / "base.gguf", ids), plain)
+    error = relative(folded, hooked)
+    print(f"\nllama.cpp, folded checkpoint via convert_hf_to_gguf.py (f32): vs hooks {error:.2e}; "
+          f"the unedited base vs transformers {floor:.2e}")
+    assert error <= max(3 * floor, 1e-4)
+
+
+def test_llama_cpp_applies_the_lora_adapter_as_the_hooks_steer(steered, smollm2_dir: Path,
+                                                               tmp_path: Path) -> None:
+    llama_cpp_source()
+    plan, ids, plain, hooked = steered
+    export(smollm2_dir, plan, k=K, alpha=ALPHA, out=tmp_path / "lora", format="lora")
+    convert("convert_lora_to_gguf.py", tmp_path / "lora", "--base", smollm2_dir,
+            "--outtype", "f32", "--outfile", tmp_path / "lora.gguf")
+    convert("convert_hf_to_gguf.py", smollm2_dir, "--outtype", "f32",
+            "--outfile", tmp_path / "base.gguf")
+    adapted = llama_cpp_logits(tmp_path / "base.gguf", ids, lora=tmp_path / "lora.gguf")
+    floor = relative(llama_cpp_logits(tmp_path / "base.gguf", ids), plain)
+    error = relative(adapted, hooked)
+    print(f"\nllama.cpp, LoRA via convert_lora_to_gguf.py (f32): vs hooks {error:.2e}; the "
+          f"unedited base vs transformers {floor:.2e}")
+    assert error <= max(3 * floor, 1e-4)
+
+
+PROMPTS = [TEXT, "def fibonacci(n):\n    if n < 2:\n        return n\n    return"]
+
+
+def vllm_python() -> str:
+    python = os.environ.get("AUFOLD_VLLM_PYTHON")
+    if not python or not Path(python).is_file():
+        pytest.skip("AUFOLD_VLLM_PYTHON does not name a Python with vLLM installed")
+    return python
+
+
+def serve_vllm(model: Path, prompts: list[str], out: Path, **adapters: Path) -> list[dict]:
+    """Run examples/serve_vllm.py in the vLLM environment and read what it wrote."""
+    command = [vllm_python(), str(REPO / "examples" / "serve_vllm.py"), str(model), "--json", str(out),
+               "--max-tokens", "8"]
+    command += [arg for prompt in prompts for arg in ("--prompt", prompt)]
+    command += [arg for name, folder in adapters.items() for arg in ("--adapter", f"{name}={folder}")]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def served(results: list[dict], variant: str) -> list[dict]:
+    return [item for item in results if item["variant"] == variant]
+
+
+def served_logprobs(items: list[dict]) -> np.ndarray:
+    """vLLM's log-probability of each greedy completion token, all prompts in a row."""
+    return np.array([value for item in items for value in item["completion_logprobs"]])
+
+
+def transformers_logprobs(model: torch.nn.Module, items: list[dict]) -> np.ndarray:
+    """transformers' log-probability of the same completion tokens, teacher-forced."""
+    rows = []
+    for item in items:
+        prompt, completion = item["prompt_token_ids"], item["completion_token_ids"]
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1:-1].double().log_softmax(-1)
+        rows.append(logits.gather(1, torch.tensor(completion)[:, None])[:, 0].numpy())
+    return np.concatenate(rows)
+
+
+def test_vllm_serves_two_adapters_in_one_batch_as_their_folded_checkpoints(
+        steered, smollm2_dir: Path, tmp_path: Path) -> None:
+    vllm_python()
+    plan = steered[0]
+    strengths = {"gentle": 5.0, "strong": 20.0}
+    for name, alpha in strengths.items():
+        export(smollm2_dir, plan, k=K, alpha=alpha, out=tmp_path / f"{name}-lora", format="lora")
+        export(smollm2_dir, plan, k=K, alpha=alpha, out=tmp_path / f"{name}-folded")
+    batch = serve_vllm(smollm2_dir, PROMPTS, tmp_path / "batch.json",
+                       **{name: tmp_path / f"{name}-lora" for name in strengths})
+    base, _, _ = load_model(smollm2_dir, dtype="float32")
+    lines, noises = [], []
+    for name, alpha in strengths.items():
+        in_batch = served(batch, name)
+        alone = served(serve_vllm(tmp_path / f"{name}-folded", PROMPTS, tmp_path / f"{name}.json"),
+                       "base")
+        assert [item["completion_token_ids"] for item in in_batch] == [
+            item["completion_token_ids"] for item in alone], name
+        with steer(base, plan.select(K, alpha, ("head", "mlp", "mlp-out"))):
+            hooked = transformers_logprobs(base, in_batch)
+        unsteered = transformers_logprobs(base, in_batch)
+        # vLLM's own noise: a plain checkpoint (the folded one) served, against transformers.
+        noise = float(np.abs(served_logprobs(alone) - hooked).max())
+        noises.append(noise)
+        adapter = served_logprobs(in_batch)
+        error = float(np.abs(adapter - served_logprobs(alone)).max())
+        to_hooks = float(np.abs(adapter - hooked).max())
+        effect = float(np.abs(hooked - unsteered).max())
+        lines.append(f"{name} (alpha {alpha:g}): adapter in the batch vs its folded checkpoint "
+                     f"{error:.2e}, vs the hooks {to_hooks:.2e}; folded checkpoint vs the hooks "
+                     f"(vLLM's noise) {noise:.2e}; the edit moves these log-probabilities by up "
+                     f"to {effect:.2f}")
+        assert effect >= 100 * max(noise, 1e-5)  # the comparison is not vacuous
+        assert error <= max(5 * noise, 1e-4)
+        assert to_hooks <= max(5 * noise, 1e-4)
+    plain = served(batch, "base")
+    base_error = float(np.abs(served_logprobs(plain) - transformers_logprobs(base, plain)).max())
+    lines.append(f"the request without adapter, in the same batch, vs transformers: {base_error:.2e}")
+    print("\n" + "\n".join(lines))
+    if base_error > max(5 * max(noises), 1e-4):
+        # Seen with vLLM-CPU 0.32.0: the adapters' requests are right, but a request without
+        # adapter batched with two adapters' requests decodes from wrong logits after its
+        # first token (alone, or beside one adapter, it is right). A vLLM bug, kept visible.
+        pytest.xfail(f"vLLM served the request without adapter {base_error:.2f} away from the "
+                     f"base model while two adapters shared its batch")
