@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any
 
@@ -48,8 +49,18 @@ class ExportRecord:
     sites: Sequence[str]
     dtype: str
     artifact: Artifact | None = None  # None: a standard checkpoint (:func:`checkpoint_artifact`)
-    # The GGUF file whose dequantized weights the edit was computed on, when the base is one.
+    # The GGUF file (path as given) whose dequantized weights the edit was computed on.
     quantized_base: str | None = None
+    # Where the export will be loaded from: the hub repo it is pushed to, else its folder;
+    # the card's usage lines name it, so that they run as written.
+    location: str = "path/or/repo-id"
+
+    def base_arguments(self) -> str:
+        """The ``from_pretrained`` arguments that load the base this export is exact on."""
+        if self.quantized_base is not None:
+            gguf = Path(self.quantized_base)
+            return f'"{gguf.parent}", gguf_file="{gguf.name}"'
+        return f'"{self.base_model}"'
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -62,7 +73,7 @@ class ExportRecord:
                      "aufold_version": self.plan.aufold_version},
             "dtype": self.dtype,
             "output_format": self.artifact.format if self.artifact else "checkpoint",
-            "quantized_base": self.quantized_base,
+            "quantized_base": Path(self.quantized_base).name if self.quantized_base else None,
             "units": [{**unit.to_record(), "gamma": unit.gamma(self.alpha)} for unit in self.units],
         }
 
@@ -92,11 +103,11 @@ def checkpoint_artifact(record: ExportRecord) -> Artifact:
 Because the steering is proportional to the activation, it is an exact scaling of
 weight columns (unit inputs of `o_proj` / `down_proj`) or rows (outputs of `down_proj`),
 so the model keeps its architecture, size and speed.""",
-        usage="""```python
+        usage=f"""```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("path/or/repo-id")
-tokenizer = AutoTokenizer.from_pretrained("path/or/repo-id")
+model = AutoModelForCausalLM.from_pretrained("{record.location}")
+tokenizer = AutoTokenizer.from_pretrained("{record.location}")
 ```
 
 No custom code and no aufold install are needed; it runs on any stack that runs the
@@ -110,15 +121,15 @@ def exact_on_sentence(record: ExportRecord) -> str:
     """Which weights the export is exact on, when the base was a quantized GGUF file."""
     if record.quantized_base is None:
         return ""
+    name = Path(record.quantized_base).name
     if record.artifact is None:
-        return (f"\n\nIts weights are those of `{record.quantized_base}`, dequantized, with the "
-                f"edit folded in exactly.")
+        return f"\n\nIts weights are those of `{name}`, dequantized, with the edit folded in exactly."
     if record.artifact.format == "gguf":
         return ""  # a folded GGUF file says what it is itself
     return f"""
 
-It was made from `{record.quantized_base}`, dequantized, and is exact on those weights
-(`from_pretrained(<its folder>, gguf_file="{record.quantized_base}")`). On the original
+It was made from `{name}`, dequantized, and is exact on those weights (the usage
+below loads them so). On the original
 weights of `{record.base_model}` it scales the same units by the same factors, so it
 matches the folded model there only up to the file's quantization noise."""
 

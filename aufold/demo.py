@@ -124,7 +124,8 @@ def run_demo(out: str | Path, *, model_ref: str | None = None, overwrite: bool =
             echo(f"exporting the folded checkpoint to {out_dir / 'model'}")
             folded = copy.deepcopy(model)
             export_loaded(folded, tokenizer, plan, k=k, alpha=alpha, out=staging / "model",
-                          sites=plan.sites, base_model=Path(source.ref).name)
+                          sites=plan.sites, base_model=Path(source.ref).name,
+                          location=str((out_dir / "model").resolve()))
             del folded
             echo("verifying the written checkpoint against the hook mode")
             folded_model, _, _ = load_model(staging / "model", device=device)  # the written one

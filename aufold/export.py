@@ -87,11 +87,16 @@ def export(
     source = resolve_source(model_ref)
     if push_to_hub is not None:
         check_push_target(push_to_hub)
+        if base_model_id is None and inferred_base_model(source) is None:
+            raise AufoldError(f"--push-to-hub needs the base model's hub id for the card and "
+                              f"the adapter config, and {source.ref} does not say it; pass "
+                              f"--base-model-id ORG/NAME")
     options = dict(k=k, alpha=alpha, sites=chosen_sites, dtype=dtype, force=force,
                    base_model=base_model_id or base_model_name(source),
                    link_unchanged=link_unchanged, allow_pickle=allow_pickle,
                    allow_extreme=allow_extreme, format=format,
-                   gguf_reencode=gguf_reencode or GGUF_REENCODE)
+                   gguf_reencode=gguf_reencode or GGUF_REENCODE,
+                   location=push_to_hub or str(Path(out or ".").expanduser().resolve()))
     inputs = Inputs.of([*source.input_paths(), *plan_inputs])
     if out is None:
         if push_to_hub is None:
@@ -111,7 +116,7 @@ def export(
 def _write_export(source: ModelSource, plan: Plan, out: Path, *, k: int, alpha: float,
                   sites: Sequence[str], dtype: str, force: bool, base_model: str,
                   link_unchanged: bool, allow_pickle: bool, allow_extreme: bool,
-                  format: str, gguf_reencode: str) -> ExportResult:
+                  format: str, gguf_reencode: str, location: str) -> ExportResult:
     """Write one export into the claimed folder ``out``: streamed, loaded, or another format."""
     if format != CHECKPOINT:
         from aufold.formats.export import export_format  # loads peft and gguf only when asked
@@ -119,12 +124,13 @@ def _write_export(source: ModelSource, plan: Plan, out: Path, *, k: int, alpha: 
         return export_format(format, source, plan, k=k, alpha=alpha, out=out, sites=sites,
                              dtype=dtype, force=force, base_model=base_model,
                              allow_pickle=allow_pickle, allow_extreme=allow_extreme,
-                             gguf_reencode=gguf_reencode)
+                             gguf_reencode=gguf_reencode, location=location)
     folder = streamable_folder(source, dtype=dtype, allow_pickle=allow_pickle)
     if folder is not None:
         edit, report = export_streamed(folder, plan, k=k, alpha=alpha, out=out, sites=sites,
                                        force=force, link_unchanged=link_unchanged,
-                                       base_model=base_model, allow_extreme=allow_extreme)
+                                       base_model=base_model, allow_extreme=allow_extreme,
+                                       location=location)
         return ExportResult(out, edit, None, report)
     if source.gguf_path is not None:
         log.info("%s", gguf_dequantization_note(source.gguf_path, dtype))
@@ -132,7 +138,8 @@ def _write_export(source: ModelSource, plan: Plan, out: Path, *, k: int, alpha: 
     plan.check_fingerprint(fingerprint(model), force=force)
     return export_loaded(model, tokenizer, plan, k=k, alpha=alpha, out=out, sites=sites,
                          base_model=base_model, allow_extreme=allow_extreme,
-                         quantized_base=source.gguf_file)
+                         quantized_base=str(source.gguf_path) if source.gguf_path else None,
+                         location=location)
 
 
 def gguf_dequantization_note(path: Path, dtype: str) -> str:
@@ -176,15 +183,18 @@ def export_loaded(
     base_model: str,
     allow_extreme: bool = False,
     quantized_base: str | None = None,
+    location: str | None = None,
 ) -> ExportResult:
     """Fold into an already loaded model (in place) and write it to the claimed ``out``;
-    ``quantized_base`` names the GGUF file the model was dequantized from, if it was."""
+    ``quantized_base`` names the GGUF file the model was dequantized from, if it was, and
+    ``location`` where the card says to load it from (``out`` when None)."""
     edit = plan.select(k, alpha, sites, allow_extreme=allow_extreme)
     fold_model(model, edit)
     record = ExportRecord(base_model=base_model, plan=plan, units=plan.ranking(sites, k), k=k,
                           alpha=alpha, sites=tuple(sites),
                           dtype=str(model.dtype).removeprefix("torch."),
-                          quantized_base=quantized_base)
+                          quantized_base=quantized_base,
+                          location=location or str(out.resolve()))
     write_checkpoint(model, tokenizer, record, out)
     return ExportResult(out, edit)
 
@@ -199,13 +209,10 @@ def write_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         (staging / PROVENANCE_FILE).write_text(json.dumps(record.provenance(), indent=2) + "\n")
 
 
-def base_model_name(source: ModelSource) -> str:
-    """What the card and adapter config call the base model, when --base-model-id is not given.
-
-    A hub id, or the repo of a hub-cache path; for a GGUF file, the model its metadata says
-    it was converted from, or its repo in the hub cache. Otherwise the folder or file name
-    is all that is known.
-    """
+def inferred_base_model(source: ModelSource) -> str | None:
+    """The base model's hub id, where it can be known: a hub id, the repo of a hub-cache
+    path, or for a GGUF file the model its metadata says it was converted from (else the
+    GGUF's own repo in the hub cache)."""
     if source.local_dir is None and not source.gguf_file:
         return source.ref
     if source.gguf_path is not None:
@@ -216,4 +223,16 @@ def base_model_name(source: ModelSource) -> str:
             return converted_from
     local = source.gguf_path or source.local_dir
     assert local is not None
-    return hub_cache_repo(local) or Path(source.ref).name
+    return hub_cache_repo(local)
+
+
+def base_model_name(source: ModelSource) -> str:
+    """What the card and adapter config call the base model, when --base-model-id is not given:
+    its hub id where it can be known, else a local folder's absolute path (which loads as
+    written on this machine), else a GGUF file's name."""
+    inferred = inferred_base_model(source)
+    if inferred is not None:
+        return inferred
+    if source.local_dir is not None:
+        return str(source.local_dir.resolve())
+    return Path(source.ref).name

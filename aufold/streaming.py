@@ -145,8 +145,10 @@ def export_streamed(
     force: bool = False,
     link_unchanged: bool = False,
     allow_extreme: bool = False,
+    location: str | None = None,
 ) -> tuple[Edit, StreamReport]:
-    """Fold the plan's top-k units into the checkpoint in ``folder`` and write ``out``."""
+    """Fold the plan's top-k units into the checkpoint in ``folder`` and write ``out``
+    (whose card says to load it from ``location``, ``out`` when None)."""
     checkpoint = open_checkpoint(folder)
     config, architecture = checkpoint_architecture(folder)
     architecture.check_sites(sites)
@@ -156,7 +158,8 @@ def export_streamed(
     first = next(entry for shard in edits.values() for entry in shard)
     record = ExportRecord(base_model=base_model, plan=plan, units=plan.ranking(sites, k), k=k,
                           alpha=alpha, sites=tuple(sites),
-                          dtype=str(FLOAT_DTYPES[first.dtype]).removeprefix("torch."))
+                          dtype=str(FLOAT_DTYPES[first.dtype]).removeprefix("torch."),
+                          location=location or str(out.resolve()))
     texts = {"README.md": model_card(record),
              PROVENANCE_FILE: _json(record.provenance())}
     report = fold_checkpoint(checkpoint, edits, out, link_unchanged=link_unchanged, texts=texts)

@@ -30,6 +30,7 @@ from aufold.safety.outputs import MARKER
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAKE_TOKEN = "hf_aufoldFakeToken0123456789abcdefXYZ"
 REPO_ID = "someone/edited-model"
+BASE_ID = "someone/tiny-base"  # the base a pushed card names (a local model has no hub id)
 COMMIT_OID = "0123456789abcdef0123456789abcdef01234567"
 COMMIT_MESSAGE = "Push from the aufold test"
 
@@ -227,7 +228,8 @@ def test_export_push_to_hub_uploads_the_exported_folder(fake_hub: FakeHub, tmp_p
                     "--out", str(tmp_path / "plan")], cwd=REPO_ROOT, env=env, check=True, timeout=120)
     out = tmp_path / "folded"
     result = subprocess.run([*aufold, "export", str(base), "--plan", str(tmp_path / "plan"), "--k", "3",
-                             "--alpha", "2", "--out", str(out), "--push-to-hub", REPO_ID, "--private"],
+                             "--alpha", "2", "--out", str(out), "--push-to-hub", REPO_ID, "--private",
+                             "--base-model-id", BASE_ID],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert f"pushed to {fake_hub.url}/{REPO_ID}/commit/{COMMIT_OID}" in result.stdout
@@ -241,6 +243,20 @@ def test_export_push_to_hub_uploads_the_exported_folder(fake_hub: FakeHub, tmp_p
     # Everything but the local marker that lets a later --overwrite recognise the folder.
     assert uploaded == {path.name: path.read_bytes() for path in out.iterdir() if path.name != MARKER}
     assert (out / MARKER).is_file()
+    card = uploaded["README.md"].decode()  # its usage lines name the repo it was pushed to
+    assert f'from_pretrained("{REPO_ID}")' in card and f'base_model: "{BASE_ID}"' in card
+
+
+def test_a_push_of_a_local_model_needs_its_hub_id(exportable: tuple[Path, Path],
+                                                  tmp_path: Path) -> None:
+    base, plan = exportable
+    env = hub_env("http://127.0.0.1:9", tmp_path / "hf_home")
+    result = subprocess.run([sys.executable, "-c", "import cli; cli.main()", "export", str(base),
+                             "--plan", str(plan), "--k", "3", "--alpha", "2", "--out",
+                             str(tmp_path / "folded"), "--push-to-hub", REPO_ID], cwd=REPO_ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert "--base-model-id" in _one_error_line(result)
+    assert not (tmp_path / "folded").exists()
 
 
 @pytest.fixture
@@ -256,7 +272,8 @@ def exportable(tmp_path: Path) -> tuple[Path, Path]:
 
 def run_export(env: dict[str, str], base: Path, plan: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", "import cli; cli.main()", "export", str(base), "--plan",
-                           str(plan), "--k", "3", "--alpha", "2", *extra], cwd=REPO_ROOT, env=env,
+                           str(plan), "--k", "3", "--alpha", "2", "--base-model-id", BASE_ID, *extra],
+                          cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 

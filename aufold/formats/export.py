@@ -48,14 +48,16 @@ def export_format(
     allow_pickle: bool = False,
     allow_extreme: bool = False,
     gguf_reencode: str = GGUF_REENCODE,
+    location: str = "path/or/repo-id",
 ) -> ExportResult:
     """Write the top-k units of ``plan`` applied to ``source`` as ``format`` into the claimed
-    folder ``out``."""
+    folder ``out``; its card says to load it from ``location``."""
     check_format(format)
     edit = plan.select(k, alpha, sites, allow_extreme=allow_extreme)
     record = ExportRecord(base_model=base_model, plan=plan, units=plan.ranking(sites, k), k=k,
                           alpha=alpha, sites=tuple(sites), dtype=dtype,
-                          quantized_base=source.gguf_file)
+                          quantized_base=str(source.gguf_path) if source.gguf_path else None,
+                          location=location)
     if format == "gguf":
         _export_gguf(source, plan, edit, record, out, force=force, reencode=gguf_reencode)
     else:

@@ -75,9 +75,9 @@ checkpoint bitwise (in float32).""",
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-base = AutoModelForCausalLM.from_pretrained("{base}")
-model = PeftModel.from_pretrained(base, "path/or/repo-id")
-tokenizer = AutoTokenizer.from_pretrained("{base}")
+base = AutoModelForCausalLM.from_pretrained({record.base_arguments()})
+model = PeftModel.from_pretrained(base, "{record.location}")
+tokenizer = AutoTokenizer.from_pretrained({record.base_arguments()})
 merged = model.merge_and_unload()  # optional: the folded checkpoint
 ```
 

@@ -152,16 +152,16 @@ up to float rounding.{bias_note}""",
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-base = AutoModelForCausalLM.from_pretrained("{base}")
-model = PeftModel.from_pretrained(base, "path/or/repo-id")
-tokenizer = AutoTokenizer.from_pretrained("{base}")
+base = AutoModelForCausalLM.from_pretrained({record.base_arguments()})
+model = PeftModel.from_pretrained(base, "{record.location}")
+tokenizer = AutoTokenizer.from_pretrained({record.base_arguments()})
 merged = model.merge_and_unload()  # optional: the folded checkpoint, up to rounding
 ```
 
 With vLLM's LoRA support (rank {rank}):
 
 ```bash
-vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules aufold=path/to/adapter
+vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules aufold={record.location}
 ```
 
 ```python
@@ -170,7 +170,7 @@ from vllm.lora.request import LoRARequest
 
 llm = LLM(model="{base}", enable_lora=True, max_lora_rank={rank})
 outputs = llm.generate(["Hello"], SamplingParams(max_tokens=64),
-                       lora_request=LoRARequest("aufold", 1, "path/to/adapter"))
+                       lora_request=LoRARequest("aufold", 1, "{record.location}"))
 ```""",
         written=f"""`aufold export --format lora`: the exact low-rank factors of the scaled weight
    slices, computed in float32 and padded with zeros to rank {rank}.""",

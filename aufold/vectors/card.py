@@ -24,6 +24,7 @@ class VectorRecord:
     scale: float
     fold: VectorFold
     dtype: str
+    location: str = "path/or/repo-id"  # where the card says to load the checkpoint from
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -82,8 +83,8 @@ bias, so the model keeps its class, size and speed.{flags}
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("path/or/repo-id")
-tokenizer = AutoTokenizer.from_pretrained("path/or/repo-id")
+model = AutoModelForCausalLM.from_pretrained("{record.location}")
+tokenizer = AutoTokenizer.from_pretrained("{record.location}")
 ```
 
 No custom code and no aufold install are needed.

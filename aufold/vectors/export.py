@@ -57,7 +57,8 @@ def fold_vector_checkpoint(
         fold = fold_vectors(model, vectors, site, scale, allow_extreme=allow_extreme)
         record = VectorRecord(base_model=base_model_id or base_model_name(source), vectors=vectors,
                               target=site, scale=scale, fold=fold,
-                              dtype=str(model.dtype).removeprefix("torch."))
+                              dtype=str(model.dtype).removeprefix("torch."),
+                              location=str(out_dir.resolve()))
         with atomic_folder(out_dir, content="checkpoint") as staging:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from aufold.card import Artifact, ExportRecord, units_sentence
 from aufold.formats.gguf.fold import GgufFoldReport, TensorFold
 
@@ -19,8 +21,8 @@ byte those of the input file.""",
         usage=f"""With llama.cpp:
 
 ```bash
-llama-cli -m {file_name} -p "Hello"
-llama-server -m {file_name}
+llama-cli {_model_option(record.location, file_name)} -p "Hello"
+llama-server {_model_option(record.location, file_name)}
 ```
 
 With transformers (dequantized on load):
@@ -28,8 +30,8 @@ With transformers (dequantized on load):
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("path/or/repo-id", gguf_file="{file_name}")
-tokenizer = AutoTokenizer.from_pretrained("path/or/repo-id", gguf_file="{file_name}")
+model = AutoModelForCausalLM.from_pretrained("{record.location}", gguf_file="{file_name}")
+tokenizer = AutoTokenizer.from_pretrained("{record.location}", gguf_file="{file_name}")
 ```""",
         written=f"""`aufold export --format gguf`: the edited tensors of the GGUF file were rewritten
    in a copy. {done}""",
@@ -70,3 +72,11 @@ def _base_phrase(base_model: str, file_name: str) -> str:
     """How the card names the base: its id, or "the GGUF model of the same name" when all
     that is known of it is the file name."""
     return "the GGUF model of the same name" if base_model == file_name else f"`{base_model}`"
+
+
+def _model_option(location: str, file_name: str) -> str:
+    """llama.cpp's option that names the folded file: its path in the export folder, or
+    the hub repo and file it was pushed to."""
+    if Path(location).is_absolute():
+        return f"-m {Path(location) / file_name}"
+    return f"--hf-repo {location} --hf-file {file_name}"
