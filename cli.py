@@ -402,8 +402,9 @@ def inspect(plan_dir: Path, limit: int, list_all: bool, sites: tuple[str, ...], 
                    "a copy of MODEL's .gguf file.")
 @click.option("--gguf-reencode", default=None, type=click.Choice(list(GGUF_REENCODE_NAMES)),
               help=f"With --format gguf: the type a block-quantized tensor whose columns are "
-                   f"steered (head units) is re-encoded to [default: {GGUF_REENCODE}]. Row "
-                   f"units (mlp, mlp-out) scale block scales and keep the type.")
+                   f"steered (head units; mlp units of an ungated MLP) is re-encoded to "
+                   f"[default: {GGUF_REENCODE}]. Row units (mlp-out, mlp of a gated MLP) "
+                   f"scale block scales and keep the type.")
 @overwrite_option
 @click.option("--base-model-id", default=None, help="Hub id of the base model for the model card.")
 @click.option("--push-to-hub", "repo_id", default=None, help="Also upload the folder to this hub repo.")

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from aufold.plan import Plan, RankedUnit
+from aufold.source import hub_cache_repo
 from aufold.version import __version__
 
 PROVENANCE_FILE = "aufold.json"
@@ -59,8 +60,9 @@ class ExportRecord:
         """The ``from_pretrained`` arguments that load the base this export is exact on."""
         if self.quantized_base is not None:
             gguf = Path(self.quantized_base)
-            return f'"{gguf.parent}", gguf_file="{gguf.name}"'
-        return f'"{self.base_model}"'
+            where = hub_cache_repo(gguf.parent) or str(gguf.parent)  # a cached file: its repo
+            return f'{json.dumps(where)}, gguf_file={json.dumps(gguf.name)}'
+        return json.dumps(self.base_model)
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -106,8 +108,8 @@ so the model keeps its architecture, size and speed.""",
         usage=f"""```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("{record.location}")
-tokenizer = AutoTokenizer.from_pretrained("{record.location}")
+model = AutoModelForCausalLM.from_pretrained({json.dumps(record.location)})
+tokenizer = AutoTokenizer.from_pretrained({json.dumps(record.location)})
 ```
 
 No custom code and no aufold install are needed; it runs on any stack that runs the

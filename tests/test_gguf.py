@@ -28,9 +28,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 from aufold.card import Artifact, ExportRecord, card_files, model_card
 from aufold.edit import Edit, SteeredUnit
-from aufold.export import base_model_name, export
+from aufold.export import base_model_name, export, gguf_reference
 from aufold.fold import fold_tensor, weight_edits
-from aufold.formats.gguf import GgufModel, fold_gguf, gguf_tensors
+from aufold.formats.gguf import GgufModel, fold_gguf, gguf_tensors, read_gguf_model
 from aufold.formats.gguf.blocks import BLOCK_SCALES, scale_rows
 from aufold.safety.outputs import MARKER
 from aufold.sites import ARCHITECTURES as TABLE
@@ -108,7 +108,7 @@ def test_a_block_scale_beyond_float16_is_refused() -> None:
 
 
 def write_llama_gguf(model: PreTrainedModel, path: Path, kind: Q, *,
-                     source_url: str | None = None) -> Path:
+                     source_url: str | None = None, extra: dict[str, str] | None = None) -> Path:
     """A GGUF file of a llama model: attn_output, ffn_down and ffn_up as ``kind``, the rest F32.
 
     Types with a gguf quantizer encode the model's weights; the others get random codes.
@@ -128,6 +128,8 @@ def write_llama_gguf(model: PreTrainedModel, path: Path, kind: Q, *,
     writer.add_vocab_size(config.vocab_size)
     if source_url is not None:
         writer.add_string("general.source.url", source_url)
+    for key, value in (extra or {}).items():
+        writer.add_string(key, value)
     rng = np.random.default_rng(0)
     for name, tensor in model.state_dict().items():
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -275,14 +277,20 @@ def write_two_layer_gguf(path: Path, kinds: dict[str, Q]) -> Path:
         writer.add_uint32(f"llama.{key}", value)
     writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
     rng = np.random.default_rng(0)
-    shapes = {"attn_output": (256, 256), "ffn_down": (256, 512), "ffn_up": (512, 256)}
+    shapes = {"attn_output": (256, 256), "ffn_down": (256, 512), "ffn_up": (512, 256),
+              "ffn_gate": (512, 256)}
     for layer in range(2):
         for name, shape in shapes.items():
+            if name == "ffn_gate" and name not in kinds:
+                continue  # an ungated MLP unless asked
             kind = kinds.get(name, Q.F32)
             if kind == Q.F32:
                 writer.add_tensor(f"blk.{layer}.{name}.weight",
                                   rng.standard_normal(shape, dtype=np.float32))
-            else:
+            elif kind in BLOCK_SCALES:
+                writer.add_tensor(f"blk.{layer}.{name}.weight", random_blocks(kind, shape, rng),
+                                  raw_dtype=kind)
+            else:  # a type without float16 scales: any bytes
                 row = shape[1] // GGML_QUANT_SIZES[kind][0] * GGML_QUANT_SIZES[kind][1]
                 writer.add_tensor(f"blk.{layer}.{name}.weight",
                                   rng.integers(0, 255, (shape[0], row), dtype=np.uint8),
@@ -296,7 +304,6 @@ def write_two_layer_gguf(path: Path, kinds: dict[str, Q]) -> Path:
 
 def test_gguf_refuses_a_column_edit_it_cannot_decode_naming_the_tensor(tmp_path: Path) -> None:
     source = write_two_layer_gguf(tmp_path / "in" / "q1.gguf", {"attn_output": Q.Q1_0})
-    tensors = gguf_tensors(source)
     edit = Edit.of([SteeredUnit("head", 0, 5, 0.5)])
     model = GgufModel.read(source, TABLE["llama"], "unused")
     with pytest.raises(Exception, match=r"blk\.0\.attn_output\.weight is Q1_0.*mlp-out"):
@@ -413,3 +420,68 @@ def test_cards_of_exports_from_a_gguf_say_which_weights_they_are_exact_on() -> N
     assert "`tiny.Q4_K_M.gguf`, dequantized, with the edit folded in exactly" in model_card(record)
     assert "dequantized" not in model_card(replace(record, quantized_base=None))
     assert json.loads(card_files(record)["aufold.json"])["quantized_base"] == "tiny.Q4_K_M.gguf"
+
+
+def test_only_source_metadata_names_the_converted_model(super_block_model: PreTrainedModel,
+                                                        tmp_path: Path) -> None:
+    """general.base_model.N is the model this one was fine-tuned from, not its source."""
+    source = write_llama_gguf(super_block_model, tmp_path / "in" / "tiny.gguf", Q.Q8_0,
+                              extra={"general.base_model.0.repo_url":
+                                     "https://huggingface.co/example-org/pretrained-parent"})
+    assert base_model_name(resolve_source(source)) == "tiny.gguf"
+
+
+def test_a_rewritten_gguf_pads_its_last_tensor_as_ggml_sizes_it(
+        super_block_model: PreTrainedModel, tmp_path: Path) -> None:
+    source = write_llama_gguf(super_block_model, tmp_path / "in" / "tiny.gguf", Q.Q4_K)
+    fold_gguf(GgufModel.read(source, TABLE["llama"], "unused"),
+              Edit.of([SteeredUnit("head", 1, 3, 0.5)]), tmp_path / "out.gguf")
+    reader = GGUFReader(tmp_path / "out.gguf")
+    padded = sum(-(-int(t.n_bytes) // reader.alignment) * reader.alignment for t in reader.tensors)
+    assert (tmp_path / "out.gguf").stat().st_size == reader.data_offset + padded
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_mlp_units_move_to_ffn_up_only_in_a_gated_mlp(gated: bool, tmp_path: Path) -> None:
+    kinds = {"ffn_down": Q.Q4_K, "ffn_up": Q.Q4_K, **({"ffn_gate": Q.Q4_K} if gated else {})}
+    source = write_two_layer_gguf(tmp_path / "in" / "m.gguf", kinds)
+    report = fold_gguf(GgufModel.read(source, TABLE["llama"], "unused"),
+                       Edit.of([SteeredUnit("mlp", 1, 7, 1.0)]), tmp_path / "out.gguf")
+    assert [(f.name, f.method) for f in report.folds] == (
+        [("blk.1.ffn_up.weight", "block scales")] if gated
+        else [("blk.1.ffn_down.weight", "re-encoded")])
+
+
+def test_an_adapter_from_a_gguf_needs_its_base_models_hub_id(
+        super_block_model: PreTrainedModel, tmp_path: Path) -> None:
+    source = write_llama_gguf(super_block_model, tmp_path / "in" / "tiny.gguf", Q.Q8_0)
+    random_plan(load_gguf(source)).save(tmp_path / "plan")
+    result = run_cli("export", source, "--plan", tmp_path / "plan", "--k", 4, "--alpha", 1,
+                     "--out", tmp_path / "lora", "--format", "lora")
+    assert_one_line_error(result, "--base-model-id", "tiny.gguf")
+    assert not (tmp_path / "lora").exists()
+
+
+def test_a_gguf_in_the_hub_cache_is_named_by_its_repo_and_file(tmp_path: Path) -> None:
+    repo = tmp_path / "hub" / "models--some-org--Tiny-GGUF"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "0a1b2c").write_bytes(b"GGUF")
+    (repo / "snapshots" / "main").mkdir(parents=True)
+    (repo / "snapshots" / "main" / "tiny.Q4_K_M.gguf").symlink_to(repo / "blobs" / "0a1b2c")
+    reference = gguf_reference(resolve_source(repo / "snapshots" / "main" / "tiny.Q4_K_M.gguf"))
+    assert reference is not None and reference.endswith("tiny.Q4_K_M.gguf")
+    record = ExportRecord(base_model="x", plan=random_plan(tiny_model("llama")), units=(), k=0,
+                          alpha=1.0, sites=("head",), dtype="float32", quantized_base=reference)
+    assert record.base_arguments() == '"some-org/Tiny-GGUF", gguf_file="tiny.Q4_K_M.gguf"'
+
+
+def test_a_big_endian_gguf_is_refused_in_one_line(tmp_path: Path) -> None:
+    source = tmp_path / "big.gguf"
+    writer = GGUFWriter(source, "llama", endianess=gguf.GGUFEndian.BIG)
+    writer.add_tensor("blk.0.attn_output.weight", np.ones((32, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(Exception, match="big-endian"):
+        read_gguf_model(source)

@@ -229,3 +229,62 @@ def test_vllm_serves_two_adapters_in_one_batch_as_their_folded_checkpoints(
         # first token (alone, or beside one adapter, it is right). A vLLM bug, kept visible.
         pytest.xfail(f"vLLM served the request without adapter {base_error:.2f} away from the "
                      f"base model while two adapters shared its batch")
+
+
+LM_EVAL_ITEMS = 40
+
+
+def lm_eval_predictions(model_args: str, items: list, folder: Path) -> list[int]:
+    """lm-eval-harness's choice for each item: a local multiple-choice task whose contexts
+    and continuations are the items' prompts and choices, scored by log-likelihood."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    data = folder / "items.jsonl"
+    data.write_text("".join(json.dumps({"prompt": item.prompt, "choices": list(item.choices),
+                                        "label": item.choices.index(item.answer)}) + "\n"
+                            for item in items))
+    (folder / "aufold_items.yaml").write_text(f"""task: aufold_items
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: prompt
+doc_to_choice: choices
+doc_to_target: label
+target_delimiter: ""
+metric_list:
+  - metric: acc
+""")
+    results = lm_eval.simple_evaluate(model="hf", model_args=f"{model_args},dtype=float32",
+                                      tasks=["aufold_items"], batch_size=1, device="cpu",
+                                      log_samples=True,
+                                      task_manager=TaskManager(include_path=str(folder)))
+    samples = sorted(results["samples"]["aufold_items"], key=lambda sample: sample["doc_id"])
+    return [int(np.argmax([score for score, _ in sample["filtered_resps"]])) for sample in samples]
+
+
+@pytest.mark.parametrize("task", ["copa", "boolq"])
+def test_lm_eval_scores_the_folded_checkpoint_and_the_adapter_as_aufold_eval(
+        task: str, steered, smollm2_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval", reason="lm-eval-harness is not installed")
+    from aufold.evaluate import evaluate_items
+    from aufold.tasks import load_split
+
+    plan = steered[0]
+    items = load_split(task, "test", None, size=LM_EVAL_ITEMS)
+    export(smollm2_dir, plan, k=K, alpha=ALPHA, out=tmp_path / "folded")
+    export(smollm2_dir, plan, k=K, alpha=ALPHA, out=tmp_path / "lora", format="lora")
+    folded, tokenizer, _ = load_model(tmp_path / "folded", dtype="float32")
+    ours = evaluate_items(folded, tokenizer, items, scorer="loglik", progress=False)
+    expected = [item.choices.index(result.prediction) for item, result in zip(items, ours.items)]
+    for name, model_args in (("folded", f"pretrained={tmp_path / 'folded'}"),
+                             ("lora", f"pretrained={smollm2_dir},peft={tmp_path / 'lora'}")):
+        work = tmp_path / f"lm-eval-{name}"
+        work.mkdir()
+        predictions = lm_eval_predictions(model_args, items, work)
+        agree = sum(a == b for a, b in zip(predictions, expected))
+        print(f"\nlm-eval {task} ({name}): {agree}/{len(items)} predictions as aufold eval")
+        assert predictions == expected, name

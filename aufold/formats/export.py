@@ -15,7 +15,7 @@ from aufold.card import Artifact, ExportRecord, card_files
 from aufold.defaults import GGUF_REENCODE
 from aufold.edit import Edit
 from aufold.errors import AufoldError
-from aufold.export import ExportResult
+from aufold.export import ExportResult, gguf_reference
 from aufold.formats import check_format
 from aufold.formats.adapter import Adapter, write_adapter
 from aufold.formats.gguf import fold_gguf, gguf_artifact, read_gguf_model
@@ -56,7 +56,7 @@ def export_format(
     edit = plan.select(k, alpha, sites, allow_extreme=allow_extreme)
     record = ExportRecord(base_model=base_model, plan=plan, units=plan.ranking(sites, k), k=k,
                           alpha=alpha, sites=tuple(sites), dtype=dtype,
-                          quantized_base=str(source.gguf_path) if source.gguf_path else None,
+                          quantized_base=gguf_reference(source),
                           location=location)
     if format == "gguf":
         _export_gguf(source, plan, edit, record, out, force=force, reencode=gguf_reencode)

@@ -12,6 +12,8 @@ forward equals the hooks and its merge equals the fold, bitwise in float32.
 
 from __future__ import annotations
 
+import json
+
 import torch
 from peft import IA3Config
 from transformers import PreTrainedModel
@@ -76,7 +78,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 base = AutoModelForCausalLM.from_pretrained({record.base_arguments()})
-model = PeftModel.from_pretrained(base, "{record.location}")
+model = PeftModel.from_pretrained(base, {json.dumps(record.location)})
 tokenizer = AutoTokenizer.from_pretrained({record.base_arguments()})
 merged = model.merge_and_unload()  # optional: the folded checkpoint
 ```

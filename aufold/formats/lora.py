@@ -20,6 +20,9 @@ PEFT's scaling exactly 1.
 
 from __future__ import annotations
 
+import json
+import shlex
+
 from dataclasses import dataclass
 
 import torch
@@ -153,7 +156,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 base = AutoModelForCausalLM.from_pretrained({record.base_arguments()})
-model = PeftModel.from_pretrained(base, "{record.location}")
+model = PeftModel.from_pretrained(base, {json.dumps(record.location)})
 tokenizer = AutoTokenizer.from_pretrained({record.base_arguments()})
 merged = model.merge_and_unload()  # optional: the folded checkpoint, up to rounding
 ```
@@ -161,7 +164,7 @@ merged = model.merge_and_unload()  # optional: the folded checkpoint, up to roun
 With vLLM's LoRA support (rank {rank}):
 
 ```bash
-vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules aufold={record.location}
+vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules aufold={shlex.quote(record.location)}
 ```
 
 ```python
@@ -170,7 +173,7 @@ from vllm.lora.request import LoRARequest
 
 llm = LLM(model="{base}", enable_lora=True, max_lora_rank={rank})
 outputs = llm.generate(["Hello"], SamplingParams(max_tokens=64),
-                       lora_request=LoRARequest("aufold", 1, "{record.location}"))
+                       lora_request=LoRARequest("aufold", 1, {json.dumps(record.location)}))
 ```""",
         written=f"""`aufold export --format lora`: the exact low-rank factors of the scaled weight
    slices, computed in float32 and padded with zeros to rank {rank}.""",

@@ -83,8 +83,8 @@ bias, so the model keeps its class, size and speed.{flags}
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("{record.location}")
-tokenizer = AutoTokenizer.from_pretrained("{record.location}")
+model = AutoModelForCausalLM.from_pretrained({json.dumps(record.location)})
+tokenizer = AutoTokenizer.from_pretrained({json.dumps(record.location)})
 ```
 
 No custom code and no aufold install are needed.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import shlex
 from pathlib import Path
 
 from aufold.card import Artifact, ExportRecord, units_sentence
@@ -30,8 +33,8 @@ With transformers (dequantized on load):
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("{record.location}", gguf_file="{file_name}")
-tokenizer = AutoTokenizer.from_pretrained("{record.location}", gguf_file="{file_name}")
+model = AutoModelForCausalLM.from_pretrained({json.dumps(record.location)}, gguf_file={json.dumps(file_name)})
+tokenizer = AutoTokenizer.from_pretrained({json.dumps(record.location)}, gguf_file={json.dumps(file_name)})
 ```""",
         written=f"""`aufold export --format gguf`: the edited tensors of the GGUF file were rewritten
    in a copy. {done}""",
@@ -78,5 +81,5 @@ def _model_option(location: str, file_name: str) -> str:
     """llama.cpp's option that names the folded file: its path in the export folder, or
     the hub repo and file it was pushed to."""
     if Path(location).is_absolute():
-        return f"-m {Path(location) / file_name}"
-    return f"--hf-repo {location} --hf-file {file_name}"
+        return f"-m {shlex.quote(str(Path(location) / file_name))}"
+    return f"--hf-repo {shlex.quote(location)} --hf-file {shlex.quote(file_name)}"

@@ -80,10 +80,11 @@ def _read_gguf(path: Path, inode: int, size: int, modified: int) -> GGUFReader:
                           f"{first_line(error)}); download it again") from None
 
 
-# Metadata keys that may name the model a GGUF file was converted from, by its hub URL
-# (llama.cpp's converters write general.source.url and general.base_model.N.repo_url).
+# Metadata keys that name the model a GGUF file was converted from, by its hub URL. Not
+# general.base_model.N.*: gguf-py fills those from the model card's base_model, the model
+# this one was fine-tuned from (an Instruct file would name its pretrained parent).
 SOURCE_KEYS = ("general.source.url", "general.source.huggingface.repository",
-               "general.base_model.0.repo_url", "general.url")
+               "general.source.repo_url")
 HUB_URL = re.compile(r"(?:huggingface\.co/|^)([\w.-]+/[\w.-]+?)/?$")
 
 
@@ -102,6 +103,9 @@ def gguf_source_repo(path: Path) -> str | None:
 def read_gguf_model(path: Path) -> GgufModel:
     """The architecture and fingerprint of a GGUF model, as transformers would load it."""
     reader = read_gguf(path)
+    if reader.byte_order != "I":  # scales and float tensors are read in this machine's order
+        raise AufoldError(f"{path} is a big-endian GGUF file, which aufold does not fold; "
+                          f"convert it to little-endian (gguf-py's gguf_convert_endian.py)")
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -159,6 +163,8 @@ def write_gguf(source: GgufModel, replaced: Mapping[str, TensorData], destinatio
             file.write(b"\0" * (reader.data_offset + offset - file.tell()))
             new = replaced.get(tensor.name)
             file.write(new.data if new else _raw_bytes(reader, tensor))
+        # ggml sizes the data section as the padded sizes of all tensors, the last included.
+        file.write(b"\0" * (-(file.tell() - reader.data_offset) % reader.alignment))
 
 
 def _raw_bytes(reader: GGUFReader, tensor: ReaderTensor) -> memoryview:

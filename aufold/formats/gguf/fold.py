@@ -13,8 +13,8 @@ tensor then takes the most exact way its type allows:
 - A column scaling of a block-quantized tensor (``head`` units of ``attn_output``,
   ``mlp`` units of an ungated MLP) cannot move a block scale, since a block runs
   along a row. That tensor alone is re-encoded to Q8_0 (or F16): dequantized,
-  scaled and quantized once. A Q8_0 tensor keeps its type and only the blocks that
-  hold an edited unit are requantized.
+  scaled and quantized once. A Q8_0 tensor re-encoded to Q8_0 keeps its type, and
+  only the blocks that hold an edited unit are requantized.
 
 Every other tensor's bytes, and the metadata, are the input's (:mod:`.file`).
 """
@@ -122,7 +122,8 @@ def _up_rows_hold_neurons(source: GgufModel, layer: int) -> bool:
     down = source.tensors.get(f"{naming.module_path('mlp', layer)}.weight")
     up_name = source.architecture.gguf_mlp_up
     up = source.tensors.get(f"{GGUF_LAYERS}.{layer}.{up_name}.weight") if up_name else None
-    if down is None or up is None or down.tensor_type in FLOAT_TYPES:
+    gated = f"{GGUF_LAYERS}.{layer}.ffn_gate.weight" in source.tensors  # llama.cpp's gate name
+    if down is None or up is None or not gated or down.tensor_type in FLOAT_TYPES:
         return False
     neurons = int(down.shape[0])  # GGUF shapes are ggml's [in, out]: down's in is the neurons
     return int(up.shape[-1]) == neurons and (
