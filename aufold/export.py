@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 from transformers import PreTrainedTokenizerBase
 
 from aufold.card import PROVENANCE_FILE, ExportRecord, model_card
-from aufold.defaults import GGUF_REENCODE, GGUF_REENCODE_NAMES
+from aufold.defaults import GGUF_REENCODE
 from aufold.edit import Edit
 from aufold.errors import AufoldError
 from aufold.fold import fold_model
-from aufold.formats import CHECKPOINT, check_format
+from aufold.formats import CHECKPOINT, check_format, check_gguf_reencode
 from aufold.hub import check_push_target, push_folder_to_hub
 from aufold.modeling import ModelSource, fingerprint, load_model, resolve_source
 from aufold.plan import Plan
@@ -78,9 +78,8 @@ def export(
     if gguf_reencode is not None and format != "gguf":
         raise AufoldError(f"--gguf-reencode applies to --format gguf only, not {format}; "
                           f"drop it or pass --format gguf")
-    if gguf_reencode is not None and gguf_reencode.lower() not in GGUF_REENCODE_NAMES:
-        raise AufoldError(f"unknown --gguf-reencode type {gguf_reencode!r}; choose from: "
-                          f"{', '.join(GGUF_REENCODE_NAMES)}")
+    if gguf_reencode is not None:
+        check_gguf_reencode(gguf_reencode)
     plan_inputs = () if isinstance(plan, Plan) else (plan,)
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     chosen_sites = plan.sites if sites is None else tuple(sites)
@@ -88,20 +87,20 @@ def export(
     # k, alpha, sites and the size of the scale factors fail here, before any loading.
     plan.select(k, alpha, chosen_sites, allow_extreme=allow_extreme)
     source = resolve_source(model_ref)
-    if format in ("lora", "ia3") and source.gguf_file and base_model_id is None and (
-            inferred_base_model(source) is None):
+    inferred = inferred_base_model(source) if base_model_id is None else base_model_id
+    if format in ("lora", "ia3") and source.gguf_file and inferred is None:
         raise AufoldError(f"a {format} adapter names its base model in adapter_config.json, and "
                           f"{source.gguf_file} does not say which model it was converted from; "
                           f"pass --base-model-id ORG/NAME (the card still loads the dequantized "
                           f"file, on which the adapter is exact)")
     if push_to_hub is not None:
         check_push_target(push_to_hub)
-        if base_model_id is None and inferred_base_model(source) is None:
+        if inferred is None:
             raise AufoldError(f"--push-to-hub needs the base model's hub id for the card and "
                               f"the adapter config, and {source.ref} does not say it; pass "
                               f"--base-model-id ORG/NAME")
     options = dict(k=k, alpha=alpha, sites=chosen_sites, dtype=dtype, force=force,
-                   base_model=base_model_id or base_model_name(source),
+                   base_model=inferred or local_base_name(source),
                    link_unchanged=link_unchanged, allow_pickle=allow_pickle,
                    allow_extreme=allow_extreme, format=format,
                    gguf_reencode=gguf_reencode or GGUF_REENCODE,
@@ -245,11 +244,13 @@ def inferred_base_model(source: ModelSource) -> str | None:
 
 def base_model_name(source: ModelSource) -> str:
     """What the card and adapter config call the base model, when --base-model-id is not given:
-    its hub id where it can be known, else a local folder's absolute path (which loads as
-    written on this machine), else a GGUF file's name."""
-    inferred = inferred_base_model(source)
-    if inferred is not None:
-        return inferred
+    its hub id where it can be known, else :func:`local_base_name`."""
+    return inferred_base_model(source) or local_base_name(source)
+
+
+def local_base_name(source: ModelSource) -> str:
+    """A base without a known hub id: a local folder's absolute path (which loads as written
+    on this machine), else a GGUF file's name."""
     if source.local_dir is not None:
         return str(source.local_dir.resolve())
     return Path(source.ref).name

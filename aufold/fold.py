@@ -47,6 +47,15 @@ def weight_edits(edit: Edit, architecture: Architecture) -> dict[str, TensorEdit
     return edits
 
 
+def check_edit_fits(shape: tuple[int, ...], tensor_edit: TensorEdit) -> None:
+    """Refuse an edit whose units lie beyond a tensor of ``shape``."""
+    for axis, (index, _) in tensor_edit.axes.items():
+        if axis >= len(shape) or int(index.max()) >= shape[axis]:
+            raise AufoldError(f"edit does not fit a tensor of shape {list(shape)} "
+                              f"(axis {axis}, unit {int(index.max())}); the plan was made for "
+                              f"another model")
+
+
 def fold_tensor(tensor: torch.Tensor, tensor_edit: TensorEdit, name: str = "a folded weight"
                 ) -> torch.Tensor:
     """A new tensor with the edited slices scaled in float32 and rounded once.
@@ -68,12 +77,9 @@ def fold_tensor_(tensor: torch.Tensor, tensor_edit: TensorEdit, name: str = "a f
     overflows its dtype is refused (:func:`aufold.safety.limits.check_finite`) before the
     tensor changes.
     """
+    check_edit_fits(tuple(tensor.shape), tensor_edit)
     full = {}
     for axis, (index, scale) in tensor_edit.axes.items():
-        if axis >= tensor.dim() or int(index.max()) >= tensor.shape[axis]:
-            raise AufoldError(f"edit does not fit a tensor of shape {list(tensor.shape)} "
-                              f"(axis {axis}, unit {int(index.max())}); the plan was made for "
-                              f"another model")
         full[axis] = torch.ones(tensor.shape[axis]).index_copy(0, index, scale)
     blocks = []
     for axis, (index, _) in tensor_edit.axes.items():

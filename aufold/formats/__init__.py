@@ -8,10 +8,19 @@
 
 from __future__ import annotations
 
+from aufold.defaults import GGUF_REENCODE_NAMES
 from aufold.errors import AufoldError
 
 CHECKPOINT = "checkpoint"
 FORMATS: tuple[str, ...] = (CHECKPOINT, "lora", "ia3", "gguf")
+
+
+def check_gguf_reencode(name: str) -> str:
+    """The ``--gguf-reencode`` type in lower case, or an error that lists the choices."""
+    if name.lower() not in GGUF_REENCODE_NAMES:
+        raise AufoldError(f"unknown --gguf-reencode type {name!r}; choose from: "
+                          f"{', '.join(GGUF_REENCODE_NAMES)}")
+    return name.lower()
 
 
 def check_format(name: str) -> None:

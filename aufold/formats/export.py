@@ -48,7 +48,7 @@ def export_format(
     allow_pickle: bool = False,
     allow_extreme: bool = False,
     gguf_reencode: str = GGUF_REENCODE,
-    location: str = "path/or/repo-id",
+    location: str,
 ) -> ExportResult:
     """Write the top-k units of ``plan`` applied to ``source`` as ``format`` into the claimed
     folder ``out``; its card says to load it from ``location``."""

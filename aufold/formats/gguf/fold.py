@@ -34,7 +34,8 @@ from gguf.quants import dequantize, quantize
 from aufold.defaults import GGUF_REENCODE, GGUF_REENCODE_NAMES
 from aufold.edit import Edit
 from aufold.errors import AufoldError
-from aufold.fold import TensorEdit, fold_tensor, weight_edits
+from aufold.fold import TensorEdit, check_edit_fits, fold_tensor, weight_edits
+from aufold.formats import check_gguf_reencode
 from aufold.formats.gguf.blocks import BLOCK_SCALES, scale_rows
 from aufold.formats.gguf.file import GgufModel, TensorData, write_gguf
 from aufold.safety.limits import check_finite
@@ -83,7 +84,7 @@ def fold_gguf(source: GgufModel, edit: Edit, destination: Path, *, reencode: str
     Every tensor is folded in memory before the file is written, so a refused tensor
     type or a plan that does not fit leaves nothing behind.
     """
-    target = _reencode_type(reencode)
+    target = REENCODE_TYPES[check_gguf_reencode(reencode)]
     replaced: dict[str, TensorData] = {}
     folds = []
     for name, tensor_edit in gguf_tensor_edits(edit, source).items():
@@ -143,10 +144,8 @@ def fold_gguf_tensor(tensor: ReaderTensor, tensor_edit: TensorEdit,
     block_size, type_size = GGML_QUANT_SIZES[kind]
     blocks = raw.reshape(*shape[:-1], shape[-1] // block_size, type_size).copy()
     if set(tensor_edit.axes) == {0} and kind in BLOCK_SCALES:
+        check_edit_fits(shape, tensor_edit)
         rows, factors = tensor_edit.axes[0]
-        if int(rows.max()) >= shape[0]:
-            raise AufoldError(f"edit does not fit {tensor.name} of shape {list(shape)} (row "
-                              f"{int(rows.max())}); the plan was made for another model")
         scale_rows(blocks, rows.numpy(), factors.numpy(), kind, tensor.name)
         fold = TensorFold(tensor.name, kind.name, kind.name, "block scales",
                           len(rows) * blocks.shape[-2])
@@ -183,7 +182,10 @@ def _dequantized(tensor: ReaderTensor, raw: np.ndarray, shape: tuple[int, ...]) 
 
 
 def _check_decodes_finite(name: str, blocks: np.ndarray, kind: GGMLQuantizationType) -> None:
-    check_finite(name, torch.from_numpy(dequantize(blocks.reshape(blocks.shape[0], -1), kind)))
+    """Q8_0 values are d times int8 codes: finite exactly when every block scale d is."""
+    type_size = GGML_QUANT_SIZES[kind][1]
+    scales = BLOCK_SCALES[kind].read(blocks.reshape(-1, type_size))
+    check_finite(name, torch.from_numpy(scales))
 
 
 def _edited_elements(shape: tuple[int, ...], tensor_edit: TensorEdit) -> torch.Tensor:
@@ -192,10 +194,3 @@ def _edited_elements(shape: tuple[int, ...], tensor_edit: TensorEdit) -> torch.T
         changed.index_fill_(axis, index, True)
     return changed
 
-
-def _reencode_type(name: str) -> GGMLQuantizationType:
-    try:
-        return REENCODE_TYPES[name.lower()]
-    except KeyError:
-        raise AufoldError(f"unknown --gguf-reencode type {name!r}; choose from: "
-                          f"{', '.join(REENCODE_TYPES)}") from None
