@@ -268,16 +268,26 @@ def main() -> None:
 @click.option("--shard", default=None, metavar="I/N",
               help="Count only part I (from 0) of N of the pairs; add the parts with merge-counts. "
                    "Under torchrun the ranks split the pairs by themselves.")
+@click.option("--layer-streaming", is_flag=True,
+              help="Load one decoder layer at a time (a safetensors checkpoint), for a model larger "
+                   "than memory; chosen by itself when the weights do not fit.")
+@click.option("--work-dir", default=None, type=click.Path(path_type=Path, file_okay=False),
+              help="With layer streaming: a folder where the hidden states of all texts go when "
+                   "they do not fit in memory (deleted afterwards).")
 @overwrite_option
 @reports_errors
 @guarded(inputs=("model", "pairs_file", "data_dir"), folders=("out",))
 def localize(model: str, pairs_file: Path | None, task: str | None, data_dir: Path | None,
              sites: tuple[str, ...], out: Path, batch_size: int, max_length: int, chat_template: bool,
              tie_tolerance: float, limit: int | None, dtype: str, device: str | None,
-             device_map: str | None, allow_pickle: bool, shard: str | None, overwrite: bool) -> None:
+             device_map: str | None, allow_pickle: bool, shard: str | None, layer_streaming: bool,
+             work_dir: Path | None, overwrite: bool) -> None:
     """Rank the atomic units of MODEL by how consistently they separate the pairs."""
+    from aufold.layerwise import open_layerwise, streaming_choice
     from aufold.modeling import load_model
+    from aufold.progress import status
     from aufold.shards import is_main_process, localize_pairs, parse_shard, rank_device
+    from aufold.source import resolve_source
     from aufold.tasks import read_pairs_or_task
 
     pairs = read_pairs_or_task(pairs_file, task, data_dir, limit=limit)
@@ -285,12 +295,26 @@ def localize(model: str, pairs_file: Path | None, task: str | None, data_dir: Pa
         parse_shard(shard)  # before the model loads, like every other check of the options
     if tie_tolerance != tie_tolerance:  # NaN passes click's range check
         raise AufoldError("--tie-tolerance must be a number in [0, 1), got nan")
-    loaded, tokenizer, source = load_model(model, dtype=dtype, device=rank_device(device),
-                                           device_map=device_map, sites=sites,
-                                           allow_pickle=allow_pickle)
+    streaming = streaming_choice(model, requested=layer_streaming, dtype=dtype,
+                                 device_map=device_map, allow_pickle=allow_pickle)
+    options: dict[str, Any] = {}
+    if streaming.folder is not None:
+        status(streaming.reason)
+        loaded, tokenizer = open_layerwise(streaming.folder, dtype=dtype, device=rank_device(device))
+        loaded.architecture.check_sites(sites)
+        options["work_dir"] = work_dir
+        model_id = resolve_source(model).ref
+    else:
+        if work_dir is not None:
+            raise AufoldError("--work-dir holds the hidden states of layer streaming; add "
+                              "--layer-streaming or drop --work-dir")
+        loaded, tokenizer, source = load_model(model, dtype=dtype, device=rank_device(device),
+                                               device_map=device_map, sites=sites,
+                                               allow_pickle=allow_pickle)
+        model_id = source.ref
     plan = localize_pairs(loaded, tokenizer, pairs, sites, shard=shard, batch_size=batch_size,
                           max_length=max_length, chat_template=chat_template,
-                          tie_tolerance=tie_tolerance, model_id=source.ref)
+                          tie_tolerance=tie_tolerance, model_id=model_id, **options)
     if not is_main_process():
         return
     truncated = plan.settings["truncated_texts"]

@@ -214,6 +214,15 @@ def _open_sharded(folder: Path) -> Checkpoint:
     return Checkpoint(folder, shards, dict(weight_map), INDEX_FILE)
 
 
+def stored_name(name: str, stored: Mapping[str, str]) -> str | None:
+    """The name a tensor has on disk: as in the model, or without the base model prefix
+    (GPT-2's original checkpoints store ``h.0...`` for ``transformer.h.0...``)."""
+    if name in stored:
+        return name
+    short = name.split(".", 1)[-1]
+    return short if short in stored else None
+
+
 def read_tensor(handle: BinaryIO, entry: TensorEntry) -> torch.Tensor:
     """Read one floating-point tensor into fresh, writable memory that it owns."""
     dtype = FLOAT_DTYPES.get(entry.dtype)

@@ -34,9 +34,23 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from aufold.defaults import LOCALIZE_BATCH_SIZE, TIE_TOLERANCE
-from aufold.encoding import DEFAULT_MAX_LENGTH, Batch, chat_prompt, encode, pad_id, pad_right
+from aufold.encoding import (
+    DEFAULT_MAX_LENGTH,
+    Batch,
+    chat_prompt,
+    encode,
+    pad_id,
+    pad_right,
+)
 from aufold.errors import AufoldError
-from aufold.modeling import check_site_exists, fingerprint, input_device, num_layers, site_module, site_width
+from aufold.modeling import (
+    check_site_exists,
+    fingerprint,
+    input_device,
+    num_layers,
+    site_module,
+    site_width,
+)
 from aufold.pairs import ContrastivePair, validate_pairs
 from aufold.plan import Plan, SiteCounts
 from aufold.progress import bar as progress_bar
@@ -66,11 +80,7 @@ def localize(
     """Count the sign of x_pos - x_neg for every unit of ``sites`` in every layer."""
     pairs = validate_pairs(pairs)
     sites = _check_sites(model, sites)
-    if batch_size < 1 or max_length < 2:
-        raise AufoldError("batch size must be >= 1 and max length >= 2")
-    if not 0 <= tie_tolerance < 1:
-        raise AufoldError(f"tie tolerance must be in [0, 1), got {tie_tolerance}; "
-                          f"the default is {DEFAULT_TIE_TOLERANCE}")
+    check_options(batch_size, max_length, tie_tolerance)
     encoded, truncated = encode_pairs(tokenizer, pairs, max_length=max_length,
                                       chat_template=chat_template)
     shared = [pair for pair in encoded if pair.prompt]
@@ -78,32 +88,50 @@ def localize(
 
     device = input_device(model)
     layers = num_layers(model)
-    counts = {site: SiteCounts(torch.zeros(layers, site_width(model, site), dtype=torch.long, device=device),
-                               torch.zeros(layers, site_width(model, site), dtype=torch.long, device=device))
-              for site in sites}
+    counts = new_counts(sites, layers, lambda site: site_width(model, site), device)
     padding = pad_id(tokenizer)
     window = getattr(model.config, "sliding_window", None)
     with _LastTokenReader(model, sites, layers) as reader, \
             progress_bar(total=len(encoded), desc="localize", unit="pair", enabled=progress) as bar:
-        for chunk in _shared_batches(shared, batch_size, window):
+        for chunk in shared_batches(shared, batch_size, window):
             _run_shared(model, reader, chunk, padding, device)
             _count(reader, counts, device, tie_tolerance)
             bar.update(len(chunk))
-        for chunk in _full_batches(full, batch_size):
+        for chunk in full_batches(full, batch_size):
             _run_full(model, reader, chunk, padding, device)
             _count(reader, counts, device, tie_tolerance)
             bar.update(len(chunk))
 
-    return Plan(
-        model=model_id or str(getattr(model.config, "_name_or_path", "")),
-        fingerprint=fingerprint(model),
-        num_pairs=len(pairs),
-        counts={site: SiteCounts(c.positive.cpu(), c.negative.cpu()) for site, c in counts.items()},
-        settings={"max_length": max_length, "chat_template": chat_template,
-                  "tie_tolerance": tie_tolerance, "truncated_texts": truncated,
-                  "dtype": str(model.dtype).removeprefix("torch."),
-                  "full_text_pairs": len(full)},
-    )
+    return counted_plan(model_id or str(getattr(model.config, "_name_or_path", "")),
+                        fingerprint(model), len(pairs), counts,
+                        {"max_length": max_length, "chat_template": chat_template,
+                         "tie_tolerance": tie_tolerance, "truncated_texts": truncated,
+                         "dtype": str(model.dtype).removeprefix("torch."),
+                         "full_text_pairs": len(full)})
+
+
+def check_options(batch_size: int, max_length: int, tie_tolerance: float) -> None:
+    if batch_size < 1 or max_length < 2:
+        raise AufoldError("batch size must be >= 1 and max length >= 2")
+    if not 0 <= tie_tolerance < 1:
+        raise AufoldError(f"tie tolerance must be in [0, 1), got {tie_tolerance}; "
+                          f"the default is {DEFAULT_TIE_TOLERANCE}")
+
+
+def new_counts(sites: Sequence[str], layers: int, width: Callable[[str], int],
+               device: torch.device) -> dict[str, SiteCounts]:
+    """Zeroed counters per site, [layers, units], on the device the activations come from."""
+    return {site: SiteCounts(torch.zeros(layers, width(site), dtype=torch.long, device=device),
+                             torch.zeros(layers, width(site), dtype=torch.long, device=device))
+            for site in sites}
+
+
+def counted_plan(model_id: str, model_fingerprint: str, num_pairs: int,
+                 counts: dict[str, SiteCounts], settings: dict[str, Any]) -> Plan:
+    return Plan(model=model_id, fingerprint=model_fingerprint, num_pairs=num_pairs,
+                counts={site: SiteCounts(c.positive.cpu(), c.negative.cpu())
+                        for site, c in counts.items()},
+                settings=settings)
 
 
 @dataclass(frozen=True)
@@ -143,7 +171,7 @@ def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Contrastive
     return encoded, truncated
 
 
-def _shared_batches(pairs: list[EncodedPair], batch_size: int,
+def shared_batches(pairs: list[EncodedPair], batch_size: int,
                     window: int | None) -> Iterator[list[EncodedPair]]:
     """Batches of similar prompt length (less padding). With sliding-window attention, prompts
     of different lengths share a batch only while every text fits in the window, since the
@@ -163,56 +191,74 @@ def _shared_batches(pairs: list[EncodedPair], batch_size: int,
         yield batch
 
 
-def _full_batches(pairs: list[EncodedPair], batch_size: int) -> Iterator[list[EncodedPair]]:
+def full_batches(pairs: list[EncodedPair], batch_size: int) -> Iterator[list[EncodedPair]]:
     # Similar lengths in one batch waste less compute on padding; counts are order-free.
     ordered = sorted(pairs, key=lambda p: max(len(p.positive), len(p.negative)))
     for start in range(0, len(ordered), batch_size):
         yield ordered[start:start + batch_size]
 
 
-def _run_shared(model: PreTrainedModel, reader: _LastTokenReader, chunk: list[EncodedPair],
-                padding: int, device: torch.device) -> None:
-    """The prompts once, filling a cache; then both answers of every pair on that cache.
+@dataclass(frozen=True)
+class SharedInputs:
+    """A batch of shared-prompt pairs as tensors: the prompts, then both answers of each pair.
 
-    Rows of the answer pass interleave positive and negative (2i, 2i + 1). Prompts
-    are right-padded; the answers carry their true positions and a mask that hides
-    the padding between prompt and answer.
+    Rows of the answers interleave positive and negative (2i, 2i + 1). Prompts are
+    right-padded; the answers carry their true positions and a mask that covers the
+    prompt too and hides the padding between prompt and answer.
     """
+
+    prompts: Batch
+    answers: Batch  # attention_mask spans prompt and answer
+    positions: torch.Tensor
+
+
+def shared_inputs(chunk: list[EncodedPair], padding: int, device: torch.device) -> SharedInputs:
     prompts = pad_right([pair.prompt for pair in chunk], padding).to(device)
-    cache = DynamicCache(config=model.config)
-    reader.run(model, prompts, cache=cache, capture=False)
-    _check_cache_filled(cache, prompts.input_ids.shape[1])
-    cache.batch_repeat_interleave(2)
     answers = pad_right([ids for pair in chunk for ids in (pair.positive, pair.negative)],
                         padding).to(device)
     prompt_mask = prompts.attention_mask.repeat_interleave(2, dim=0)
     start = (prompts.last + 1).repeat_interleave(2)
-    width = answers.input_ids.shape[1]
-    positions = start[:, None] + torch.arange(width, device=device)
+    positions = start[:, None] + torch.arange(answers.input_ids.shape[1], device=device)
     mask = torch.cat([prompt_mask, answers.attention_mask], dim=1)
-    reader.run(model, Batch(answers.input_ids, mask, answers.last), cache=cache,
-               position_ids=positions)
-    _check_cache_filled(cache, prompts.input_ids.shape[1] + width)
+    return SharedInputs(prompts, Batch(answers.input_ids, mask, answers.last), positions)
 
 
-def _check_cache_filled(cache: DynamicCache, tokens: int) -> None:
+def full_inputs(chunk: list[EncodedPair], padding: int, device: torch.device) -> Batch:
+    """A batch of pairs that run as two full texts; rows interleave positive and negative."""
+    return pad_right([ids for pair in chunk for ids in (pair.positive, pair.negative)],
+                     padding).to(device)
+
+
+def _run_shared(model: PreTrainedModel, reader: _LastTokenReader, chunk: list[EncodedPair],
+                padding: int, device: torch.device) -> None:
+    """The prompts once, filling a cache; then both answers of every pair on that cache."""
+    inputs = shared_inputs(chunk, padding, device)
+    prompt_length = inputs.prompts.input_ids.shape[1]
+    cache = DynamicCache(config=model.config)
+    reader.run(model, inputs.prompts, cache=cache, capture=False)
+    check_cache_filled(cache, prompt_length)
+    cache.batch_repeat_interleave(2)
+    reader.run(model, inputs.answers, cache=cache, position_ids=inputs.positions)
+    check_cache_filled(cache, prompt_length + inputs.positions.shape[1])
+
+
+def check_cache_filled(cache: DynamicCache, tokens: int, layer: int = 0) -> None:
     """Fail loudly if the model did not write the keys and values it was given a cache for.
 
     The answers are read on the prompt's cache; a transformers version that ignored the
     cache argument would silently change every count (the answers would run without
     their prompt), so the cache's length after each pass is checked.
     """
-    if cache.get_seq_length() != tokens:
+    if cache.get_seq_length(layer) != tokens:
         raise AufoldError(f"the model did not use the prompt cache (it holds "
-                          f"{cache.get_seq_length()} tokens, not {tokens}); this transformers "
+                          f"{cache.get_seq_length(layer)} tokens, not {tokens}); this transformers "
                           f"version is not one aufold supports: install the version that "
                           f"pyproject.toml names")
 
 
 def _run_full(model: PreTrainedModel, reader: _LastTokenReader, chunk: list[EncodedPair],
               padding: int, device: torch.device) -> None:
-    rows = [ids for pair in chunk for ids in (pair.positive, pair.negative)]
-    reader.run(model, pad_right(rows, padding).to(device))
+    reader.run(model, full_inputs(chunk, padding, device))
 
 
 def signs(x_pos: torch.Tensor, x_neg: torch.Tensor,
@@ -238,10 +284,16 @@ def _count(reader: _LastTokenReader, counts: dict[str, SiteCounts], device: torc
     """Add this batch's signs to the counters, on the device; rows are (positive, negative) pairs."""
     for site, per_layer in reader.activations.items():
         for layer, activations in enumerate(per_layer):
-            pairs = activations.to(device).unflatten(0, (-1, 2))
-            above, below = signs(pairs[:, 0], pairs[:, 1], tie_tolerance)
-            counts[site].positive[layer] += above.sum(0)
-            counts[site].negative[layer] += below.sum(0)
+            count_layer(counts[site], layer, activations.to(device), tie_tolerance)
+
+
+def count_layer(counts: SiteCounts, layer: int, activations: torch.Tensor,
+                tie_tolerance: float) -> None:
+    """Add one layer's signs for a batch whose rows are (positive, negative) pairs."""
+    pairs = activations.unflatten(0, (-1, 2))
+    above, below = signs(pairs[:, 0], pairs[:, 1], tie_tolerance)
+    counts.positive[layer] += above.sum(0)
+    counts.negative[layer] += below.sum(0)
 
 
 def _check_sites(model: PreTrainedModel, sites: Sequence[str]) -> tuple[str, ...]:

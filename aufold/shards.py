@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +28,8 @@ from aufold.plan import Plan, SiteCounts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from aufold.layerwise import LayerwiseModel
 
 SHARD_KEY = "shard"
 # Settings that count something per pair: added when parts merge; all others must agree.
@@ -59,14 +62,14 @@ def pairs_digest(pairs: Sequence[ContrastivePair]) -> str:
     return f"sha256:{digest.hexdigest()[:32]}"
 
 
-def localize_shard(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+def localize_shard(model: PreTrainedModel | LayerwiseModel, tokenizer: PreTrainedTokenizerBase,
                    pairs: Sequence[ContrastivePair], sites: Sequence[str], *, index: int, count: int,
                    **options: Any) -> Plan:
     """The partial counts of part ``index`` of ``count``, marked so that merge-counts can check them."""
     pairs = validate_pairs(pairs)
     if count > len(pairs):
         raise AufoldError(f"cannot split {len(pairs)} pairs into {count} parts; use fewer parts")
-    plan = localize(model, tokenizer, shard_pairs(pairs, index, count), sites, **options)
+    plan = localize_any(model, tokenizer, shard_pairs(pairs, index, count), sites, **options)
     plan.settings[SHARD_KEY] = {"index": index, "count": count, "total_pairs": len(pairs),
                                 "pairs": pairs_digest(pairs)}
     return plan
@@ -137,7 +140,7 @@ def _common_settings(plan: Plan) -> dict[str, Any]:
             if key not in ADDITIVE_SETTINGS and key != SHARD_KEY}
 
 
-def localize_pairs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+def localize_pairs(model: PreTrainedModel | LayerwiseModel, tokenizer: PreTrainedTokenizerBase,
                    pairs: Sequence[ContrastivePair], sites: Sequence[str], *,
                    shard: str | None = None, **options: Any) -> Plan:
     """Localize all pairs, one part of them (``shard="I/N"``), or this torchrun rank's part,
@@ -150,6 +153,19 @@ def localize_pairs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         return localize_shard(model, tokenizer, pairs, sites, index=index, count=count, **options)
     if distributed_world() is not None:
         return localize_distributed(model, tokenizer, pairs, sites, **options)
+    return localize_any(model, tokenizer, pairs, sites, **options)
+
+
+def localize_any(model: PreTrainedModel | LayerwiseModel, tokenizer: PreTrainedTokenizerBase,
+                 pairs: Sequence[ContrastivePair], sites: Sequence[str], *,
+                 work_dir: Path | None = None, **options: Any) -> Plan:
+    """Localize a model loaded whole, or one that streams layer by layer (``work_dir`` is
+    where its hidden states may spill)."""
+    from aufold.layerwise import LayerwiseModel
+    from aufold.layerwise.localize import localize_layerwise
+
+    if isinstance(model, LayerwiseModel):
+        return localize_layerwise(model, tokenizer, pairs, sites, work_dir=work_dir, **options)
     return localize(model, tokenizer, pairs, sites, **options)
 
 
@@ -178,7 +194,7 @@ def rank_device(device: str | None) -> str | None:
     return device
 
 
-def localize_distributed(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+def localize_distributed(model: PreTrainedModel | LayerwiseModel, tokenizer: PreTrainedTokenizerBase,
                          pairs: Sequence[ContrastivePair], sites: Sequence[str],
                          **options: Any) -> Plan:
     """Each torchrun rank counts its part of the pairs; the counters are summed across ranks.
@@ -193,7 +209,7 @@ def localize_distributed(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     if world is None:
         raise AufoldError("localize_distributed runs under torchrun with more than one process")
     rank, size, _ = world
-    device = model.get_input_embeddings().weight.device
+    device = model.device
     started_group = not dist.is_initialized()
     if started_group:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
@@ -206,7 +222,7 @@ def localize_distributed(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
             dist.destroy_process_group()
 
 
-def _localize_and_reduce(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+def _localize_and_reduce(model: PreTrainedModel | LayerwiseModel, tokenizer: PreTrainedTokenizerBase,
                          pairs: Sequence[ContrastivePair], sites: Sequence[str], rank: int,
                          size: int, device: torch.device, **options: Any) -> Plan:
     """This rank's part of the pairs, localized, with the counts summed over every rank."""
@@ -215,7 +231,7 @@ def _localize_and_reduce(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     pairs = validate_pairs(pairs)
     if size > len(pairs):
         raise AufoldError(f"cannot split {len(pairs)} pairs over {size} processes")
-    part = localize(model, tokenizer, shard_pairs(pairs, rank, size), sites, **options)
+    part = localize_any(model, tokenizer, shard_pairs(pairs, rank, size), sites, **options)
     reduce_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
     scalars = torch.tensor([part.num_pairs, *(int(part.settings.get(k, 0)) for k in ADDITIVE_SETTINGS)],
                            dtype=torch.long, device=reduce_device)

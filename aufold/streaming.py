@@ -34,6 +34,7 @@ from aufold.checkpoint import (
     local_checkpoint,
     open_checkpoint,
     read_tensor,
+    stored_name,
     tensor_bytes,
     write_all,
 )
@@ -81,7 +82,7 @@ def streamable_folder(source: ModelSource, *, dtype: str = "auto",
         return None
     folder = source.local_dir
     if folder is None:
-        return _cached_snapshot(source.path)
+        return cached_snapshot(source.path)
     checkpoint = local_checkpoint(folder, allow_pickle=allow_pickle)  # refuses what is wrong
     if checkpoint is None:
         return None  # pickle weights, allowed: transformers loads them
@@ -90,7 +91,7 @@ def streamable_folder(source: ModelSource, *, dtype: str = "auto",
     return folder
 
 
-def _cached_snapshot(repo_id: str) -> Path | None:
+def cached_snapshot(repo_id: str) -> Path | None:
     from huggingface_hub import snapshot_download
 
     try:
@@ -123,7 +124,7 @@ def checkpoint_fingerprint(checkpoint: Checkpoint, config: Mapping[str, object],
                            architecture: Architecture) -> str:
     """The fingerprint that :func:`aufold.modeling.fingerprint` gives the loaded model."""
     def shape_of(name: str) -> tuple[int, ...]:
-        stored = _stored_name(name, checkpoint.weight_map)
+        stored = stored_name(name, checkpoint.weight_map)
         if stored is None:
             raise AufoldError(f"{checkpoint.folder} has no tensor {name}; it is not a complete "
                               f"{config.get('model_type')} checkpoint")
@@ -171,7 +172,7 @@ def stored_edits(checkpoint: Checkpoint, edits: Mapping[str, TensorEdit]
     """The edits by shard file and stored tensor, each checked against the stored shape."""
     by_shard: dict[str, dict[TensorEntry, TensorEdit]] = {}
     for name, tensor_edit in edits.items():
-        stored = _stored_name(name, checkpoint.weight_map)
+        stored = stored_name(name, checkpoint.weight_map)
         if stored is None:
             if tensor_edit.optional:
                 continue
@@ -245,15 +246,6 @@ def _fold_shard(source_path: Path, size: int, edits: Mapping[TensorEntry, Tensor
             del tensor
             position = entry.end
         copy_range(source.fileno(), output.fileno(), position, size - position, position)
-
-
-def _stored_name(name: str, stored: Mapping[str, str]) -> str | None:
-    """The name a tensor has on disk: as in the model, or without the base model prefix
-    (GPT-2's original checkpoints store ``h.0...`` for ``transformer.h.0...``)."""
-    if name in stored:
-        return name
-    short = name.split(".", 1)[-1]
-    return short if short in stored else None
 
 
 def _extra_files(checkpoint: Checkpoint) -> list[Path]:

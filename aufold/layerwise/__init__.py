@@ -1,0 +1,109 @@
+"""Layer streaming: running a model larger than memory one decoder layer at a time.
+
+- :mod:`~aufold.layerwise.skeleton`: the model built with its parameters on the meta
+  device, whose parts load from the safetensors checkpoint on demand;
+- :mod:`~aufold.layerwise.forward`: one layer over stored hidden states, through the
+  model's own forward;
+- :mod:`~aufold.layerwise.hidden`: where the hidden states of all texts live;
+- :mod:`~aufold.layerwise.localize`: localization in that order.
+
+:func:`open_layerwise` is what the command line calls: it decides whether a model
+streams (asked for, or needed because its weights do not fit in memory) and says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from aufold.checkpoint import (
+    FLOAT_DTYPES,
+    Checkpoint,
+    local_checkpoint,
+    open_checkpoint,
+)
+from aufold.errors import AufoldError
+from aufold.layerwise.hidden import MARGIN_BYTES, available_memory
+from aufold.layerwise.skeleton import LayerwiseModel
+from aufold.modeling import DTYPES, load_tokenizer, resolve_source
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from aufold.source import ModelSource
+
+__all__ = ["LayerwiseModel", "StreamingChoice", "open_layerwise", "streaming_choice"]
+
+
+@dataclass(frozen=True)
+class StreamingChoice:
+    """Whether a model runs layer by layer, the folder it streams from, and why."""
+
+    folder: Path | None  # None: load the model whole
+    reason: str
+
+
+def streaming_choice(ref: str, *, requested: bool, dtype: str = "auto",
+                     device_map: str | None = None, allow_pickle: bool = False) -> StreamingChoice:
+    """Stream when asked to (refusing what cannot stream), or when the weights would not
+    fit in the memory available; otherwise load the model whole."""
+    source = resolve_source(ref)
+    if requested:
+        if device_map:
+            raise AufoldError("give either --layer-streaming or --device-map, not both: layer "
+                              "streaming already runs a model larger than memory")
+        if source.gguf_file:
+            raise AufoldError(f"layer streaming reads safetensors checkpoints, and {ref} is a GGUF "
+                              f"file; drop --layer-streaming (GGUF models load dequantized), or "
+                              f"stream the original safetensors checkpoint")
+        folder = _safetensors_folder(source)
+        if folder is None:
+            raise AufoldError(f"layer streaming reads a local safetensors checkpoint, and {ref} is "
+                              f"neither a folder nor complete in the hub cache; download it first "
+                              f"(huggingface-cli download {ref})")
+        open_checkpoint(folder)  # refuses pickle weights and damaged checkpoints
+        return StreamingChoice(folder, "layer streaming, as asked (--layer-streaming)")
+    if device_map or source.gguf_file:
+        return StreamingChoice(None, "")
+    folder = _safetensors_folder(source)
+    if folder is None or local_checkpoint(folder, allow_pickle=allow_pickle) is None:
+        return StreamingChoice(None, "")
+    weights = _weight_bytes(open_checkpoint(folder), dtype)
+    available = available_memory()
+    if weights + MARGIN_BYTES <= available:
+        return StreamingChoice(None, "")
+    return StreamingChoice(folder, f"layer streaming: the weights need {weights / 2**30:.1f} GB, "
+                                   f"more than the {available / 2**30:.1f} GB of memory available, "
+                                   f"so the layers load one at a time")
+
+
+def open_layerwise(folder: Path, *, dtype: str = "auto", device: str | None = None
+                   ) -> tuple[LayerwiseModel, PreTrainedTokenizerBase]:
+    """The model of ``folder`` ready to stream, and its tokenizer."""
+    from aufold.modeling import check_device
+
+    if device is not None:
+        check_device(device)
+    source = resolve_source(str(folder))
+    return LayerwiseModel(folder, dtype=dtype, device=device), load_tokenizer(source)
+
+
+def _weight_bytes(checkpoint: Checkpoint, dtype: str) -> int:
+    """The checkpoint's weights in bytes once loaded as ``dtype`` (floats converted)."""
+    wanted = DTYPES.get(dtype)
+    total = 0
+    for entry in checkpoint.entries():
+        if isinstance(wanted, torch.dtype) and entry.dtype in FLOAT_DTYPES:
+            total += entry.nbytes // FLOAT_DTYPES[entry.dtype].itemsize * wanted.itemsize
+        else:
+            total += entry.nbytes
+    return total
+
+
+def _safetensors_folder(source: ModelSource) -> Path | None:
+    from aufold.streaming import cached_snapshot
+
+    return source.local_dir or cached_snapshot(source.path)

@@ -1,0 +1,240 @@
+"""Localization one decoder layer at a time, for models larger than memory.
+
+The same counts as :func:`aufold.localize.localize`, computed in the other order:
+every pair goes through layer 0, its hidden states are kept, layer 0 is freed and
+layer 1 is loaded, and so on (the calibration pass of GPTQ or llm-compressor). The
+batches, the prompt sharing, the tokens read and the tie rule are the in-memory
+localization's own, so on the same device the counts agree with it exactly. The LM
+head is never read; the embeddings are loaded for the first pass only.
+
+Memory: one layer, the hidden states of every text in the model's dtype (or a
+memory-mapped file, see :mod:`aufold.layerwise.hidden`) and the counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from aufold.encoding import DEFAULT_MAX_LENGTH, Batch, pad_id
+from aufold.errors import AufoldError
+from aufold.layerwise.forward import LayerRunner
+from aufold.layerwise.hidden import HiddenStore, choose_spill, hidden_bytes
+from aufold.layerwise.skeleton import OUTSIDE, LayerwiseModel
+from aufold.localize import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_TIE_TOLERANCE,
+    SharedInputs,
+    check_cache_filled,
+    check_options,
+    count_layer,
+    counted_plan,
+    encode_pairs,
+    full_batches,
+    full_inputs,
+    new_counts,
+    shared_batches,
+    shared_inputs,
+)
+from aufold.modeling import site_width
+from aufold.pairs import ContrastivePair, validate_pairs
+from aufold.plan import Plan
+from aufold.progress import bar as progress_bar
+from aufold.progress import status
+from aufold.sites import site_kind
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One batch of pairs and where its hidden states live in the store."""
+
+    shared: SharedInputs | None  # prompt and answers, or
+    full: Batch | None  # two full texts per pair
+    blocks: tuple[int, ...]  # store indices: (prompt, answers) or (full,)
+
+
+@torch.inference_mode()
+def localize_layerwise(
+    lm: LayerwiseModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[ContrastivePair],
+    sites: Sequence[str],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    chat_template: bool = False,
+    tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
+    progress: bool = True,
+    model_id: str | None = None,
+    work_dir: Path | None = None,
+    spill: bool | None = None,
+) -> Plan:
+    """Count the sign of x_pos - x_neg for every unit of ``sites`` in every layer, layer by layer."""
+    pairs = validate_pairs(pairs)
+    if not sites:
+        raise AufoldError("no site given; pass at least one --site (head, mlp, mlp-out, residual)")
+    sites = tuple(dict.fromkeys(sites))
+    for site in sites:
+        site_kind(site)
+    lm.architecture.check_sites(sites)
+    check_options(batch_size, max_length, tie_tolerance)
+    encoded, truncated = encode_pairs(tokenizer, pairs, max_length=max_length,
+                                      chat_template=chat_template)
+    shared = [pair for pair in encoded if pair.prompt]
+    full = [pair for pair in encoded if not pair.prompt]
+    padding = pad_id(tokenizer)
+    cpu = torch.device("cpu")
+    groups, shapes = [], []
+    hidden = lm.config.hidden_size
+    for chunk in shared_batches(shared, batch_size, getattr(lm.config, "sliding_window", None)):
+        inputs = shared_inputs(chunk, padding, cpu)
+        groups.append(_Group(inputs, None, (len(shapes), len(shapes) + 1)))
+        shapes += [(*inputs.prompts.input_ids.shape, hidden), (*inputs.answers.input_ids.shape, hidden)]
+    for chunk in full_batches(full, batch_size):
+        batch = full_inputs(chunk, padding, cpu)
+        groups.append(_Group(None, batch, (len(shapes),)))
+        shapes.append((*batch.input_ids.shape, hidden))
+
+    needed = hidden_bytes(shapes, lm.dtype)
+    largest = max(lm.layer_bytes(layer) for layer in range(lm.num_layers))
+    spill_dir = choose_spill(needed, largest, work_dir, spill)
+    status(f"layer streaming: {lm.num_layers} layers of up to {largest / 2**30:.2f} GB, one at a "
+           f"time; hidden states of {len(encoded)} pairs ({needed / 2**30:.2f} GB) "
+           + (f"in a memory-mapped file under {spill_dir}" if spill_dir else "in memory"))
+
+    counts = new_counts(sites, lm.num_layers, lambda site: site_width(lm.model, site), lm.device)
+    runner = LayerRunner(lm)
+    head = lm.model.get_output_embeddings()
+    embeddings = lm.module_name(lm.model.get_input_embeddings())
+    never = (lm.module_name(head),) if head is not None else ()
+    with HiddenStore(shapes, lm.dtype, spill_dir=spill_dir) as store, \
+            lm.loaded(OUTSIDE, skip=(*never, embeddings)), \
+            progress_bar(total=lm.num_layers + 1, desc="localize (layer streaming)", unit="layer",
+                         enabled=progress) as bar:
+        with lm.loaded(OUTSIDE, only=(embeddings,)), runner.stage(None):
+            for group in groups:
+                _embed(runner, group, store)
+        bar.update(1)
+        for layer in range(lm.num_layers):
+            with lm.loaded(layer) as module, runner.stage(layer), \
+                    _SiteReader(lm, sites, layer, module) as reader:
+                for group in groups:
+                    _run_layer(runner, reader, group, store, keep=layer < lm.num_layers - 1)
+                    for site, activations in reader.take().items():
+                        count_layer(counts[site], layer, activations.to(lm.device), tie_tolerance)
+            bar.update(1)
+
+    return counted_plan(model_id or str(lm.checkpoint.folder), lm.fingerprint(), len(pairs), counts,
+                        {"max_length": max_length, "chat_template": chat_template,
+                         "tie_tolerance": tie_tolerance, "truncated_texts": truncated,
+                         "dtype": str(lm.dtype).removeprefix("torch."),
+                         "full_text_pairs": len(full)})
+
+
+def _embed(runner: LayerRunner, group: _Group, store: HiddenStore) -> None:
+    """Layer 0's input for every text of a group."""
+    device = runner.lm.device
+    if group.shared is not None:
+        prompts, answers = group.shared.prompts.to(device), group.shared.answers.to(device)
+        cache = runner.new_cache()
+        store[group.blocks[0]].copy_(runner.run(None, prompts.input_ids, prompts.attention_mask,
+                                                cache=cache))
+        runner.fill_other_layers(cache, *prompts.input_ids.shape)
+        cache.batch_repeat_interleave(2)
+        store[group.blocks[1]].copy_(runner.run(None, answers.input_ids, answers.attention_mask,
+                                                position_ids=group.shared.positions.to(device),
+                                                cache=cache))
+    else:
+        assert group.full is not None
+        batch = group.full.to(device)
+        store[group.blocks[0]].copy_(runner.run(None, batch.input_ids, batch.attention_mask))
+
+
+def _run_layer(runner: LayerRunner, reader: _SiteReader, group: _Group, store: HiddenStore, *,
+               keep: bool) -> None:
+    """One layer over a group: its output replaces its input in the store (unless last)."""
+    device = runner.lm.device
+    layer = runner.layer
+    assert layer is not None
+    if group.shared is not None:
+        prompts, answers = group.shared.prompts.to(device), group.shared.answers.to(device)
+        prompt_length = prompts.input_ids.shape[1]
+        cache = runner.new_cache()
+        reader.last = None
+        output = runner.run(store[group.blocks[0]], prompts.input_ids, prompts.attention_mask,
+                            cache=cache)
+        check_cache_filled(cache, prompt_length, layer)
+        if keep:
+            store[group.blocks[0]].copy_(output)
+        runner.fill_other_layers(cache, prompts.input_ids.shape[0], prompt_length)
+        cache.batch_repeat_interleave(2)
+        reader.last = answers.last
+        output = runner.run(store[group.blocks[1]], answers.input_ids, answers.attention_mask,
+                            position_ids=group.shared.positions.to(device), cache=cache)
+        check_cache_filled(cache, prompt_length + answers.input_ids.shape[1], layer)
+        block = group.blocks[1]
+    else:
+        assert group.full is not None
+        batch = group.full.to(device)
+        reader.last = batch.last
+        output = runner.run(store[group.blocks[0]], batch.input_ids, batch.attention_mask)
+        block = group.blocks[0]
+    reader.output = output
+    if keep:
+        store[block].copy_(output)
+
+
+class _SiteReader:
+    """Hooks on one layer's site modules that keep each row's activation at its last token."""
+
+    def __init__(self, lm: LayerwiseModel, sites: Sequence[str], layer: int, module: nn.Module) -> None:
+        self.lm, self.sites, self.layer = lm, sites, layer
+        self.last: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+        self._read: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> _SiteReader:
+        for site in self.sites:
+            if site_kind(site).projection == "layer":
+                continue  # the layer's output, which the runner returns
+            module = self.lm.model.get_submodule(self.lm.architecture.module_path(site, self.layer))
+            if site_kind(site).placement == "input":
+                self._handles.append(module.register_forward_pre_hook(
+                    lambda _m, args, kwargs, site=site: self._store(
+                        site, args[0] if args else next(iter(kwargs.values()))), with_kwargs=True))
+            else:
+                self._handles.append(module.register_forward_hook(
+                    lambda _m, _args, output, site=site: self._store(
+                        site, output[0] if isinstance(output, tuple) else output)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _store(self, site: str, hidden: torch.Tensor) -> None:
+        if self.last is not None:
+            self._read[site] = _at_last(hidden, self.last)
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """This pass's last-token activations per site, once."""
+        read, self._read = self._read, {}
+        if any(site_kind(site).projection == "layer" for site in self.sites):
+            assert self.output is not None and self.last is not None
+            read.update({site: _at_last(self.output, self.last) for site in self.sites
+                         if site_kind(site).projection == "layer"})
+        return read
+
+
+def _at_last(hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, last.to(hidden.device)]
