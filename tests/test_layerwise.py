@@ -1,0 +1,241 @@
+"""Layer streaming: localization one decoder layer at a time equals the in-memory localization.
+
+The specification: the same counts, unit for unit (the batches, prompt sharing and
+tie rule are the in-memory localization's own, so on one device they agree
+bitwise), on every tiny architecture and on SmolLM2, with the hidden states in
+memory or spilled to a file; never more than one decoder layer in memory; the
+LM head never read; shards and merge-counts as before; bad input refused in one
+line with nothing left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from edit_helpers import assert_one_line_error, run_cli, tree_digest
+from test_localize import _varied_pairs
+from test_shards import assert_same_counts
+from tiny_models import ARCHITECTURES, MOE_ARCHITECTURES, save_tiny_model, tiny_model, tiny_tokenizer
+
+from aufold.errors import AufoldError
+from aufold.layerwise import LayerwiseModel, streaming_choice
+from aufold.layerwise import hidden as hidden_module
+from aufold.layerwise.forward import LayerRunner
+from aufold.layerwise.localize import localize_layerwise
+from aufold.localize import localize
+from aufold.pairs import ContrastivePair, write_pairs
+from aufold.plan import Plan
+from aufold.shards import localize_shard, merge_counts
+from aufold.sites import architecture_for
+from aufold.source import smollm2_gguf_path
+
+DENSE_SITES = ("head", "mlp", "mlp-out", "residual")
+MOE_SITES = ("head", "residual")
+
+
+def _pairs() -> list[ContrastivePair]:
+    # Shared prompts of varied lengths, and pairs that run as two full texts (empty prompt).
+    pairs = _varied_pairs(13)
+    pairs += [ContrastivePair("", f"full text {i} one", f"other text {i} two three") for i in range(3)]
+    return pairs
+
+
+def _sites(model_type: str) -> tuple[str, ...]:
+    return MOE_SITES if model_type in MOE_ARCHITECTURES else DENSE_SITES
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES + MOE_ARCHITECTURES)
+def test_counts_equal_the_in_memory_localization(model_type: str, tmp_path: Path) -> None:
+    folder = save_tiny_model(model_type, tmp_path / "model")
+    tokenizer, pairs, sites = tiny_tokenizer(), _pairs(), _sites(model_type)
+    want = localize(tiny_model(model_type), tokenizer, pairs, sites, batch_size=4, progress=False,
+                    model_id="m")
+    got = localize_layerwise(LayerwiseModel(folder), tokenizer, pairs, sites, batch_size=4,
+                             progress=False, model_id="m")
+    assert_same_counts(got, want)
+    assert got.fingerprint == want.fingerprint and got.settings == want.settings
+    assert got.settings["full_text_pairs"] == 3
+
+
+def test_bfloat16_checkpoint_and_spilled_hidden_states(tmp_path: Path) -> None:
+    folder = save_tiny_model("gemma3_text", tmp_path / "model", dtype=torch.bfloat16)
+    work = tmp_path / "work"
+    work.mkdir()
+    tokenizer, pairs = tiny_tokenizer(), _pairs()
+    want = localize(tiny_model("gemma3_text", dtype=torch.bfloat16), tokenizer, pairs, DENSE_SITES,
+                    batch_size=5, progress=False)
+    got = localize_layerwise(LayerwiseModel(folder), tokenizer, pairs, DENSE_SITES, batch_size=5,
+                             progress=False, work_dir=work, spill=True)
+    assert_same_counts(got, want)
+    assert got.settings["dtype"] == "bfloat16"
+    assert list(work.iterdir()) == []  # the spill file is gone
+
+
+def test_one_layer_in_memory_and_no_lm_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = save_tiny_model("mistral", tmp_path / "model")  # untied LM head
+    lm = LayerwiseModel(folder)
+    loaded_layers: list[int] = []
+    run = LayerRunner.run
+
+    def watched(self: LayerRunner, *args: object, **kwargs: object) -> torch.Tensor:
+        loaded_layers.append(sum(any(not p.is_meta for p in layer.parameters())
+                                 for layer in lm.layers))
+        assert lm.model.get_output_embeddings().weight.is_meta
+        return run(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LayerRunner, "run", watched)
+    localize_layerwise(lm, tiny_tokenizer(), _pairs(), ("mlp",), batch_size=4, progress=False)
+    assert loaded_layers and max(loaded_layers) == 1
+    assert all(p.is_meta for p in lm.model.parameters())  # everything unloaded afterwards
+
+
+def test_shards_merge_to_the_whole(tmp_path: Path) -> None:
+    folder = save_tiny_model("qwen3", tmp_path / "model")
+    tokenizer, pairs = tiny_tokenizer(), _pairs()
+    lm = LayerwiseModel(folder)
+    whole = localize_layerwise(lm, tokenizer, pairs, ("head", "mlp"), batch_size=4, progress=False)
+    parts = [localize_shard(lm, tokenizer, pairs, ("head", "mlp"), index=i, count=2, batch_size=4,
+                            progress=False) for i in (1, 0)]
+    assert_same_counts(merge_counts(parts), whole)
+
+
+def test_smollm2_counts_equal_the_in_memory_localization(smollm2_dir: Path, smollm2) -> None:  # type: ignore[no-untyped-def]
+    from aufold.tasks import read_pairs_or_task
+
+    model, tokenizer = smollm2
+    pairs = read_pairs_or_task(None, "copa", None, limit=24)
+    want = localize(model, tokenizer, pairs, ("head", "mlp", "mlp-out"), batch_size=8,
+                    progress=False)
+    got = localize_layerwise(LayerwiseModel(smollm2_dir), tokenizer, pairs, ("head", "mlp", "mlp-out"),
+                             batch_size=8, progress=False)
+    assert_same_counts(got, want)
+    assert got.ranking(k=100) == want.ranking(k=100)
+
+
+def test_cli_streams_when_asked_and_equals_the_in_memory_plan(tmp_path: Path) -> None:
+    folder = save_tiny_model("llama", tmp_path / "model")
+    pairs = tmp_path / "pairs.jsonl"
+    write_pairs(_pairs(), pairs)
+    before = tree_digest(folder)
+    for name, flags in (("memory", ()), ("stream", ("--layer-streaming",))):
+        result = run_cli("localize", folder, "--pairs", pairs, "--site", "head", "--site", "mlp",
+                         "--batch-size", 4, "--out", tmp_path / name, *flags)
+        assert result.exit_code == 0, result.output
+    assert "layer streaming, as asked" in result.output
+    assert_same_counts(Plan.load(tmp_path / "stream"), Plan.load(tmp_path / "memory"))
+    assert tree_digest(folder) == before
+
+
+def test_streams_by_itself_when_the_weights_do_not_fit(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = save_tiny_model("llama", tmp_path / "model")
+    assert streaming_choice(str(folder), requested=False).folder is None
+    monkeypatch.setattr("aufold.layerwise.available_memory", lambda: 1000)
+    choice = streaming_choice(str(folder), requested=False)
+    assert choice.folder == folder.resolve() and "more than the" in choice.reason
+    # A dtype conversion counts: float32 weights that do not fit can fit as bfloat16.
+    weights = (folder / "model.safetensors").stat().st_size
+    monkeypatch.setattr("aufold.layerwise.available_memory",
+                        lambda: hidden_module.MARGIN_BYTES + weights * 3 // 4)
+    assert streaming_choice(str(folder), requested=False, dtype="bfloat16").folder is None
+    assert streaming_choice(str(folder), requested=False, dtype="float32").folder is not None
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def test_refusals_in_one_line(tmp_path: Path) -> None:
+    folder = save_tiny_model("llama", tmp_path / "model")
+    pairs = tmp_path / "pairs.jsonl"
+    write_pairs(_pairs(), pairs)
+    out = tmp_path / "plan"
+    base = ("localize", "--pairs", pairs, "--site", "head", "--out", out)
+    cases = [
+        ((folder, "--layer-streaming", "--device-map", "auto"), ("--device-map",)),
+        ((smollm2_gguf_path(), "--layer-streaming"), ("GGUF",)),
+        ((folder, "--work-dir", tmp_path), ("--layer-streaming",)),
+    ]
+    for args, words in cases:
+        result = run_cli(*base[:1], *args, *base[1:])
+        assert_one_line_error(result, *words)
+        assert not out.exists()
+    pickled = tmp_path / "pickled"
+    shutil.copytree(folder, pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save({}, pickled / "pytorch_model.bin")
+    result = run_cli("localize", pickled, *base[1:], "--layer-streaming")
+    assert_one_line_error(result, "pickle")
+    assert not out.exists()
+
+
+def test_missing_shard_and_missing_layer_weights(tmp_path: Path) -> None:
+    folder = save_tiny_model("llama", tmp_path / "model")
+    pairs = tmp_path / "pairs.jsonl"
+    write_pairs(_pairs(), pairs)
+    sharded = tmp_path / "sharded"
+    tiny_model("llama").save_pretrained(sharded, max_shard_size="100KB")
+    tiny_tokenizer().save_pretrained(sharded)
+    shard = sorted(sharded.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    result = run_cli("localize", sharded, "--pairs", pairs, "--site", "head", "--out",
+                     tmp_path / "plan", "--layer-streaming")
+    assert_one_line_error(result, shard.name, "missing")
+    assert not (tmp_path / "plan").exists()
+
+    # A layer whose weights are not in the file fails when that layer loads, and the spill
+    # file of the hidden states is removed with it.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.2.mlp.down_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(AufoldError, match=r"no weights for model\.layers\.2\.mlp\.down_proj\.weight"):
+        localize_layerwise(LayerwiseModel(folder), tiny_tokenizer(), _pairs(), ("head",),
+                           progress=False, work_dir=work, spill=True)
+    assert list(work.iterdir()) == []
+
+
+def test_work_dir_checked_before_the_first_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = save_tiny_model("llama", tmp_path / "model")
+    lm = LayerwiseModel(folder)
+    pairs = _pairs()
+    monkeypatch.setattr(hidden_module, "available_memory", lambda: 10)
+    with pytest.raises(AufoldError, match=r"--work-dir DIR on a disk with"):
+        localize_layerwise(lm, tiny_tokenizer(), pairs, ("head",), progress=False)
+
+    class Usage:
+        free = 100
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setattr(hidden_module.shutil, "disk_usage", lambda _path: Usage())
+    started = []
+    monkeypatch.setattr(LayerRunner, "run", lambda *a, **k: started.append(1))
+    with pytest.raises(AufoldError, match=r"has 0\.00 GB free, but the hidden states need"):
+        localize_layerwise(lm, tiny_tokenizer(), pairs, ("head",), progress=False, work_dir=work)
+    assert not started and list(work.iterdir()) == []
+    with pytest.raises(AufoldError, match="not a folder"):
+        localize_layerwise(lm, tiny_tokenizer(), pairs, ("head",), progress=False,
+                           work_dir=tmp_path / "absent")
+
+
+def test_architecture_from_the_sites_table(tmp_path: Path) -> None:
+    # Which tensors form a layer comes from the sites table's layer path, for GPT-2's
+    # ``transformer.h`` as for ``model.layers``.
+    folder = save_tiny_model("gpt2", tmp_path / "model")
+    lm = LayerwiseModel(folder)
+    assert architecture_for("gpt2").layers == "transformer.h"
+    assert lm.num_layers == 3 and lm.layer_bytes(0) > 0
+    with lm.loaded(1) as layer:
+        assert not any(p.is_meta for p in layer.parameters())
+        assert all(p.is_meta for p in lm.layers[0].parameters())
+    assert all(p.is_meta for p in lm.model.parameters())
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "gpt2"
+    assert os.path.exists(folder / "model.safetensors")
