@@ -133,12 +133,12 @@ def _write_export(source: ModelSource, plan: Plan, out: Path, *, k: int, alpha: 
                              dtype=dtype, force=force, base_model=base_model,
                              allow_pickle=allow_pickle, allow_extreme=allow_extreme,
                              gguf_reencode=gguf_reencode, location=location)
-    folder = streamable_folder(source, dtype=dtype, allow_pickle=allow_pickle)
+    folder = streamable_folder(source, allow_pickle=allow_pickle)
     if folder is not None:
         edit, report = export_streamed(folder, plan, k=k, alpha=alpha, out=out, sites=sites,
                                        force=force, link_unchanged=link_unchanged,
                                        base_model=base_model, allow_extreme=allow_extreme,
-                                       location=location)
+                                       location=location, dtype=dtype)
         return ExportResult(out, edit, None, report)
     if source.gguf_path is not None:
         log.info("%s", gguf_dequantization_note(source.gguf_path, dtype))

@@ -23,17 +23,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from aufold.card import PROVENANCE_FILE, ExportRecord, model_card
 from aufold.checkpoint import (
+    COPY_CHUNK,
     DTYPE_NAMES,
     FLOAT_DTYPES,
     PICKLE_SUFFIXES,
     Checkpoint,
+    ShardHeader,
     TensorEntry,
     copy_range,
     local_checkpoint,
     open_checkpoint,
     read_tensor,
+    safetensors_writer,
     stored_name,
     tensor_bytes,
     write_all,
@@ -63,20 +68,24 @@ class StreamReport:
     linked: tuple[str, ...]  # unchanged shards hard-linked
     edited_tensors: int
     bytes_written: int
+    converted: tuple[str, ...] = ()  # shards without edits rewritten in another dtype
+    dtype: str | None = None  # the dtype float tensors were converted to, if any
 
     def summary(self) -> str:
-        return (f"streamed {len(self.folded) + len(self.copied) + len(self.linked)} shard(s): "
-                f"{len(self.folded)} folded ({self.edited_tensors} tensors), "
-                f"{len(self.copied)} copied, {len(self.linked)} hard-linked")
+        shards = len(self.folded) + len(self.copied) + len(self.linked) + len(self.converted)
+        conversion = (f", {len(self.converted)} converted; float tensors converted to {self.dtype}"
+                      if self.dtype else "")
+        return (f"streamed {shards} shard(s): {len(self.folded)} folded ({self.edited_tensors} "
+                f"tensors), {len(self.copied)} copied, {len(self.linked)} hard-linked{conversion}")
 
 
-def streamable_folder(source: ModelSource, *, dtype: str = "auto",
-                      allow_pickle: bool = False) -> Path | None:
+def streamable_folder(source: ModelSource, *, allow_pickle: bool = False) -> Path | None:
     """The safetensors folder to fold without loading the model, or None to load it in memory.
 
-    A local folder or a hub id already complete in the local cache streams; a GGUF
-    file, a hub id that is not cached, a dtype conversion, or pickle weights with
-    ``allow_pickle`` go through transformers. Pickle weights without it are refused.
+    A local folder or a hub id already complete in the local cache streams, with a
+    dtype conversion too (it is per tensor); a GGUF file, a hub id that is not cached,
+    or pickle weights with ``allow_pickle`` go through transformers. Pickle weights
+    without it are refused.
     """
     if source.gguf_file:
         return None
@@ -86,8 +95,6 @@ def streamable_folder(source: ModelSource, *, dtype: str = "auto",
     checkpoint = local_checkpoint(folder, allow_pickle=allow_pickle)  # refuses what is wrong
     if checkpoint is None:
         return None  # pickle weights, allowed: transformers loads them
-    if dtype != "auto" and not _stored_as(checkpoint, dtype):
-        return None  # converting dtypes is the in-memory path's job
     return folder
 
 
@@ -102,10 +109,14 @@ def cached_snapshot(repo_id: str) -> Path | None:
     return folder
 
 
-def _stored_as(checkpoint: Checkpoint, dtype: str) -> bool:
-    wanted = DTYPE_NAMES.get(DTYPES[dtype])  # type: ignore[arg-type]
-    stored = {entry.dtype for entry in checkpoint.entries() if entry.dtype in FLOAT_DTYPES}
-    return stored == {wanted}
+def conversion_dtype(checkpoint: Checkpoint, dtype: str) -> torch.dtype | None:
+    """The dtype to convert floating-point tensors to, or None when they all are stored so."""
+    if dtype == "auto":
+        return None
+    wanted = DTYPES[dtype]
+    assert isinstance(wanted, torch.dtype)
+    stored = {FLOAT_DTYPES[entry.dtype] for entry in checkpoint.entries() if entry.dtype in FLOAT_DTYPES}
+    return None if stored <= {wanted} else wanted
 
 
 def checkpoint_architecture(folder: Path) -> tuple[dict[str, object], Architecture]:
@@ -147,23 +158,27 @@ def export_streamed(
     link_unchanged: bool = False,
     allow_extreme: bool = False,
     location: str | None = None,
+    dtype: str = "auto",
 ) -> tuple[Edit, StreamReport]:
     """Fold the plan's top-k units into the checkpoint in ``folder`` and write ``out``
-    (whose card says to load it from ``location``, ``out`` when None)."""
+    (whose card says to load it from ``location``, ``out`` when None), its floating-point
+    tensors converted to ``dtype`` unless "auto"."""
     checkpoint = open_checkpoint(folder)
     config, architecture = checkpoint_architecture(folder)
     architecture.check_sites(sites)
     plan.check_fingerprint(checkpoint_fingerprint(checkpoint, config, architecture), force=force)
     edit = plan.select(k, alpha, sites, allow_extreme=allow_extreme)
     edits = stored_edits(checkpoint, weight_edits(edit, architecture))
+    convert = conversion_dtype(checkpoint, dtype)
     first = next(entry for shard in edits.values() for entry in shard)
     record = ExportRecord(base_model=base_model, plan=plan, units=plan.ranking(sites, k), k=k,
                           alpha=alpha, sites=tuple(sites),
-                          dtype=str(FLOAT_DTYPES[first.dtype]).removeprefix("torch."),
+                          dtype=str(convert or FLOAT_DTYPES[first.dtype]).removeprefix("torch."),
                           location=location or str(out.resolve()))
     texts = {"README.md": model_card(record),
              PROVENANCE_FILE: _json(record.provenance())}
-    report = fold_checkpoint(checkpoint, edits, out, link_unchanged=link_unchanged, texts=texts)
+    report = fold_checkpoint(checkpoint, edits, out, link_unchanged=link_unchanged, texts=texts,
+                             dtype=convert)
     return edit, report
 
 
@@ -197,25 +212,39 @@ def fold_checkpoint(
     *,
     link_unchanged: bool = False,
     texts: Mapping[str, str] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> StreamReport:
     """Write the folded checkpoint into ``out`` atomically: complete, or not there at all.
+
+    With ``dtype``, floating-point tensors are converted to it one at a time (each
+    edited one converted first, then folded, as the in-memory fold of a model loaded
+    in that dtype does), and the config and index say so.
 
     On a full disk the partial output is removed, the input is untouched, and the
     error says how much space the output needs.
     """
-    extras = _extra_files(checkpoint)
+    texts = dict(texts or {})
+    converted_shards = {file: _converted_size(shard, dtype) for file, shard in checkpoint.shards.items()
+                        if dtype is not None and _converted_size(shard, dtype) is not None}
+    if converted_shards:
+        texts.update(_converted_texts(checkpoint, converted_shards, dtype))  # type: ignore[arg-type]
+    extras = [path for path in _extra_files(checkpoint) if path.name not in texts]
     linking = link_unchanged and _same_device(checkpoint.folder, out.parent)
-    needed = sum(shard.size for file, shard in checkpoint.shards.items()
-                 if file in edits or not linking)
+    needed = sum(converted_shards.get(file) or shard.size for file, shard in checkpoint.shards.items()
+                 if file in edits or file in converted_shards or not linking)
     needed += sum(path.stat().st_size for path in extras)
     _check_free_space(out, needed)
-    folded, copied, linked = [], [], []
+    folded, copied, linked, converted = [], [], [], []
     with atomic_folder(out, content="checkpoint") as staging, _needs(out, needed):
         shards = progress_bar(checkpoint.shards.items(), desc="export", unit="shard",
                               total=len(checkpoint.shards))
         for file, shard in shards:
             target = staging / file
-            if file in edits:
+            if file in converted_shards:
+                assert dtype is not None
+                _convert_shard(shard, edits.get(file, {}), target, dtype)
+                (folded if file in edits else converted).append(file)
+            elif file in edits:
                 _fold_shard(shard.path, shard.size, edits[file], target)
                 folded.append(file)
             elif linking and _link(shard.path, target):
@@ -223,15 +252,69 @@ def fold_checkpoint(
             else:
                 shutil.copyfile(shard.path, target)
                 copied.append(file)
-        if checkpoint.index_file:
+        if checkpoint.index_file and checkpoint.index_file not in texts:
             shutil.copyfile(checkpoint.folder / checkpoint.index_file,
                             staging / checkpoint.index_file)
         for path in extras:
             shutil.copyfile(path, staging / path.name)
-        for name, text in (texts or {}).items():
+        for name, text in texts.items():
             (staging / name).write_text(text)
     return StreamReport(tuple(folded), tuple(copied), tuple(linked),
-                        sum(len(shard) for shard in edits.values()), needed)
+                        sum(len(shard) for shard in edits.values()), needed, tuple(converted),
+                        str(dtype).removeprefix("torch.") if converted_shards else None)
+
+
+def _converted_size(shard: ShardHeader, dtype: torch.dtype | None) -> int | None:
+    """The shard's data bytes once its floating-point tensors are ``dtype``; None if unchanged."""
+    if dtype is None or all(FLOAT_DTYPES.get(e.dtype, dtype) == dtype for e in shard.tensors.values()):
+        return None
+    return sum(_converted_bytes(entry, dtype) for entry in shard.tensors.values())
+
+
+def _converted_bytes(entry: TensorEntry, dtype: torch.dtype) -> int:
+    stored = FLOAT_DTYPES.get(entry.dtype)
+    return entry.nbytes if stored is None else entry.nbytes // stored.itemsize * dtype.itemsize
+
+
+def _converted_texts(checkpoint: Checkpoint, sizes: Mapping[str, int], dtype: torch.dtype
+                     ) -> dict[str, str]:
+    """config.json (and the index) as a checkpoint saved in ``dtype`` has them."""
+    name = str(dtype).removeprefix("torch.")
+    texts = {}
+    config = json.loads((checkpoint.folder / "config.json").read_text(encoding="utf-8"))
+    for key in ("dtype", "torch_dtype"):
+        if key in config or key == "dtype":
+            config[key] = name
+    texts["config.json"] = _json(config)
+    if checkpoint.index_file:
+        index = json.loads((checkpoint.folder / checkpoint.index_file).read_text(encoding="utf-8"))
+        index.setdefault("metadata", {})["total_size"] = sum(
+            sizes.get(file) or sum(e.nbytes for e in shard.tensors.values())
+            for file, shard in checkpoint.shards.items())
+        texts[checkpoint.index_file] = _json(index)
+    return texts
+
+
+def _convert_shard(shard: ShardHeader, edits: Mapping[TensorEntry, TensorEdit], target: Path,
+                   dtype: torch.dtype) -> None:
+    """The shard with every floating-point tensor converted (and folded where edited)."""
+    entries = sorted(shard.tensors.values(), key=lambda entry: entry.begin)
+    layout = [(e.name, DTYPE_NAMES[dtype] if e.dtype in FLOAT_DTYPES else e.dtype, e.shape,
+               _converted_bytes(e, dtype)) for e in entries]
+    with shard.path.open("rb") as source, safetensors_writer(target, layout, shard.metadata) as writer:
+        for entry in entries:
+            if entry.dtype not in FLOAT_DTYPES:  # integer buffers and the like, as bytes
+                for start in range(entry.begin, entry.end, COPY_CHUNK):
+                    source.seek(start)
+                    writer.write(entry.name, source.read(min(COPY_CHUNK, entry.end - start)))
+                if entry.nbytes == 0:
+                    writer.write(entry.name, b"")
+                continue
+            tensor = read_tensor(source, entry).to(dtype)
+            if entry in edits:
+                fold_tensor_(tensor, edits[entry], entry.name)
+            writer.write(entry.name, tensor_bytes(tensor))
+            del tensor
 
 
 def _fold_shard(source_path: Path, size: int, edits: Mapping[TensorEntry, TensorEdit],

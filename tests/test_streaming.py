@@ -144,15 +144,42 @@ def test_cli_export_streams_and_reports(tmp_path: Path) -> None:
     assert "streamed" in result.output and "hard-linked" in result.output
 
 
-def test_dtype_conversion_goes_through_memory(tmp_path: Path) -> None:
-    model = tiny_model("llama")
-    source = save(model, tmp_path / "source", None)
+@pytest.mark.parametrize("shard", [None, "60KB"], ids=["single", "sharded"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])
+def test_dtype_conversion_streams_and_equals_the_in_memory_fold(arch: str, shard: str | None,
+                                                                tmp_path: Path) -> None:
+    # Converted per tensor, then folded: bitwise what transformers' load in bfloat16 and the
+    # in-memory fold give, with config and index saying bfloat16; nothing else changes.
+    model = tiny_model(arch)
+    source = save(model, tmp_path / "source", shard)
+    before = digest(source)
     plan = random_plan(model)
     same = export(source, plan, k=5, alpha=1.0, out=tmp_path / "same", dtype="float32")
-    assert same.streamed is not None
+    assert same.streamed is not None and not same.streamed.converted
     converted = export(source, plan, k=5, alpha=1.0, out=tmp_path / "converted", dtype="bfloat16")
-    assert converted.streamed is None
-    assert {t.dtype for t in tensors(converted.out).values()} == {torch.bfloat16}
+    report = converted.streamed
+    assert report is not None and report.dtype == "bfloat16"
+    assert "converted to bfloat16" in report.summary()
+    got = tensors(converted.out)
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+    loaded, tokenizer, _ = load_model(source, dtype="bfloat16")
+    in_memory = export_loaded(loaded, tokenizer, plan, k=5, alpha=1.0, out=tmp_path / "memory",
+                              sites=plan.sites, base_model="tiny")
+    for name, tensor in tensors(in_memory.out).items():
+        assert torch.equal(bits(got[name]), bits(tensor)), name
+    config = json.loads((converted.out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    if shard:
+        index = json.loads((converted.out / INDEX_FILE).read_text())
+        sizes = sum(t.numel() * 2 for t in got.values())
+        assert index["metadata"]["total_size"] == sizes
+        assert index["weight_map"] == json.loads((source / INDEX_FILE).read_text())["weight_map"]
+    assert json.loads((converted.out / "aufold.json").read_text())["dtype"] == "bfloat16"
+    reloaded, _, _ = load_model(converted.out)
+    assert reloaded.dtype == torch.bfloat16
+    for name, parameter in reloaded.named_parameters():
+        assert torch.equal(bits(parameter.data), bits(dict(loaded.named_parameters())[name].data)), name
+    assert digest(source) == before
 
 
 def test_gpt2_names_without_the_base_model_prefix(tmp_path: Path) -> None:
