@@ -147,6 +147,18 @@ def device_options(command: F) -> F:
     return click.option("--device", default=None, help="Device to run on, e.g. cuda or cpu.")(command)
 
 
+def layer_streaming_options(command: F) -> F:
+    """--layer-streaming and --work-dir: run a model larger than memory one layer at a time."""
+    command = click.option(
+        "--work-dir", default=None, type=click.Path(path_type=Path, file_okay=False),
+        help="With layer streaming: a folder for the hidden states when they do not fit in "
+             "memory (a file deleted afterwards).")(command)
+    return click.option(
+        "--layer-streaming", is_flag=True,
+        help="Load one decoder layer at a time from a safetensors checkpoint, for a model larger "
+             "than memory (chosen by itself when the weights do not fit).")(command)
+
+
 allow_pickle_option = click.option(
     "--allow-pickle", is_flag=True,
     help="Load a model that has pickle weights (.bin) only; unpickling can run code, so only "
@@ -268,12 +280,7 @@ def main() -> None:
 @click.option("--shard", default=None, metavar="I/N",
               help="Count only part I (from 0) of N of the pairs; add the parts with merge-counts. "
                    "Under torchrun the ranks split the pairs by themselves.")
-@click.option("--layer-streaming", is_flag=True,
-              help="Load one decoder layer at a time (a safetensors checkpoint), for a model larger "
-                   "than memory; chosen by itself when the weights do not fit.")
-@click.option("--work-dir", default=None, type=click.Path(path_type=Path, file_okay=False),
-              help="With layer streaming: a folder where the hidden states of all texts go when "
-                   "they do not fit in memory (deleted afterwards).")
+@layer_streaming_options
 @overwrite_option
 @reports_errors
 @guarded(inputs=("model", "pairs_file", "data_dir"), folders=("out",))
@@ -283,11 +290,8 @@ def localize(model: str, pairs_file: Path | None, task: str | None, data_dir: Pa
              device_map: str | None, allow_pickle: bool, shard: str | None, layer_streaming: bool,
              work_dir: Path | None, overwrite: bool) -> None:
     """Rank the atomic units of MODEL by how consistently they separate the pairs."""
-    from aufold.layerwise import open_layerwise, streaming_choice
-    from aufold.modeling import load_model
-    from aufold.progress import status
+    from aufold.layerwise import load_for_run
     from aufold.shards import is_main_process, localize_pairs, parse_shard, rank_device
-    from aufold.source import resolve_source
     from aufold.tasks import read_pairs_or_task
 
     pairs = read_pairs_or_task(pairs_file, task, data_dir, limit=limit)
@@ -295,26 +299,13 @@ def localize(model: str, pairs_file: Path | None, task: str | None, data_dir: Pa
         parse_shard(shard)  # before the model loads, like every other check of the options
     if tie_tolerance != tie_tolerance:  # NaN passes click's range check
         raise AufoldError("--tie-tolerance must be a number in [0, 1), got nan")
-    streaming = streaming_choice(model, requested=layer_streaming, dtype=dtype,
-                                 device_map=device_map, allow_pickle=allow_pickle)
-    options: dict[str, Any] = {}
-    if streaming.folder is not None:
-        status(streaming.reason)
-        loaded, tokenizer = open_layerwise(streaming.folder, dtype=dtype, device=rank_device(device))
-        loaded.architecture.check_sites(sites)
-        options["work_dir"] = work_dir
-        model_id = resolve_source(model).ref
-    else:
-        if work_dir is not None:
-            raise AufoldError("--work-dir holds the hidden states of layer streaming; add "
-                              "--layer-streaming or drop --work-dir")
-        loaded, tokenizer, source = load_model(model, dtype=dtype, device=rank_device(device),
-                                               device_map=device_map, sites=sites,
-                                               allow_pickle=allow_pickle)
-        model_id = source.ref
+    loaded, tokenizer, source = load_for_run(model, layer_streaming=layer_streaming,
+                                             work_dir=work_dir, dtype=dtype,
+                                             device=rank_device(device), device_map=device_map,
+                                             sites=sites, allow_pickle=allow_pickle)
     plan = localize_pairs(loaded, tokenizer, pairs, sites, shard=shard, batch_size=batch_size,
                           max_length=max_length, chat_template=chat_template,
-                          tie_tolerance=tie_tolerance, model_id=model_id, **options)
+                          tie_tolerance=tie_tolerance, model_id=source.ref)
     if not is_main_process():
         return
     truncated = plan.settings["truncated_texts"]
@@ -584,6 +575,7 @@ def fold_vector(model: str, vector_path: Path, site: str, scale: float, out: Pat
 @limit_option
 @eval_options
 @device_options
+@layer_streaming_options
 @click.option("--report", type=OUTPUT_PATH, default=None,
               help="JSON report to write, with every item's prediction.")
 @overwrite_option
@@ -593,7 +585,8 @@ def evaluate(model: str, task: str, split: str, data_dir: Path | None, scorer: s
              plan_dir: Path | None, k: int | None, alpha: float | None, sites: tuple[str, ...],
              tuned: Path | None, force: bool, allow_extreme: bool, dtype: str, limit: int | None,
              batch_size: int, max_length: int, max_new_tokens: int, chat_template: bool,
-             device: str | None, device_map: str | None, allow_pickle: bool, report: Path | None,
+             device: str | None, device_map: str | None, allow_pickle: bool,
+             layer_streaming: bool, work_dir: Path | None, report: Path | None,
              overwrite: bool) -> None:
     """Evaluate MODEL on a task split; with a plan (or --tuned), unsteered and steered side by
     side."""
@@ -606,6 +599,7 @@ def evaluate(model: str, task: str, split: str, data_dir: Path | None, scorer: s
                                 data_dir=data_dir, limit=limit, dtype=dtype, device=device,
                                 device_map=device_map, force=force, report=report,
                                 overwrite=overwrite, allow_pickle=allow_pickle,
+                                layer_streaming=layer_streaming, work_dir=work_dir,
                                 batch_size=batch_size, chat_template=chat_template,
                                 max_length=max_length, max_new_tokens=max_new_tokens)
     result, unsteered = evaluation.result, evaluation.unsteered
@@ -652,6 +646,7 @@ def evaluate(model: str, task: str, split: str, data_dir: Path | None, scorer: s
 @eval_options
 @dtype_option
 @device_options
+@layer_streaming_options
 @click.option("--force", is_flag=True, help="Use a plan whose model fingerprint differs.")
 @allow_extreme_option
 @overwrite_option
@@ -663,8 +658,8 @@ def tune(model: str, task: str, sites: tuple[str, ...], plan_dir: Path | None, o
          pairs_size: int | None, tune_size: int | None, test_size: int | None, batch_size: int,
          max_length: int,
          max_new_tokens: int, chat_template: bool, dtype: str, device: str | None,
-         device_map: str | None, allow_pickle: bool, force: bool, allow_extreme: bool,
-         overwrite: bool, no_plot: bool) -> None:
+         device_map: str | None, allow_pickle: bool, layer_streaming: bool, work_dir: Path | None,
+         force: bool, allow_extreme: bool, overwrite: bool, no_plot: bool) -> None:
     """Sweep alpha x k per site on the tune split, pick the best, evaluate it once on test."""
     from aufold.tune import parse_grid
     from aufold.tune import tune as run_tune
@@ -679,7 +674,8 @@ def tune(model: str, task: str, sites: tuple[str, ...], plan_dir: Path | None, o
                        max_length=max_length, max_new_tokens=max_new_tokens, dtype=dtype,
                        device=device, device_map=device_map, force=force, overwrite=overwrite,
                        plot=not no_plot, echo=click.echo, allow_pickle=allow_pickle,
-                       allow_extreme=allow_extreme)
+                       allow_extreme=allow_extreme, layer_streaming=layer_streaming,
+                       work_dir=work_dir)
     for site in outcome.sweep.sites():
         click.echo(outcome.sweep.table(site))
     best = outcome.record["best"]

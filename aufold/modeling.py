@@ -175,11 +175,26 @@ def _forget_gguf_quantization(model: PreTrainedModel) -> None:
     model.hf_quantizer = None
 
 
+def is_layerwise(model: object) -> bool:
+    """Whether ``model`` streams layer by layer (:class:`aufold.layerwise.LayerwiseModel`)
+    rather than being a transformers model loaded whole."""
+    from aufold.layerwise.skeleton import LayerwiseModel
+
+    return isinstance(model, LayerwiseModel)
+
+
 def model_architecture(model: PreTrainedModel) -> Architecture:
     return architecture_for(model.config.model_type)
 
 
+def shaped(model: Any) -> PreTrainedModel:
+    """The transformers model that knows the shapes: itself, or a streamed model's skeleton
+    (whose parameters are on the meta device but have their shapes)."""
+    return model.model if is_layerwise(model) else model  # type: ignore[no-any-return]
+
+
 def num_layers(model: PreTrainedModel) -> int:
+    model = shaped(model)
     return len(model.get_submodule(model_architecture(model).layers))
 
 
@@ -189,6 +204,7 @@ def site_module(model: PreTrainedModel, site: str, layer: int) -> nn.Module:
 
 def site_width(model: PreTrainedModel, site: str) -> int:
     """How many units a site has in each layer, read from the weights themselves."""
+    model = shaped(model)
     kind = site_kind(site)
     if kind.projection == "layer":
         return int(model.get_input_embeddings().weight.shape[1])
@@ -212,6 +228,7 @@ def input_device(model: PreTrainedModel) -> torch.device:
 
 def fingerprint(model: PreTrainedModel) -> str:
     """A hash of the model's shape: key config values and the weights sites fold into."""
+    model = shaped(model)
     return fingerprint_from(model.config.to_dict(), model_architecture(model), num_layers(model),
                             lambda name: model.get_parameter(name).shape)
 

@@ -27,12 +27,13 @@ from aufold.evaluate.math import DEFAULT_MAX_NEW_TOKENS
 from aufold.evaluate.report import EvalResult, write_json, write_report
 from aufold.evaluate.resume import MAX_RESUME_POINTS
 from aufold.localize import DEFAULT_BATCH_SIZE as LOCALIZE_BATCH_SIZE
-from aufold.localize import localize
-from aufold.modeling import fingerprint, load_model, num_layers, resolve_source, site_width
+from aufold.layerwise import load_for_run
+from aufold.modeling import fingerprint, num_layers, resolve_source, site_width
 from aufold.plan import Plan, check_alpha
 from aufold.plotting import INSTALL_HINT, matplotlib_available, plot_heatmap
 from aufold.safety.limits import check_scale_factors
 from aufold.safety.outputs import Inputs, atomic_folder, claim_output
+from aufold.shards import localize_any
 from aufold.sites import SITE_ORDER, site_kind
 from aufold.tasks import Item, TaskKind, get_task, load_split, resolve_data_dir, task_pairs
 from aufold.tuned import TUNE_FILE, TUNE_FORMAT
@@ -236,13 +237,17 @@ def tune(
     echo: Callable[[str], None] = print,
     allow_pickle: bool = False,
     allow_extreme: bool = False,
+    layer_streaming: bool = False,
+    work_dir: Path | None = None,
 ) -> TuneOutcome:
     """The AUSteer protocol: localize on ``pairs`` (or take ``plan_dir``), sweep on ``tune``,
     choose by :data:`CHOICE_RULE`, evaluate the choice and the unsteered model on ``test``.
 
     Writes ``out/tune.json`` (grid, choice, test results), the test reports with every
     prediction, the plan when it was localized here, and a heatmap per site when
-    matplotlib is installed. Every input is checked before the model loads.
+    matplotlib is installed. Every input is checked before the model loads. With
+    ``layer_streaming`` (or when the weights do not fit) localization, the sweep and the
+    test evaluation run one decoder layer at a time (:mod:`aufold.layerwise`).
     """
     kind = get_task(task).kind
     name = resolve_scorer(kind, scorer)
@@ -261,16 +266,19 @@ def tune(
         pairs = task_pairs(task, data_dir, size=pairs_size) if plan is None else None
 
         echo(f"loading {model_ref}")
-        model, tokenizer, source = load_model(model_ref, dtype=dtype, device=device,
-                                              device_map=device_map, allow_pickle=allow_pickle)
+        model, tokenizer, source = load_for_run(model_ref, layer_streaming=layer_streaming,
+                                                work_dir=work_dir, dtype=dtype, device=device,
+                                                device_map=device_map, sites=sites,
+                                                allow_pickle=allow_pickle)
         if plan is not None:
             plan.check_fingerprint(fingerprint(model), force=force)
         else:
             assert pairs is not None
             check_grid_units({site: num_layers(model) * site_width(model, site) for site in sites}, ks)
             echo(f"localizing on {len(pairs)} pairs of {task} over sites {', '.join(sites)}")
-            plan = localize(model, tokenizer, pairs, sites, batch_size=localize_batch_size,
-                            chat_template=chat_template, progress=progress, model_id=source.ref)
+            plan = localize_any(model, tokenizer, pairs, sites, batch_size=localize_batch_size,
+                                chat_template=chat_template, progress=progress,
+                                model_id=source.ref)
 
         echo(f"sweeping {len(sites) * len(set(ks)) * len(set(alphas))} configurations on "
              f"{len(tune_items)} tune items ({name} scorer)")

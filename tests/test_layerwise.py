@@ -239,3 +239,98 @@ def test_architecture_from_the_sites_table(tmp_path: Path) -> None:
     assert all(p.is_meta for p in lm.model.parameters())
     assert json.loads((folder / "config.json").read_text())["model_type"] == "gpt2"
     assert os.path.exists(folder / "model.safetensors")
+
+
+# --- evaluation and tuning, one layer at a time ---------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES + MOE_ARCHITECTURES)
+def test_evaluation_equals_the_in_memory_sweep(model_type: str, tmp_path: Path) -> None:
+    # The unsteered model and edits starting at every layer, both choice scorers: the same
+    # items, predictions and log-likelihood scores (exactly), as the in-memory evaluation.
+    from test_tune import layered_plan, tiny_items
+
+    from aufold.evaluate.edits import evaluate_edits
+
+    folder = save_tiny_model(model_type, tmp_path / "model")
+    model, tokenizer = tiny_model(model_type), tiny_tokenizer()
+    sites = ["head"] if model_type in MOE_ARCHITECTURES else ["head", "mlp-out"]
+    plan = layered_plan(model, sites)
+    ks = (1, 70, 140) if model_type in MOE_ARCHITECTURES else (1, 200, 300)  # start at 2, 1, 0
+    edits = {(k, alpha): plan.select(k, alpha, sites) for k in ks for alpha in (2.0, 30.0)}
+    lm = LayerwiseModel(folder)
+    for scorer in ("loglik", "first-token"):
+        want = evaluate_edits(model, tokenizer, tiny_items(), edits, scorer=scorer, batch_size=5,
+                              progress=False)
+        got = evaluate_edits(lm, tokenizer, tiny_items(), edits, scorer=scorer, batch_size=5,
+                             progress=False)
+        assert got.base.items == want.base.items
+        for key in edits:
+            assert got.steered[key].items == want.steered[key].items, (scorer, key)
+        assert got.start_layers == want.start_layers and set(got.start_layers.values()) == {0, 1, 2}
+    assert all(p.is_meta for p in lm.model.parameters())
+
+
+def test_evaluate_items_and_math_refusal(tmp_path: Path) -> None:
+    from test_tune import layered_plan, tiny_items
+
+    from aufold.evaluate import evaluate_items
+    from aufold.tasks import Item
+
+    folder = save_tiny_model("gemma2", tmp_path / "model")  # tied head, soft-capped logits
+    model, tokenizer, lm = tiny_model("gemma2"), tiny_tokenizer(), LayerwiseModel(folder)
+    edit = layered_plan(model, ["mlp"]).select(40, 10.0, ["mlp"])
+    for each in (None, edit):
+        want = evaluate_items(model, tokenizer, tiny_items(), scorer="loglik", edit=each,
+                              progress=False)
+        got = evaluate_items(lm, tokenizer, tiny_items(), scorer="loglik", edit=each, progress=False)
+        assert got.items == want.items
+        assert got.settings["steered_units"] == want.settings["steered_units"]
+    with pytest.raises(AufoldError, match="multiple-choice tasks only"):
+        evaluate_items(lm, tokenizer, [Item("2 + 3 =", (), "5", 5.0, "sum-0")], kind="math",
+                       progress=False)
+
+
+def test_smollm2_evaluation_equals_the_in_memory_one(smollm2_dir: Path, smollm2) -> None:  # type: ignore[no-untyped-def]
+    from aufold.evaluate.edits import evaluate_edits
+    from aufold.tasks import load_split
+
+    model, tokenizer = smollm2
+    items = load_split("copa", "test", None, size=16)
+    plan = localize(model, tokenizer, __import__("aufold.tasks", fromlist=["task_pairs"]).task_pairs(
+        "copa", None, size=16), ("head", "mlp"), progress=False)
+    edits = {alpha: plan.select(20, alpha, ("head", "mlp")) for alpha in (5.0, 40.0)}
+    want = evaluate_edits(model, tokenizer, items, edits, scorer="loglik", batch_size=8, progress=False)
+    got = evaluate_edits(LayerwiseModel(smollm2_dir), tokenizer, items, edits, scorer="loglik",
+                         batch_size=8, progress=False)
+    assert got.base.items == want.base.items
+    for alpha in edits:
+        assert got.steered[alpha].items == want.steered[alpha].items
+
+
+def test_cli_eval_and_tune_stream_and_equal_the_in_memory_runs(tmp_path: Path) -> None:
+    from eval_helpers import generic_splits, write_generic
+
+    folder = save_tiny_model("qwen2", tmp_path / "model")
+    data = tmp_path / "data"
+    write_generic(data, generic_splits())
+    before = tree_digest(folder)
+    common = ("--task", "generic", "--data-dir", data, "--scorer", "loglik")
+    for name, flags in (("memory", ()), ("stream", ("--layer-streaming",))):
+        result = run_cli("tune", folder, *common, "--site", "head", "--site", "mlp", "--k-grid",
+                         "2,8", "--alpha-grid", "5,50", "--no-plot", "--out", tmp_path / f"tune-{name}",
+                         *flags)
+        assert result.exit_code == 0, result.output
+        result = run_cli("eval", folder, *common, "--tuned", tmp_path / f"tune-{name}" / "tune.json",
+                         "--report", tmp_path / f"eval-{name}.json", *flags)
+        assert result.exit_code == 0, result.output
+    assert "layer streaming, as asked" in result.output
+    memory = json.loads((tmp_path / "tune-memory" / "tune.json").read_text())
+    stream = json.loads((tmp_path / "tune-stream" / "tune.json").read_text())
+    assert stream["tune"]["grid"] == memory["tune"]["grid"] and stream["best"] == memory["best"]
+    assert stream["test"] == memory["test"]
+    assert Plan.load(tmp_path / "tune-stream" / "plan").counts.keys() == {"head", "mlp"}
+    reports = [json.loads((tmp_path / f"eval-{name}.json").read_text()) for name in ("memory", "stream")]
+    assert reports[0]["items"] == reports[1]["items"]
+    assert reports[0]["unsteered"] == reports[1]["unsteered"]
+    assert tree_digest(folder) == before

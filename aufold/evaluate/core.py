@@ -21,7 +21,7 @@ from aufold.evaluate.first_token import FirstTokenScorer
 from aufold.evaluate.loglik import LoglikScorer
 from aufold.evaluate.math import DEFAULT_MAX_NEW_TOKENS, score_math
 from aufold.evaluate.report import EvalResult, write_json
-from aufold.modeling import fingerprint, input_device, load_model, resolve_source
+from aufold.modeling import fingerprint, input_device, is_layerwise, resolve_source
 from aufold.plan import Plan
 from aufold.safety.outputs import Inputs, OutputKind, claim_output
 from aufold.steer import steer
@@ -97,6 +97,17 @@ def evaluate_items(
     name = resolve_scorer(kind, scorer)
     check_eval_options(items, batch_size=batch_size, max_length=max_length,
                        max_new_tokens=max_new_tokens)
+    if is_layerwise(model):
+        from aufold.layerwise.evaluate import evaluate_edits_layerwise
+
+        both = evaluate_edits_layerwise(model, tokenizer, items, {} if edit is None else {0: edit},
+                                        kind=kind, scorer=name, batch_size=batch_size,
+                                        chat_template=chat_template, max_length=max_length,
+                                        progress=progress, desc=desc)
+        result = both.base if edit is None else both.steered[0]
+        result.settings.update(model=str(model.checkpoint.folder), seconds=round(both.seconds, 3),
+                               steered_units=len(edit) if edit is not None else 0)
+        return result
     started = time.perf_counter()
     with steer(model, edit) if edit is not None else nullcontext():
         if name == MATH_SCORER:
@@ -146,6 +157,8 @@ def evaluate_model(
     report: str | Path | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
+    layer_streaming: bool = False,
+    work_dir: Path | None = None,
     **options: Any,
 ) -> ModelEvaluation:
     """Load a model and evaluate it; with a selection, evaluate it unsteered and steered by
@@ -153,9 +166,12 @@ def evaluate_model(
     steered layer (:func:`aufold.evaluate.edits.evaluate_edits`).
 
     Every input is checked before the model loads; ``report`` gets the JSON report (an
-    existing one is replaced only with ``overwrite``, and only if aufold wrote it).
+    existing one is replaced only with ``overwrite``, and only if aufold wrote it). With
+    ``layer_streaming`` (or when the weights do not fit) the model runs one decoder layer
+    at a time (:mod:`aufold.layerwise`).
     """
     from aufold.evaluate.edits import evaluate_edits  # it builds on this module
+    from aufold.layerwise import load_for_run
 
     items = load_split(task, split, data_dir, size=limit)
     kind = get_task(task).kind
@@ -169,8 +185,9 @@ def evaluate_model(
         plan = Plan.load(selection.plan_dir) if selection else None
         edit = (plan.select(selection.k, selection.alpha, selection.sites,
                             allow_extreme=selection.allow_extreme) if plan and selection else None)
-        model, tokenizer, source = load_model(model_ref, dtype=dtype, device=device,
-                                              device_map=device_map, allow_pickle=allow_pickle)
+        model, tokenizer, source = load_for_run(model_ref, layer_streaming=layer_streaming,
+                                                work_dir=work_dir, dtype=dtype, device=device,
+                                                device_map=device_map, allow_pickle=allow_pickle)
         if plan is not None:
             plan.check_fingerprint(fingerprint(model), force=force)
         unsteered = None

@@ -38,7 +38,7 @@ from aufold.evaluate.resume import (
     resume_at,
     resume_points,
 )
-from aufold.modeling import input_device
+from aufold.modeling import input_device, is_layerwise
 from aufold.progress import bar as progress_bar
 from aufold.steer import steer
 from aufold.tasks import Item, TaskKind
@@ -89,6 +89,12 @@ def evaluate_edits(
     per batch (:func:`~aufold.evaluate.resume.resume_points`).
     """
     name = resolve_scorer(kind, scorer)
+    if is_layerwise(model):
+        from aufold.layerwise.evaluate import evaluate_edits_layerwise
+
+        return evaluate_edits_layerwise(model, tokenizer, items, edits, kind=kind, scorer=name,
+                                        batch_size=batch_size, chat_template=chat_template,
+                                        max_length=max_length, progress=progress, desc=desc)
     starts = {key: earliest_layer(edit) for key, edit in edits.items()}
     options: dict[str, Any] = dict(batch_size=batch_size, chat_template=chat_template,
                                    max_length=max_length)

@@ -31,11 +31,12 @@ from aufold.layerwise.skeleton import LayerwiseModel
 from aufold.modeling import DTYPES, load_tokenizer, resolve_source
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from aufold.source import ModelSource
 
-__all__ = ["LayerwiseModel", "StreamingChoice", "open_layerwise", "streaming_choice"]
+__all__ = ["LayerwiseModel", "StreamingChoice", "load_for_run", "open_layerwise",
+           "streaming_choice"]
 
 
 @dataclass(frozen=True)
@@ -80,15 +81,44 @@ def streaming_choice(ref: str, *, requested: bool, dtype: str = "auto",
                                    f"so the layers load one at a time")
 
 
-def open_layerwise(folder: Path, *, dtype: str = "auto", device: str | None = None
-                   ) -> tuple[LayerwiseModel, PreTrainedTokenizerBase]:
+def open_layerwise(folder: Path, *, dtype: str = "auto", device: str | None = None,
+                   work_dir: Path | None = None) -> tuple[LayerwiseModel, PreTrainedTokenizerBase]:
     """The model of ``folder`` ready to stream, and its tokenizer."""
     from aufold.modeling import check_device
 
     if device is not None:
         check_device(device)
     source = resolve_source(str(folder))
-    return LayerwiseModel(folder, dtype=dtype, device=device), load_tokenizer(source)
+    return (LayerwiseModel(folder, dtype=dtype, device=device, work_dir=work_dir),
+            load_tokenizer(source))
+
+
+def load_for_run(ref: str | Path, *, layer_streaming: bool = False, work_dir: Path | None = None,
+                 dtype: str = "auto", device: str | None = None, device_map: str | None = None,
+                 sites: tuple[str, ...] | list[str] = (), allow_pickle: bool = False
+                 ) -> tuple[PreTrainedModel | LayerwiseModel, PreTrainedTokenizerBase, ModelSource]:
+    """What localize, eval and tune run on: the model loaded whole, or layer by layer when
+    asked or when its weights do not fit (said on stderr, with the reason)."""
+    from aufold.modeling import load_model
+    from aufold.progress import status
+
+    choice = streaming_choice(str(ref), requested=layer_streaming, dtype=dtype,
+                              device_map=device_map, allow_pickle=allow_pickle)
+    if choice.folder is None:
+        if work_dir is not None:
+            raise AufoldError("--work-dir holds the hidden states of layer streaming; add "
+                              "--layer-streaming or drop --work-dir")
+        return load_model(ref, dtype=dtype, device=device, device_map=device_map, sites=sites,
+                          allow_pickle=allow_pickle)
+    source = resolve_source(str(ref))
+    if work_dir is not None and any(Path(work_dir).resolve().is_relative_to(path)
+                                    for path in source.input_paths()):
+        raise AufoldError(f"--work-dir {work_dir} is inside the model's folder, which aufold "
+                          f"never writes to; choose a folder elsewhere")
+    status(choice.reason)
+    lm, tokenizer = open_layerwise(choice.folder, dtype=dtype, device=device, work_dir=work_dir)
+    lm.architecture.check_sites(sites)
+    return lm, tokenizer, source
 
 
 def _weight_bytes(checkpoint: Checkpoint, dtype: str) -> int:

@@ -71,8 +71,35 @@ class LayerRunner:
                 del module.forward  # back to the class's own forward
             self.layer = None
 
+    @contextmanager
+    def head_stage(self) -> Iterator[LayerRunner]:
+        """Passes of the whole causal LM whose last decoder layer returns the stored hidden
+        states, so that the model's own final norm, LM head and logit soft-capping apply."""
+        last = len(self.lm.layers) - 1
+        patched: list[nn.Module] = [self.lm.model.get_input_embeddings()]
+        patched[0].forward = self._zeros  # type: ignore[method-assign]
+        for index, module in enumerate(self.lm.layers):
+            module.forward = self._stored if index == last else self._pass_through  # type: ignore[method-assign]
+            patched.append(module)
+        try:
+            yield self
+        finally:
+            for module in patched:
+                del module.forward
+
+    def logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               position_ids: torch.Tensor, keep: int) -> torch.Tensor:
+        """Float32 logits at the last ``keep`` positions, from final hidden states (head stage)."""
+        self._hidden_in = hidden
+        try:
+            output = self.lm.model(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids, use_cache=False, logits_to_keep=keep)
+        finally:
+            self._hidden_in = None
+        return output.logits.float()
+
     def run(self, hidden: torch.Tensor | None, input_ids: torch.Tensor,
-            attention_mask: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+            attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None, *,
             cache: DynamicCache | None = None) -> torch.Tensor:
         """One pass; returns the layer's output (or, in the embedding stage, layer 0's input)."""
         self._hidden_in, self._hidden_out = hidden, None
@@ -119,6 +146,11 @@ class LayerRunner:
 
     def _pass_through(self, *args: Any, **kwargs: Any) -> Any:
         hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden,) if self._returns_tuple else hidden
+
+    def _stored(self, *_args: Any, **_kwargs: Any) -> Any:
+        assert self._hidden_in is not None
+        hidden = self._hidden_in.to(self.lm.device)
         return (hidden,) if self._returns_tuple else hidden
 
     def _zeros(self, input_ids: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:

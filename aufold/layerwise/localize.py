@@ -105,21 +105,19 @@ def localize_layerwise(
 
     needed = hidden_bytes(shapes, lm.dtype)
     largest = max(lm.layer_bytes(layer) for layer in range(lm.num_layers))
-    spill_dir = choose_spill(needed, largest, work_dir, spill)
+    spill_dir = choose_spill(needed, largest, work_dir or lm.work_dir,
+                             lm.spill if spill is None else spill)
     status(f"layer streaming: {lm.num_layers} layers of up to {largest / 2**30:.2f} GB, one at a "
            f"time; hidden states of {len(encoded)} pairs ({needed / 2**30:.2f} GB) "
            + (f"in a memory-mapped file under {spill_dir}" if spill_dir else "in memory"))
 
     counts = new_counts(sites, lm.num_layers, lambda site: site_width(lm.model, site), lm.device)
     runner = LayerRunner(lm)
-    head = lm.model.get_output_embeddings()
-    embeddings = lm.module_name(lm.model.get_input_embeddings())
-    never = (lm.module_name(head),) if head is not None else ()
     with HiddenStore(shapes, lm.dtype, spill_dir=spill_dir) as store, \
-            lm.loaded(OUTSIDE, skip=(*never, embeddings)), \
+            lm.loaded(OUTSIDE, skip=(lm.head, lm.embeddings)), \
             progress_bar(total=lm.num_layers + 1, desc="localize (layer streaming)", unit="layer",
                          enabled=progress) as bar:
-        with lm.loaded(OUTSIDE, only=(embeddings,)), runner.stage(None):
+        with lm.loaded(OUTSIDE, only=(lm.embeddings,)), runner.stage(None):
             for group in groups:
                 _embed(runner, group, store)
         bar.update(1)

@@ -40,7 +40,8 @@ class LayerwiseModel:
     the parts not loaded are on the meta device.
     """
 
-    def __init__(self, folder: Path, *, dtype: str = "auto", device: str | None = None) -> None:
+    def __init__(self, folder: Path, *, dtype: str = "auto", device: str | None = None,
+                 work_dir: Path | None = None) -> None:
         from transformers import AutoConfig
 
         self.checkpoint: Checkpoint = open_checkpoint(folder)  # refuses pickle and damage
@@ -55,6 +56,10 @@ class LayerwiseModel:
         self.model: PreTrainedModel = _skeleton(self.config, self.dtype)
         self.layers: nn.ModuleList = self.model.get_submodule(self.architecture.layers)
         self._parts = _tensors_by_part(checkpoint, self.architecture.layers, len(self.layers))
+        # Where hidden states spill when they do not fit in memory (None: refuse instead),
+        # and a test's way to force the choice (:func:`aufold.layerwise.hidden.choose_spill`).
+        self.work_dir = work_dir
+        self.spill: bool | None = None
 
     @property
     def num_layers(self) -> int:
@@ -68,6 +73,21 @@ class LayerwiseModel:
         """The same fingerprint as the model loaded whole (:func:`aufold.modeling.fingerprint`)."""
         return fingerprint_from(self.config.to_dict(), self.architecture, self.num_layers,
                                 lambda name: self.model.get_parameter(name).shape)
+
+    @property
+    def embeddings(self) -> str:
+        """The input embeddings' module path."""
+        return self.module_name(self.model.get_input_embeddings())
+
+    @property
+    def head(self) -> str:
+        """The LM head's module path."""
+        return self.module_name(self.model.get_output_embeddings())
+
+    @property
+    def head_source(self) -> str:
+        """What to load for the LM head: itself, or the embeddings it is tied to."""
+        return self.embeddings if getattr(self.config, "tie_word_embeddings", False) else self.head
 
     def module_name(self, module: nn.Module) -> str:
         """The dotted path of a module of the model (``lm_head``, ``model.embed_tokens``)."""
@@ -93,6 +113,8 @@ class LayerwiseModel:
         before = {id(p) for p in module.parameters() if not p.is_meta}
         try:
             self._load([name for name in self._parts[part] if wanted(name)])
+            if outside and getattr(self.config, "tie_word_embeddings", False):
+                self.model.tie_weights()  # the LM head is the embeddings loaded just now
             missing = [prefix + name for name, p in _own_parameters(module, outside, self.layers)
                        if p.is_meta and wanted(prefix + name)]
             if missing:
@@ -119,7 +141,8 @@ class LayerwiseModel:
                 file = self.checkpoint.weight_map[name]
                 if file not in handles:
                     handles[file] = (self.checkpoint.folder / file).open("rb")
-                state_dict[name] = read_tensor(handles[file], self.checkpoint.entry(name))
+                with _ordinary_tensors():
+                    state_dict[name] = read_tensor(handles[file], self.checkpoint.entry(name))
         finally:
             for handle in handles.values():
                 handle.close()
@@ -128,7 +151,8 @@ class LayerwiseModel:
         bars = logging.is_progress_bar_enabled()
         logging.disable_progress_bar()
         try:
-            info, _ = convert_and_load_state_dict_in_model(self.model, state_dict, config)
+            with _ordinary_tensors():
+                info, _ = convert_and_load_state_dict_in_model(self.model, state_dict, config)
         finally:
             if bars:
                 logging.enable_progress_bar()
@@ -137,6 +161,18 @@ class LayerwiseModel:
             raise AufoldError(f"transformers could not load {min(map(str, problems))} from "
                               f"{self.checkpoint.folder}; the checkpoint does not match its "
                               f"config.json")
+
+
+@contextmanager
+def _ordinary_tensors() -> Iterator[None]:
+    """Weights as from_pretrained makes them, even when loaded under inference mode.
+
+    torch picks other matmul kernels for inference tensors (a 3D input that is not
+    contiguous, as an LM head reading the last positions gets, is folded into 2D
+    first), which would change logits in their last bits against the model loaded whole.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 def _resolve_dtype(dtype: str, config: PretrainedConfig, checkpoint: Checkpoint) -> torch.dtype:

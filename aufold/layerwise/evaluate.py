@@ -1,0 +1,129 @@
+"""Multiple-choice evaluation one decoder layer at a time: the unsteered model and many edits.
+
+The batches are the in-memory evaluation's own (:func:`aufold.evaluate.choices.prepare_choices`),
+so the numbers are too. Every batch's hidden states go through layer 0, then layer 1,
+and so on. An edit leaves the layers before its first steered layer unchanged, so it
+shares the unsteered hidden states up to there (as the in-memory sweep's prefix
+resume does) and keeps its own from then on, steered by the same hooks as hook mode.
+After the last layer, the model's own final norm and LM head read the last positions
+that the scorer needs (the head loads for that stage only).
+
+Memory: one layer, and the hidden states of every batch for the unsteered model and
+each edit that has started (in memory, or spilled, see :mod:`aufold.layerwise.hidden`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from aufold.edit import Edit
+from aufold.errors import AufoldError
+from aufold.evaluate.choices import prepare_choices
+from aufold.evaluate.core import CHOICE_SCORERS, MATH_SCORER, resolve_scorer
+from aufold.evaluate.edits import EditResults
+from aufold.evaluate.report import EvalResult
+from aufold.evaluate.resume import earliest_layer
+from aufold.layerwise.forward import LayerRunner
+from aufold.layerwise.hidden import HiddenStore, choose_spill, hidden_bytes
+from aufold.layerwise.skeleton import OUTSIDE, LayerwiseModel
+from aufold.progress import bar as progress_bar
+from aufold.progress import status
+from aufold.steer import steer
+from aufold.tasks import Item, TaskKind
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+Key = TypeVar("Key", bound=Hashable)
+
+
+@torch.inference_mode()
+def evaluate_edits_layerwise(
+    lm: LayerwiseModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[Item],
+    edits: Mapping[Key, Edit],
+    *,
+    kind: TaskKind = "choice",
+    scorer: str | None = None,
+    batch_size: int,
+    chat_template: bool,
+    max_length: int,
+    progress: bool = True,
+    desc: str = "eval",
+) -> EditResults[Key]:
+    """Score ``items`` unsteered and under each edit (hook mode), one layer at a time."""
+    name = resolve_scorer(kind, scorer)
+    if name == MATH_SCORER:
+        raise AufoldError("layer streaming scores the multiple-choice tasks only: a math answer "
+                          "is generated token by token, which needs every layer for every token; "
+                          "evaluate math tasks with the model loaded whole (drop --layer-streaming)")
+    started = time.perf_counter()
+    prepared = prepare_choices(CHOICE_SCORERS[name], tokenizer, items, chat_template=chat_template,
+                               max_length=max_length, batch_size=batch_size)
+    cpu = torch.device("cpu")
+    batches = [prepared.batch(index, cpu) for index in range(len(prepared.batches))]
+    starts = {key: earliest_layer(edit) for key, edit in edits.items()}
+    keys = list(edits)
+    hidden = lm.config.hidden_size
+    shapes = [(*batch.input_ids.shape, hidden) for batch, _ in batches] * (1 + len(keys))
+
+    def block(config: int, index: int) -> int:  # config 0 is the unsteered model
+        return config * len(batches) + index
+
+    needed = hidden_bytes(shapes, lm.dtype)
+    largest = max(lm.layer_bytes(layer) for layer in range(lm.num_layers))
+    spill_dir = choose_spill(needed, largest, lm.work_dir, lm.spill)
+    status(f"layer streaming: {lm.num_layers} layers one at a time; hidden states of "
+           f"{len(batches)} batches for the unsteered model and {len(keys)} edit(s) "
+           f"({needed / 2**30:.2f} GB) " + (f"under {spill_dir}" if spill_dir else "in memory"))
+
+    runner = LayerRunner(lm)
+    values: list[list[Any]] = [[None] * len(prepared.queries) for _ in range(1 + len(keys))]
+    with HiddenStore(shapes, lm.dtype, spill_dir=spill_dir) as store, \
+            lm.loaded(OUTSIDE, skip=(lm.head, lm.embeddings)), \
+            progress_bar(total=lm.num_layers + 2, desc=desc, unit="layer", enabled=progress) as bar:
+        with lm.loaded(OUTSIDE, only=(lm.embeddings,)), runner.stage(None):
+            for index, (batch, _) in enumerate(batches):
+                store[block(0, index)].copy_(runner.run(None, *_inputs(batch, lm.device)))
+        bar.update(1)
+        for layer in range(lm.num_layers):
+            with lm.loaded(layer), runner.stage(layer):
+                for index, (batch, _) in enumerate(batches):
+                    inputs = _inputs(batch, lm.device)
+                    base = store[block(0, index)]
+                    for config, key in enumerate(keys, start=1):
+                        if starts[key] > layer:
+                            continue  # still the unsteered hidden states
+                        source = base if starts[key] == layer else store[block(config, index)]
+                        with steer(lm.model, edits[key]):
+                            output = runner.run(source, *inputs)
+                        store[block(config, index)].copy_(output)
+                    base.copy_(runner.run(base, *inputs))
+            bar.update(1)
+        with lm.loaded(OUTSIDE, only=(lm.head_source,)), runner.head_stage():
+            for index, (batch, keep) in enumerate(batches):
+                inputs = _inputs(batch, lm.device)
+                for config in range(1 + len(keys)):
+                    logits = runner.logits(store[block(config, index)], *inputs, keep)
+                    prepared.store(index, logits, values[config])
+        bar.update(1)
+
+    settings: dict[str, Any] = {"batch_size": batch_size, "chat_template": chat_template,
+                                "max_length": max_length, "truncated_prompts": prepared.truncated}
+    base_result = EvalResult(name, tuple(prepared.results(values[0])), dict(settings))
+    steered = {key: EvalResult(name, tuple(prepared.results(values[config])),
+                               {**settings, "steered_units": len(edits[key])})
+               for config, key in enumerate(keys, start=1)}
+    # Each edit shared the unsteered hidden states up to its first steered layer: a resume there.
+    return EditResults(base_result, steered, starts, dict(starts), time.perf_counter() - started)
+
+
+def _inputs(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A left-padded batch's ids, mask and positions on the device, in ``runner.run`` order."""
+    return (batch.input_ids.to(device), batch.attention_mask.to(device),
+            batch.position_ids.to(device))
