@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -157,15 +156,13 @@ def localize_pairs(model: PreTrainedModel | LayerwiseModel, tokenizer: PreTraine
 
 
 def localize_any(model: PreTrainedModel | LayerwiseModel, tokenizer: PreTrainedTokenizerBase,
-                 pairs: Sequence[ContrastivePair], sites: Sequence[str], *,
-                 work_dir: Path | None = None, **options: Any) -> Plan:
-    """Localize a model loaded whole, or one that streams layer by layer (``work_dir`` is
-    where its hidden states may spill)."""
+                 pairs: Sequence[ContrastivePair], sites: Sequence[str], **options: Any) -> Plan:
+    """Localize a model loaded whole, or one that streams layer by layer."""
     from aufold.layerwise import LayerwiseModel
     from aufold.layerwise.localize import localize_layerwise
 
     if isinstance(model, LayerwiseModel):
-        return localize_layerwise(model, tokenizer, pairs, sites, work_dir=work_dir, **options)
+        return localize_layerwise(model, tokenizer, pairs, sites, **options)
     return localize(model, tokenizer, pairs, sites, **options)
 
 

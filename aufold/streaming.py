@@ -37,6 +37,7 @@ from aufold.checkpoint import (
     copy_range,
     local_checkpoint,
     open_checkpoint,
+    header_bytes,
     read_tensor,
     safetensors_writer,
     stored_name,
@@ -227,7 +228,7 @@ def fold_checkpoint(
     converted_shards = {file: _converted_size(shard, dtype) for file, shard in checkpoint.shards.items()
                         if dtype is not None and _converted_size(shard, dtype) is not None}
     if converted_shards:
-        texts.update(_converted_texts(checkpoint, converted_shards, dtype))  # type: ignore[arg-type]
+        texts.update(_converted_texts(checkpoint, dtype))  # type: ignore[arg-type]
     extras = [path for path in _extra_files(checkpoint) if path.name not in texts]
     linking = link_unchanged and _same_device(checkpoint.folder, out.parent)
     needed = sum(converted_shards.get(file) or shard.size for file, shard in checkpoint.shards.items()
@@ -265,10 +266,18 @@ def fold_checkpoint(
 
 
 def _converted_size(shard: ShardHeader, dtype: torch.dtype | None) -> int | None:
-    """The shard's data bytes once its floating-point tensors are ``dtype``; None if unchanged."""
+    """The shard's file size once its floating-point tensors are ``dtype``; None if unchanged."""
     if dtype is None or all(FLOAT_DTYPES.get(e.dtype, dtype) == dtype for e in shard.tensors.values()):
         return None
-    return sum(_converted_bytes(entry, dtype) for entry in shard.tensors.values())
+    layout = _converted_layout(shard, dtype)
+    return len(header_bytes(layout, shard.metadata)) + sum(entry[3] for entry in layout)
+
+
+def _converted_layout(shard: ShardHeader, dtype: torch.dtype) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """(name, dtype name, shape, bytes) of the converted shard's tensors, in file order."""
+    return [(e.name, DTYPE_NAMES[dtype] if e.dtype in FLOAT_DTYPES else e.dtype, e.shape,
+             _converted_bytes(e, dtype))
+            for e in sorted(shard.tensors.values(), key=lambda entry: entry.begin)]
 
 
 def _converted_bytes(entry: TensorEntry, dtype: torch.dtype) -> int:
@@ -276,8 +285,7 @@ def _converted_bytes(entry: TensorEntry, dtype: torch.dtype) -> int:
     return entry.nbytes if stored is None else entry.nbytes // stored.itemsize * dtype.itemsize
 
 
-def _converted_texts(checkpoint: Checkpoint, sizes: Mapping[str, int], dtype: torch.dtype
-                     ) -> dict[str, str]:
+def _converted_texts(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[str, str]:
     """config.json (and the index) as a checkpoint saved in ``dtype`` has them."""
     name = str(dtype).removeprefix("torch.")
     texts = {}
@@ -289,8 +297,8 @@ def _converted_texts(checkpoint: Checkpoint, sizes: Mapping[str, int], dtype: to
     if checkpoint.index_file:
         index = json.loads((checkpoint.folder / checkpoint.index_file).read_text(encoding="utf-8"))
         index.setdefault("metadata", {})["total_size"] = sum(
-            sizes.get(file) or sum(e.nbytes for e in shard.tensors.values())
-            for file, shard in checkpoint.shards.items())
+            _converted_bytes(entry, dtype) for shard in checkpoint.shards.values()
+            for entry in shard.tensors.values())
         texts[checkpoint.index_file] = _json(index)
     return texts
 
@@ -299,8 +307,7 @@ def _convert_shard(shard: ShardHeader, edits: Mapping[TensorEntry, TensorEdit], 
                    dtype: torch.dtype) -> None:
     """The shard with every floating-point tensor converted (and folded where edited)."""
     entries = sorted(shard.tensors.values(), key=lambda entry: entry.begin)
-    layout = [(e.name, DTYPE_NAMES[dtype] if e.dtype in FLOAT_DTYPES else e.dtype, e.shape,
-               _converted_bytes(e, dtype)) for e in entries]
+    layout = _converted_layout(shard, dtype)
     with shard.path.open("rb") as source, safetensors_writer(target, layout, shard.metadata) as writer:
         for entry in entries:
             if entry.dtype not in FLOAT_DTYPES:  # integer buffers and the like, as bytes

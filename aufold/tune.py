@@ -21,13 +21,14 @@ from aufold.defaults import ALPHA_GRID, K_GRID  # the grids of the AUSteer paper
 from aufold.edit import Edit
 from aufold.errors import AufoldError
 from aufold.evaluate.batches import DEFAULT_BATCH_SIZE
-from aufold.evaluate.core import DEFAULT_EVAL_MAX_LENGTH, evaluate_items, resolve_scorer
+from aufold.evaluate.core import DEFAULT_EVAL_MAX_LENGTH, evaluate_both, resolve_scorer
 from aufold.evaluate.edits import evaluate_edits
 from aufold.evaluate.math import DEFAULT_MAX_NEW_TOKENS
 from aufold.evaluate.report import EvalResult, write_json, write_report
 from aufold.evaluate.resume import MAX_RESUME_POINTS
 from aufold.localize import DEFAULT_BATCH_SIZE as LOCALIZE_BATCH_SIZE
 from aufold.layerwise import load_for_run
+from aufold.layerwise.evaluate import MATH_NEEDS_WHOLE_MODEL
 from aufold.modeling import fingerprint, num_layers, resolve_source, site_width
 from aufold.plan import Plan, check_alpha
 from aufold.plotting import INSTALL_HINT, matplotlib_available, plot_heatmap
@@ -266,10 +267,10 @@ def tune(
         pairs = task_pairs(task, data_dir, size=pairs_size) if plan is None else None
 
         echo(f"loading {model_ref}")
-        model, tokenizer, source = load_for_run(model_ref, layer_streaming=layer_streaming,
-                                                work_dir=work_dir, dtype=dtype, device=device,
-                                                device_map=device_map, sites=sites,
-                                                allow_pickle=allow_pickle)
+        model, tokenizer, source = load_for_run(
+            model_ref, layer_streaming=layer_streaming, work_dir=work_dir, dtype=dtype,
+            device=device, device_map=device_map, sites=sites, allow_pickle=allow_pickle,
+            needs_whole_model=MATH_NEEDS_WHOLE_MODEL if kind == "math" else None)
         if plan is not None:
             plan.check_fingerprint(fingerprint(model), force=force)
         else:
@@ -292,10 +293,8 @@ def tune(
              f"unsteered {result.base.accuracy:.3f})")
         echo(f"evaluating on {len(test_items)} test items, unsteered and steered")
         edit = plan.select(best.k, best.alpha, [best.site], allow_extreme=allow_extreme)
-        test_base = evaluate_items(model, tokenizer, test_items, kind=kind, scorer=name,
-                                   progress=progress, **options)
-        test_steered = evaluate_items(model, tokenizer, test_items, kind=kind, scorer=name, edit=edit,
-                                      progress=progress, **options)
+        test_base, test_steered = evaluate_both(model, tokenizer, test_items, edit, kind=kind,
+                                                scorer=name, progress=progress, **options)
 
         notes = []
         if result.cells[best].accuracy <= result.base.accuracy:

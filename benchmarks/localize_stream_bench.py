@@ -182,7 +182,9 @@ def run_benchmark(tmp: Path, args: argparse.Namespace) -> None:
                                                "--layer-streaming"], log),
     }
     placement = re.search(r"device map: (.*)", runs["b"].output)
-    hidden_gb = float(re.search(r"\(([\d.]+) GB\) in memory", runs["c"].output).group(1))  # type: ignore[union-attr]
+    found = re.search(r"\(([\d.]+) (GB|MB)\) in memory", runs["c"].output)
+    assert found, runs["c"].output
+    hidden_gb = float(found.group(1)) / (1 if found.group(2) == "GB" else 1024)
     agreement = json.loads(timed("compare", [*me, "--worker", "compare", str(model)], log)
                            .output.splitlines()[-1])
     if not args.no_deep:

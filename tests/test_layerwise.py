@@ -69,8 +69,9 @@ def test_bfloat16_checkpoint_and_spilled_hidden_states(tmp_path: Path) -> None:
     tokenizer, pairs = tiny_tokenizer(), _pairs()
     want = localize(tiny_model("gemma3_text", dtype=torch.bfloat16), tokenizer, pairs, DENSE_SITES,
                     batch_size=5, progress=False)
-    got = localize_layerwise(LayerwiseModel(folder), tokenizer, pairs, DENSE_SITES, batch_size=5,
-                             progress=False, work_dir=work, spill=True)
+    lm = LayerwiseModel(folder, work_dir=work)
+    lm.spill = True
+    got = localize_layerwise(lm, tokenizer, pairs, DENSE_SITES, batch_size=5, progress=False)
     assert_same_counts(got, want)
     assert got.settings["dtype"] == "bfloat16"
     assert list(work.iterdir()) == []  # the spill file is gone
@@ -137,7 +138,7 @@ def test_streams_by_itself_when_the_weights_do_not_fit(tmp_path: Path,
     assert streaming_choice(str(folder), requested=False).folder is None
     monkeypatch.setattr("aufold.layerwise.available_memory", lambda: 1000)
     choice = streaming_choice(str(folder), requested=False)
-    assert choice.folder == folder.resolve() and "more than the" in choice.reason
+    assert choice.folder == folder.resolve() and "of memory is available" in choice.reason
     # A dtype conversion counts: float32 weights that do not fit can fit as bfloat16.
     weights = (folder / "model.safetensors").stat().st_size
     monkeypatch.setattr("aufold.layerwise.available_memory",
@@ -170,6 +171,8 @@ def test_refusals_in_one_line(tmp_path: Path) -> None:
     torch.save({}, pickled / "pytorch_model.bin")
     result = run_cli("localize", pickled, *base[1:], "--layer-streaming")
     assert_one_line_error(result, "pickle")
+    result = run_cli("localize", pickled, *base[1:], "--layer-streaming", "--allow-pickle")
+    assert_one_line_error(result, "pickle weights only", "convert", "drop --layer-streaming")
     assert not out.exists()
 
 
@@ -187,19 +190,25 @@ def test_missing_shard_and_missing_layer_weights(tmp_path: Path) -> None:
     assert_one_line_error(result, shard.name, "missing")
     assert not (tmp_path / "plan").exists()
 
-    # A layer whose weights are not in the file fails when that layer loads, and the spill
-    # file of the hidden states is removed with it.
+    # Layers that do not hold what config.json describes are refused before any layer runs:
+    # a tensor missing, and a config that names more layers than the weights have.
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(folder / "model.safetensors")
     del tensors["model.layers.2.mlp.down_proj.weight"]
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    work = tmp_path / "work"
-    work.mkdir()
-    with pytest.raises(AufoldError, match=r"no weights for model\.layers\.2\.mlp\.down_proj\.weight"):
-        localize_layerwise(LayerwiseModel(folder), tiny_tokenizer(), _pairs(), ("head",),
-                           progress=False, work_dir=work, spill=True)
-    assert list(work.iterdir()) == []
+    with pytest.raises(AufoldError, match="decoder layer 2 with"):
+        LayerwiseModel(folder)
+    deeper = save_tiny_model("llama", tmp_path / "deeper")
+    config = json.loads((deeper / "config.json").read_text())
+    config["num_hidden_layers"] = 5
+    (deeper / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AufoldError, match="decoder layer 3 .* has no weights for it"):
+        LayerwiseModel(deeper)
+    config["num_hidden_layers"] = 2
+    (deeper / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AufoldError, match=r"holds model\.layers\.2\..*beyond the 2 layers"):
+        LayerwiseModel(deeper)
 
 
 def test_work_dir_checked_before_the_first_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -215,15 +224,26 @@ def test_work_dir_checked_before_the_first_layer(tmp_path: Path, monkeypatch: py
 
     work = tmp_path / "work"
     work.mkdir()
-    monkeypatch.setattr(hidden_module.shutil, "disk_usage", lambda _path: Usage())
     started = []
     monkeypatch.setattr(LayerRunner, "run", lambda *a, **k: started.append(1))
-    with pytest.raises(AufoldError, match=r"has 0\.00 GB free, but the hidden states need"):
-        localize_layerwise(lm, tiny_tokenizer(), pairs, ("head",), progress=False, work_dir=work)
-    assert not started and list(work.iterdir()) == []
+    with monkeypatch.context() as patch:
+        patch.setattr(hidden_module.shutil, "disk_usage", lambda _path: Usage())
+        lm.work_dir = work
+        with pytest.raises(AufoldError, match=r"has 0\.0 MB free, but the hidden states need"):
+            localize_layerwise(lm, tiny_tokenizer(), pairs, ("head",), progress=False)
+    lm.work_dir = tmp_path / "absent"
     with pytest.raises(AufoldError, match="not a folder"):
-        localize_layerwise(lm, tiny_tokenizer(), pairs, ("head",), progress=False,
-                           work_dir=tmp_path / "absent")
+        localize_layerwise(lm, tiny_tokenizer(), pairs, ("head",), progress=False)
+    # A disk that cannot hold the reservation: refused in one line, no file left behind.
+    lm.work_dir = work
+
+    def no_space(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hidden_module.os, "posix_fallocate", no_space)
+    with pytest.raises(AufoldError, match=r"cannot reserve .*\(No space left on device\)"):
+        localize_layerwise(lm, tiny_tokenizer(), pairs, ("head",), progress=False)
+    assert not started and list(work.iterdir()) == []
 
 
 def test_architecture_from_the_sites_table(tmp_path: Path) -> None:
@@ -252,11 +272,13 @@ def test_evaluation_equals_the_in_memory_sweep(model_type: str, tmp_path: Path) 
 
     from aufold.evaluate.edits import evaluate_edits
 
+    # Residual edits too: their hooks on a layer's output must run before its output is read.
     folder = save_tiny_model(model_type, tmp_path / "model")
     model, tokenizer = tiny_model(model_type), tiny_tokenizer()
-    sites = ["head"] if model_type in MOE_ARCHITECTURES else ["head", "mlp-out"]
+    moe = model_type in MOE_ARCHITECTURES
+    sites = ["head", "residual"] if moe else ["head", "mlp-out", "residual"]
     plan = layered_plan(model, sites)
-    ks = (1, 70, 140) if model_type in MOE_ARCHITECTURES else (1, 200, 300)  # start at 2, 1, 0
+    ks = (1, 150, 300) if moe else (1, 250, 450)  # first steered layers 2, 1 and 0
     edits = {(k, alpha): plan.select(k, alpha, sites) for k in ks for alpha in (2.0, 30.0)}
     lm = LayerwiseModel(folder)
     for scorer in ("loglik", "first-token"):
@@ -289,6 +311,28 @@ def test_evaluate_items_and_math_refusal(tmp_path: Path) -> None:
     with pytest.raises(AufoldError, match="multiple-choice tasks only"):
         evaluate_items(lm, tokenizer, [Item("2 + 3 =", (), "5", 5.0, "sum-0")], kind="math",
                        progress=False)
+
+
+def test_math_tasks_are_refused_before_anything_loads(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from aufold.tasks import default_data_dir
+
+    if not (default_data_dir() / "svamp").is_dir():
+        pytest.skip("needs ../shared/data")
+    folder = save_tiny_model("llama", tmp_path / "model")
+    loads = []
+    monkeypatch.setattr(LayerwiseModel, "__init__", lambda *a, **k: loads.append(1))
+    result = run_cli("eval", folder, "--task", "svamp", "--limit", 2, "--layer-streaming")
+    assert_one_line_error(result, "multiple-choice tasks only", "drop --layer-streaming")
+    result = run_cli("tune", folder, "--task", "svamp", "--site", "mlp", "--limit", 2,
+                     "--layer-streaming", "--out", tmp_path / "tuned")
+    assert_one_line_error(result, "multiple-choice tasks only")
+    assert not (tmp_path / "tuned").exists()
+    # Streaming chosen because the weights do not fit: the way out is --device-map auto.
+    monkeypatch.setattr("aufold.layerwise.available_memory", lambda: 1000)
+    result = run_cli("eval", folder, "--task", "svamp", "--limit", 2)
+    assert_one_line_error(result, "token by token", "--device-map auto")
+    assert not loads
 
 
 def test_smollm2_evaluation_equals_the_in_memory_one(smollm2_dir: Path, smollm2) -> None:  # type: ignore[no-untyped-def]

@@ -98,16 +98,10 @@ def evaluate_items(
     check_eval_options(items, batch_size=batch_size, max_length=max_length,
                        max_new_tokens=max_new_tokens)
     if is_layerwise(model):
-        from aufold.layerwise.evaluate import evaluate_edits_layerwise
-
-        both = evaluate_edits_layerwise(model, tokenizer, items, {} if edit is None else {0: edit},
-                                        kind=kind, scorer=name, batch_size=batch_size,
-                                        chat_template=chat_template, max_length=max_length,
-                                        progress=progress, desc=desc)
-        result = both.base if edit is None else both.steered[0]
-        result.settings.update(model=str(model.checkpoint.folder), seconds=round(both.seconds, 3),
-                               steered_units=len(edit) if edit is not None else 0)
-        return result
+        base, steered = evaluate_streamed(model, tokenizer, items, edit, kind=kind, scorer=name,
+                                          batch_size=batch_size, chat_template=chat_template,
+                                          max_length=max_length, progress=progress, desc=desc)
+        return base if steered is None else steered
     started = time.perf_counter()
     with steer(model, edit) if edit is not None else nullcontext():
         if name == MATH_SCORER:
@@ -131,6 +125,48 @@ def evaluate_items(
     if name == MATH_SCORER:
         settings["max_new_tokens"] = max_new_tokens
     return EvalResult(name, tuple(results), settings)
+
+
+def evaluate_streamed(model: Any, tokenizer: PreTrainedTokenizerBase, items: Sequence[Item],
+                      edit: Edit | None, *, kind: TaskKind, scorer: str, batch_size: int,
+                      chat_template: bool, max_length: int, progress: bool, desc: str
+                      ) -> tuple[EvalResult, EvalResult | None]:
+    """A layer-streamed model unsteered, and steered by ``edit`` if given, in one pass over
+    the layers, with the settings :func:`evaluate_items` records."""
+    from aufold.layerwise.evaluate import evaluate_edits_layerwise
+
+    both = evaluate_edits_layerwise(model, tokenizer, items, {} if edit is None else {0: edit},
+                                    kind=kind, scorer=scorer, batch_size=batch_size,
+                                    chat_template=chat_template, max_length=max_length,
+                                    progress=progress, desc=desc)
+    steered = both.steered.get(0)
+    for result, units in ((both.base, 0), (steered, len(edit) if edit is not None else 0)):
+        if result is not None:
+            result.settings.update(model=str(model.config._name_or_path),
+                                   seconds=round(both.seconds, 3), steered_units=units)
+    return both.base, steered
+
+
+def evaluate_both(model: Any, tokenizer: PreTrainedTokenizerBase, items: Sequence[Item],
+                  edit: Edit, *, kind: TaskKind, scorer: str | None, batch_size: int,
+                  chat_template: bool, max_length: int, max_new_tokens: int,
+                  progress: bool = True) -> tuple[EvalResult, EvalResult]:
+    """The unsteered and the steered result on ``items``: two passes of :func:`evaluate_items`,
+    or one over the layers for a layer-streamed model (which reads every weight from disk)."""
+    options: dict[str, Any] = dict(kind=kind, scorer=scorer, batch_size=batch_size,
+                                   chat_template=chat_template, max_length=max_length,
+                                   max_new_tokens=max_new_tokens, progress=progress)
+    if not is_layerwise(model):
+        return (evaluate_items(model, tokenizer, items, **options),
+                evaluate_items(model, tokenizer, items, edit=edit, **options))
+    name = resolve_scorer(kind, scorer)
+    check_eval_options(items, batch_size=batch_size, max_length=max_length,
+                       max_new_tokens=max_new_tokens)
+    base, steered = evaluate_streamed(model, tokenizer, items, edit, kind=kind, scorer=name,
+                                      batch_size=batch_size, chat_template=chat_template,
+                                      max_length=max_length, progress=progress, desc="eval")
+    assert steered is not None
+    return base, steered
 
 
 def check_eval_options(items: Sequence[Item], *, batch_size: int, max_length: int,
@@ -172,6 +208,7 @@ def evaluate_model(
     """
     from aufold.evaluate.edits import evaluate_edits  # it builds on this module
     from aufold.layerwise import load_for_run
+    from aufold.layerwise.evaluate import MATH_NEEDS_WHOLE_MODEL
 
     items = load_split(task, split, data_dir, size=limit)
     kind = get_task(task).kind
@@ -185,9 +222,10 @@ def evaluate_model(
         plan = Plan.load(selection.plan_dir) if selection else None
         edit = (plan.select(selection.k, selection.alpha, selection.sites,
                             allow_extreme=selection.allow_extreme) if plan and selection else None)
-        model, tokenizer, source = load_for_run(model_ref, layer_streaming=layer_streaming,
-                                                work_dir=work_dir, dtype=dtype, device=device,
-                                                device_map=device_map, allow_pickle=allow_pickle)
+        model, tokenizer, source = load_for_run(
+            model_ref, layer_streaming=layer_streaming, work_dir=work_dir, dtype=dtype,
+            device=device, device_map=device_map, allow_pickle=allow_pickle,
+            needs_whole_model=MATH_NEEDS_WHOLE_MODEL if kind == "math" else None)
         if plan is not None:
             plan.check_fingerprint(fingerprint(model), force=force)
         unsteered = None

@@ -22,11 +22,13 @@ import torch
 from aufold.checkpoint import (
     FLOAT_DTYPES,
     Checkpoint,
+    has_safetensors,
     local_checkpoint,
     open_checkpoint,
+    pickle_weight_files,
 )
 from aufold.errors import AufoldError
-from aufold.layerwise.hidden import MARGIN_BYTES, available_memory
+from aufold.layerwise.hidden import MARGIN_BYTES, available_memory, size_text
 from aufold.layerwise.skeleton import LayerwiseModel
 from aufold.modeling import DTYPES, load_tokenizer, resolve_source
 
@@ -61,6 +63,11 @@ def streaming_choice(ref: str, *, requested: bool, dtype: str = "auto",
                               f"file; drop --layer-streaming (GGUF models load dequantized), or "
                               f"stream the original safetensors checkpoint")
         folder = _safetensors_folder(source)
+        if folder is not None and not has_safetensors(folder) and pickle_weight_files(folder):
+            raise AufoldError(f"layer streaming reads safetensors weights, and {folder} holds "
+                              f"pickle weights only ({', '.join(pickle_weight_files(folder)[:3])}); "
+                              f"convert the checkpoint to safetensors, or drop --layer-streaming "
+                              f"to load it whole with --allow-pickle")
         if folder is None:
             raise AufoldError(f"layer streaming reads a local safetensors checkpoint, and {ref} is "
                               f"neither a folder nor complete in the hub cache; download it first "
@@ -76,9 +83,10 @@ def streaming_choice(ref: str, *, requested: bool, dtype: str = "auto",
     available = available_memory()
     if weights + MARGIN_BYTES <= available:
         return StreamingChoice(None, "")
-    return StreamingChoice(folder, f"layer streaming: the weights need {weights / 2**30:.1f} GB, "
-                                   f"more than the {available / 2**30:.1f} GB of memory available, "
-                                   f"so the layers load one at a time")
+    return StreamingChoice(folder, f"layer streaming: the weights need {size_text(weights)} and "
+                                   f"the run {size_text(MARGIN_BYTES)} more, but "
+                                   f"{size_text(available)} of memory is available, so the layers "
+                                   f"load one at a time")
 
 
 def open_layerwise(folder: Path, *, dtype: str = "auto", device: str | None = None,
@@ -95,10 +103,15 @@ def open_layerwise(folder: Path, *, dtype: str = "auto", device: str | None = No
 
 def load_for_run(ref: str | Path, *, layer_streaming: bool = False, work_dir: Path | None = None,
                  dtype: str = "auto", device: str | None = None, device_map: str | None = None,
-                 sites: tuple[str, ...] | list[str] = (), allow_pickle: bool = False
+                 sites: tuple[str, ...] | list[str] = (), allow_pickle: bool = False,
+                 needs_whole_model: str | None = None
                  ) -> tuple[PreTrainedModel | LayerwiseModel, PreTrainedTokenizerBase, ModelSource]:
     """What localize, eval and tune run on: the model loaded whole, or layer by layer when
-    asked or when its weights do not fit (said on stderr, with the reason)."""
+    asked or when its weights do not fit (said on stderr, with the reason).
+
+    ``needs_whole_model`` says why this run cannot stream (a math task generates token by
+    token): streaming is then refused before anything loads, with what to do instead.
+    """
     from aufold.modeling import load_model
     from aufold.progress import status
 
@@ -110,6 +123,13 @@ def load_for_run(ref: str | Path, *, layer_streaming: bool = False, work_dir: Pa
                               "--layer-streaming or drop --work-dir")
         return load_model(ref, dtype=dtype, device=device, device_map=device_map, sites=sites,
                           allow_pickle=allow_pickle)
+    if needs_whole_model:
+        if layer_streaming:
+            raise AufoldError(f"layer streaming scores multiple-choice tasks only: "
+                              f"{needs_whole_model}; drop --layer-streaming")
+        raise AufoldError(f"{choice.reason.removeprefix('layer streaming: ')}; but "
+                          f"{needs_whole_model}, so layer streaming cannot run it: spread the "
+                          f"model over memory and disk with --device-map auto")
     source = resolve_source(str(ref))
     if work_dir is not None and any(Path(work_dir).resolve().is_relative_to(path)
                                     for path in source.input_paths()):

@@ -28,10 +28,9 @@ from aufold.evaluate.edits import EditResults
 from aufold.evaluate.report import EvalResult
 from aufold.evaluate.resume import earliest_layer
 from aufold.layerwise.forward import LayerRunner
-from aufold.layerwise.hidden import HiddenStore, choose_spill, hidden_bytes
+from aufold.layerwise.hidden import open_store
 from aufold.layerwise.skeleton import OUTSIDE, LayerwiseModel
 from aufold.progress import bar as progress_bar
-from aufold.progress import status
 from aufold.steer import steer
 from aufold.tasks import Item, TaskKind
 
@@ -39,6 +38,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 Key = TypeVar("Key", bound=Hashable)
+# Why a math task needs the whole model (said when layer streaming is asked for or needed).
+MATH_NEEDS_WHOLE_MODEL = ("a math answer is generated token by token, which needs every layer "
+                          "for every token")
 
 
 @torch.inference_mode()
@@ -59,9 +61,9 @@ def evaluate_edits_layerwise(
     """Score ``items`` unsteered and under each edit (hook mode), one layer at a time."""
     name = resolve_scorer(kind, scorer)
     if name == MATH_SCORER:
-        raise AufoldError("layer streaming scores the multiple-choice tasks only: a math answer "
-                          "is generated token by token, which needs every layer for every token; "
-                          "evaluate math tasks with the model loaded whole (drop --layer-streaming)")
+        raise AufoldError(f"layer streaming scores multiple-choice tasks only: "
+                          f"{MATH_NEEDS_WHOLE_MODEL}; load the model whole (without "
+                          f"--layer-streaming, or with --device-map auto)")
     started = time.perf_counter()
     prepared = prepare_choices(CHOICE_SCORERS[name], tokenizer, items, chat_template=chat_template,
                                max_length=max_length, batch_size=batch_size)
@@ -75,16 +77,10 @@ def evaluate_edits_layerwise(
     def block(config: int, index: int) -> int:  # config 0 is the unsteered model
         return config * len(batches) + index
 
-    needed = hidden_bytes(shapes, lm.dtype)
-    largest = max(lm.layer_bytes(layer) for layer in range(lm.num_layers))
-    spill_dir = choose_spill(needed, largest, lm.work_dir, lm.spill)
-    status(f"layer streaming: {lm.num_layers} layers one at a time; hidden states of "
-           f"{len(batches)} batches for the unsteered model and {len(keys)} edit(s) "
-           f"({needed / 2**30:.2f} GB) " + (f"under {spill_dir}" if spill_dir else "in memory"))
-
     runner = LayerRunner(lm)
     values: list[list[Any]] = [[None] * len(prepared.queries) for _ in range(1 + len(keys))]
-    with HiddenStore(shapes, lm.dtype, spill_dir=spill_dir) as store, \
+    what = f"{len(batches)} batches for the unsteered model and {len(keys)} edit(s)"
+    with open_store(lm, shapes, what) as store, \
             lm.loaded(OUTSIDE, skip=(lm.head, lm.embeddings)), \
             progress_bar(total=lm.num_layers + 2, desc=desc, unit="layer", enabled=progress) as bar:
         with lm.loaded(OUTSIDE, only=(lm.embeddings,)), runner.stage(None):

@@ -60,9 +60,9 @@ class LayerRunner:
                     if index != layer:
                         module.forward = self._pass_through  # type: ignore[method-assign]
                         patched.append(module)
-                target = self.lm.layers[layer]
-                handles.append(target.register_forward_pre_hook(self._swap_input, with_kwargs=True))
-                handles.append(target.register_forward_hook(self._read_output))
+                # First of the layer's pre-hooks: every other one sees the stored input.
+                handles.append(self.lm.layers[layer].register_forward_pre_hook(
+                    self._swap_input, with_kwargs=True, prepend=True))
             yield self
         finally:
             for handle in handles:
@@ -104,11 +104,18 @@ class LayerRunner:
         """One pass; returns the layer's output (or, in the embedding stage, layer 0's input)."""
         self._hidden_in, self._hidden_out = hidden, None
         extra: dict[str, Any] = {"position_ids": position_ids} if position_ids is not None else {}
+        # The output is read by a hook added now, after any steering hook on the layer's
+        # output (a residual edit), so that it reads the steered output.
+        reading = (self.lm.layers[self.layer].register_forward_hook(self._read_output)
+                   if self.layer is not None else None)
         try:
             self.lm.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                      cache=cache, use_cache=cache is not None, **extra)
         except _Stop:
             pass
+        finally:
+            if reading is not None:
+                reading.remove()
         self._hidden_in = None
         if self._hidden_out is None:
             raise AufoldError(f"the {self.lm.config.model_type} model's forward did not reach "

@@ -4,8 +4,10 @@ Layer streaming keeps the hidden states of all texts while one layer runs over t
 so their size, not the model's, sets the memory a run needs. Each batch's block is
 overwritten in place by the next layer's output, so one copy is enough. When they
 would not fit in the memory available, they go to a file under a work folder,
-mapped into memory, which the kernel pages out as needed; the file is deleted
-whatever happens.
+mapped into memory, which the kernel pages out as needed. Its space is reserved
+up front (a disk that fills later cannot kill the run half-way), and its name is
+removed as soon as it is mapped, so no end of the process, a kill included, leaves
+it behind.
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from aufold.errors import AufoldError
+
+if TYPE_CHECKING:
+    from aufold.layerwise.skeleton import LayerwiseModel
 
 GB = 1 << 30
 MARGIN_BYTES = GB  # room left for the interpreter, kernels' scratch and the tokenizer
@@ -32,15 +39,10 @@ class HiddenStore:
                  spill_dir: Path | None = None) -> None:
         sizes = [math.prod(shape) for shape in shapes]
         total = sum(sizes)
-        self.path: Path | None = None
         if spill_dir is None:
             buffer = torch.empty(total, dtype=dtype)
         else:
-            handle, name = tempfile.mkstemp(prefix="aufold-hidden-", suffix=".bin", dir=spill_dir)
-            self.path = Path(name)
-            os.ftruncate(handle, total * dtype.itemsize)
-            os.close(handle)
-            buffer = torch.from_file(name, shared=True, size=total, dtype=dtype)
+            buffer = _mapped_file(spill_dir, total, dtype)
         self.blocks: list[torch.Tensor] = []
         offset = 0
         for shape, size in zip(shapes, sizes):
@@ -55,8 +57,41 @@ class HiddenStore:
 
     def __exit__(self, *exc: object) -> None:
         self.blocks.clear()
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
+
+
+def _mapped_file(folder: Path, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor backed by a new file in ``folder``, reserved on disk and already unlinked."""
+    nbytes = numel * dtype.itemsize
+    try:
+        handle, name = tempfile.mkstemp(prefix="aufold-hidden-", suffix=".bin", dir=folder)
+    except OSError as error:
+        raise AufoldError(f"cannot create a file in --work-dir {folder} ({error.strerror}); "
+                          f"choose a folder you can write to") from None
+    try:
+        if nbytes:
+            os.posix_fallocate(handle, 0, nbytes)
+        return torch.from_file(name, shared=True, size=numel, dtype=dtype)
+    except OSError as error:
+        raise AufoldError(f"cannot reserve {size_text(nbytes)} for the hidden states in --work-dir "
+                          f"{folder} ({error.strerror}); free some space or choose another "
+                          f"folder") from None
+    finally:
+        os.close(handle)
+        os.unlink(name)  # the mapping stays valid; the name goes now
+
+
+def open_store(lm: LayerwiseModel, shapes: Sequence[tuple[int, ...]], what: str) -> HiddenStore:
+    """The store for ``shapes`` in the model's dtype, in memory or spilled to the model's
+    work folder; says on stderr which, and what it holds (``what``)."""
+    from aufold.progress import status
+
+    needed = hidden_bytes(shapes, lm.dtype)
+    largest = lm.largest_part_bytes()
+    spill_dir = choose_spill(needed, largest, lm.work_dir, lm.spill)
+    status(f"layer streaming: {lm.num_layers} layers, one at a time (the largest part of the "
+           f"model {size_text(largest)}); hidden states of {what} ({size_text(needed)}) "
+           + (f"in a memory-mapped file under {spill_dir}" if spill_dir else "in memory"))
+    return HiddenStore(shapes, lm.dtype, spill_dir=spill_dir)
 
 
 def hidden_bytes(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype) -> int:
@@ -82,22 +117,29 @@ def choose_spill(needed: int, layer_bytes: int, work_dir: Path | None,
     memory when they fit beside two layers and a margin. A work folder is checked for
     room before the first layer runs, so a run never fails half-way for lack of disk.
     """
-    fits = needed + 2 * layer_bytes + MARGIN_BYTES <= available_memory()
-    if spill is False or (spill is None and fits):
+    available = available_memory()
+    beside = 2 * layer_bytes + MARGIN_BYTES
+    if spill is False or (spill is None and needed + beside <= available):
         return None
     if work_dir is None:
-        raise AufoldError(f"the hidden states of all texts need {_gb(needed)}, more than the "
-                          f"{_gb(available_memory())} of memory available beside one layer; pass "
-                          f"--work-dir DIR on a disk with {_gb(needed)} free to keep them there, "
-                          f"or localize fewer pairs or a shorter --max-length")
+        raise AufoldError(f"the hidden states of all texts need {size_text(needed)}, and "
+                          f"{size_text(available)} of memory is available, of which the largest "
+                          f"part of the model and a margin take {size_text(beside)}; pass "
+                          f"--work-dir DIR on a disk with {size_text(needed)} free to keep them "
+                          f"there, or use fewer texts (--limit) or a shorter --max-length")
     if not work_dir.is_dir():
         raise AufoldError(f"--work-dir {work_dir} is not a folder; create it or choose another")
+    if not os.access(work_dir, os.W_OK | os.X_OK):
+        raise AufoldError(f"--work-dir {work_dir} is not writable; choose a folder you can "
+                          f"write to")
     free = shutil.disk_usage(work_dir).free
     if free < needed:
-        raise AufoldError(f"--work-dir {work_dir} has {_gb(free)} free, but the hidden states "
-                          f"need {_gb(needed)}; free some space or choose a folder on a larger disk")
+        raise AufoldError(f"--work-dir {work_dir} has {size_text(free)} free, but the hidden "
+                          f"states need {size_text(needed)}; free some space or choose a folder "
+                          f"on a larger disk")
     return work_dir
 
 
-def _gb(size: int) -> str:
-    return f"{size / GB:.2f} GB"
+def size_text(size: int) -> str:
+    """Bytes as GB, or MB below one GB (so that small sizes do not read as 0.00 GB)."""
+    return f"{size / GB:.2f} GB" if size >= GB else f"{size / 2**20:.1f} MB"

@@ -24,7 +24,7 @@ from torch import nn
 from aufold.encoding import DEFAULT_MAX_LENGTH, Batch, pad_id
 from aufold.errors import AufoldError
 from aufold.layerwise.forward import LayerRunner
-from aufold.layerwise.hidden import HiddenStore, choose_spill, hidden_bytes
+from aufold.layerwise.hidden import HiddenStore, open_store
 from aufold.layerwise.skeleton import OUTSIDE, LayerwiseModel
 from aufold.localize import (
     DEFAULT_BATCH_SIZE,
@@ -45,7 +45,6 @@ from aufold.modeling import site_width
 from aufold.pairs import ContrastivePair, validate_pairs
 from aufold.plan import Plan
 from aufold.progress import bar as progress_bar
-from aufold.progress import status
 from aufold.sites import site_kind
 
 if TYPE_CHECKING:
@@ -74,10 +73,11 @@ def localize_layerwise(
     tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
     progress: bool = True,
     model_id: str | None = None,
-    work_dir: Path | None = None,
-    spill: bool | None = None,
 ) -> Plan:
-    """Count the sign of x_pos - x_neg for every unit of ``sites`` in every layer, layer by layer."""
+    """Count the sign of x_pos - x_neg for every unit of ``sites`` in every layer, layer by layer.
+
+    The hidden states spill to ``lm.work_dir`` when they do not fit in memory.
+    """
     pairs = validate_pairs(pairs)
     if not sites:
         raise AufoldError("no site given; pass at least one --site (head, mlp, mlp-out, residual)")
@@ -103,17 +103,9 @@ def localize_layerwise(
         groups.append(_Group(None, batch, (len(shapes),)))
         shapes.append((*batch.input_ids.shape, hidden))
 
-    needed = hidden_bytes(shapes, lm.dtype)
-    largest = max(lm.layer_bytes(layer) for layer in range(lm.num_layers))
-    spill_dir = choose_spill(needed, largest, work_dir or lm.work_dir,
-                             lm.spill if spill is None else spill)
-    status(f"layer streaming: {lm.num_layers} layers of up to {largest / 2**30:.2f} GB, one at a "
-           f"time; hidden states of {len(encoded)} pairs ({needed / 2**30:.2f} GB) "
-           + (f"in a memory-mapped file under {spill_dir}" if spill_dir else "in memory"))
-
     counts = new_counts(sites, lm.num_layers, lambda site: site_width(lm.model, site), lm.device)
     runner = LayerRunner(lm)
-    with HiddenStore(shapes, lm.dtype, spill_dir=spill_dir) as store, \
+    with open_store(lm, shapes, f"{len(encoded)} pairs") as store, \
             lm.loaded(OUTSIDE, skip=(lm.head, lm.embeddings)), \
             progress_bar(total=lm.num_layers + 1, desc="localize (layer streaming)", unit="layer",
                          enabled=progress) as bar:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
 OUTSIDE = "outside"  # the part of a model that is not in its decoder layers
+EXTRA = "extra"  # tensors of decoder layers beyond the config's count
 
 
 class LayerwiseModel:
@@ -56,6 +57,7 @@ class LayerwiseModel:
         self.model: PreTrainedModel = _skeleton(self.config, self.dtype)
         self.layers: nn.ModuleList = self.model.get_submodule(self.architecture.layers)
         self._parts = _tensors_by_part(checkpoint, self.architecture.layers, len(self.layers))
+        self._check_layers()
         # Where hidden states spill when they do not fit in memory (None: refuse instead),
         # and a test's way to force the choice (:func:`aufold.layerwise.hidden.choose_spill`).
         self.work_dir = work_dir
@@ -68,6 +70,13 @@ class LayerwiseModel:
     def layer_bytes(self, layer: int) -> int:
         """Bytes of one decoder layer's weights in this model's dtype."""
         return sum(_numel(self.checkpoint, name) for name in self._parts[layer]) * self.dtype.itemsize
+
+    def largest_part_bytes(self) -> int:
+        """Bytes of the largest part ever loaded: a decoder layer, or everything outside them
+        (the embeddings and LM head, which a large vocabulary makes bigger than a layer)."""
+        outside = sum(_numel(self.checkpoint, name) for name in self._parts[OUTSIDE])
+        layers = max((self.layer_bytes(layer) for layer in range(self.num_layers)), default=0)
+        return max(layers, outside * self.dtype.itemsize)
 
     def fingerprint(self) -> str:
         """The same fingerprint as the model loaded whole (:func:`aufold.modeling.fingerprint`)."""
@@ -88,6 +97,24 @@ class LayerwiseModel:
     def head_source(self) -> str:
         """What to load for the LM head: itself, or the embeddings it is tied to."""
         return self.embeddings if getattr(self.config, "tie_word_embeddings", False) else self.head
+
+    def _check_layers(self) -> None:
+        """Refuse, before any layer runs, a checkpoint whose layers do not hold what the config
+        describes. Loading may rename, fuse or stack tensors, but never changes how many
+        numbers a layer has, so each layer's count is compared with the model's."""
+        for layer, module in enumerate(self.layers):
+            wanted = sum(p.numel() for p in module.parameters())
+            stored = sum(_numel(self.checkpoint, name) for name in self._parts[layer])
+            if wanted != stored:
+                held = (f"holds {stored:,} numbers for it" if stored else "has no weights for it")
+                raise AufoldError(f"config.json describes decoder layer {layer} with {wanted:,} "
+                                  f"weights, but {self.checkpoint.folder} {held}; the checkpoint "
+                                  f"does not match its config.json: download it again")
+        extra = self._parts.get(EXTRA)
+        if extra:
+            raise AufoldError(f"{self.checkpoint.folder} holds {extra[0]}, beyond the "
+                              f"{self.num_layers} layers of its config.json; the checkpoint does "
+                              f"not match its config.json: download it again")
 
     def module_name(self, module: nn.Module) -> str:
         """The dotted path of a module of the model (``lm_head``, ``model.embed_tokens``)."""
@@ -233,10 +260,11 @@ def _tensors_by_part(checkpoint: Checkpoint, layers_path: str, count: int
     pattern = re.compile(rf"^(?:{re.escape(layers_path)}|{re.escape(short)})\.(\d+)\.")
     parts: dict[int | str, list[str]] = {index: [] for index in range(count)}
     parts[OUTSIDE] = []
+    parts[EXTRA] = []
     for name in checkpoint.weight_map:
         match = pattern.match(name)
         index = int(match.group(1)) if match else None
-        parts[index if index is not None and index < count else OUTSIDE].append(name)
+        parts[OUTSIDE if index is None else index if index < count else EXTRA].append(name)
     return parts
 
 
