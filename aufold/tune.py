@@ -26,9 +26,9 @@ from aufold.evaluate.edits import evaluate_edits
 from aufold.evaluate.math import DEFAULT_MAX_NEW_TOKENS
 from aufold.evaluate.report import EvalResult, write_json, write_report
 from aufold.evaluate.resume import MAX_RESUME_POINTS
-from aufold.localize import DEFAULT_BATCH_SIZE as LOCALIZE_BATCH_SIZE
 from aufold.layerwise import load_for_run
 from aufold.layerwise.evaluate import MATH_NEEDS_WHOLE_MODEL
+from aufold.localize import DEFAULT_BATCH_SIZE as LOCALIZE_BATCH_SIZE
 from aufold.modeling import fingerprint, num_layers, resolve_source, site_width
 from aufold.plan import Plan, check_alpha
 from aufold.plotting import INSTALL_HINT, matplotlib_available, plot_heatmap

@@ -30,16 +30,15 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+from fold_bench import timed  # a child process's wall time and peak RSS
+
 # Like fold_bench.py, this process imports neither torch nor aufold: a child's peak RSS
 # starts from its parent's size at fork, so the parent stays small.
 
@@ -49,27 +48,6 @@ VOCAB = 49152  # SmolLM2's tokenizer
 GB = 2**30
 # Llama-2-70B: 80 layers, hidden 8192, MLP 28672, 64 query heads and 8 key-value heads of 128.
 LLAMA2_70B = {"layers": 80, "hidden": 8192, "intermediate": 28672, "kv_width": 1024}
-
-
-@dataclass(frozen=True)
-class Run:
-    label: str
-    seconds: float
-    peak_rss: int
-    output: str
-
-
-def timed(label: str, command: list[str], log: Path) -> Run:
-    """Run a command as a child process; its wall time and its own peak RSS."""
-    with log.open("w") as handle:
-        start = time.perf_counter()
-        child = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)
-        seconds = time.perf_counter() - start
-    output = log.read_text()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{label} failed:\n{output[-3000:]}")
-    return Run(label, seconds, usage.ru_maxrss * 1024, output)
 
 
 def layer_bytes(hidden: int, intermediate: int, kv_width: int | None = None) -> int:

@@ -18,7 +18,6 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import torch
