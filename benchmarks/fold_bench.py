@@ -197,10 +197,12 @@ class Run:
     seconds: float
     peak_rss: int  # bytes
     output: str
+    read_bytes: int = 0  # read from storage, not from the page cache (ru_inblock)
 
 
 def timed(label: str, command: list[str], log: Path) -> Run:
-    """Run a command as a child process; its wall time and its own peak RSS."""
+    """Run a command as a child process; its wall time, its own peak RSS and what it read
+    from storage."""
     with log.open("w") as handle:
         start = time.perf_counter()
         child = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
@@ -210,7 +212,7 @@ def timed(label: str, command: list[str], log: Path) -> Run:
     output = log.read_text()
     if child.returncode != 0:
         raise SystemExit(f"{label} failed ({child.returncode}):\n{output}")
-    return Run(label, seconds, usage.ru_maxrss * 1024, output)
+    return Run(label, seconds, usage.ru_maxrss * 1024, output, usage.ru_inblock * 512)
 
 
 def sync() -> None:

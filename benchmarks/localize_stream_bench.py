@@ -7,15 +7,23 @@ first ``--pairs`` COPA pairs (sites head and mlp), each method in its own proces
 
   (a) `aufold localize` with the model in memory;
   (b) the same localization on the model loaded with `device_map="auto"`, a CPU
-      memory budget of ``--budget`` and the rest offloaded to disk (accelerate);
+      memory budget of ``--budget`` (default: the embeddings, the LM head and one
+      layer) and the rest offloaded to disk (accelerate);
   (c) `aufold localize --layer-streaming`;
   (d) (c) again with twice the layers, to show that its peak memory does not grow
       with depth (skip with ``--no-deep``).
 
-Reported: wall time and peak resident memory (the kernel's ru_maxrss of each
-process), the agreement of the counts of (b) and (c) with (a), and from (c)'s time
-per layer an estimate for Llama-2-70B. Targets: (c) peak RSS <= largest layer +
-hidden states + 1 GB; (c) <= 1.3x (a)'s time; (c) >= 3x faster than (b).
+Reported: wall time, peak resident memory (the kernel's ru_maxrss of each process)
+and bytes read from storage (ru_inblock), the agreement of the counts of (b) and (c)
+with (a), and from (c)'s time per layer an estimate for Llama-2-70B. Targets: (c)
+peak RSS <= largest layer + hidden states + 1 GB; (c) <= 1.3x (a)'s time; (c) >= 3x
+faster than (b).
+
+A model larger than memory cannot stay in the page cache, so by default every run
+reads cold: the checkpoint is evicted from the page cache before each run, (b)'s
+offloaded files before each of its layers runs, and (c)'s shards before each layer
+loads (``posix_fadvise(DONTNEED)``). ``--warm`` skips that (this machine's RAM then
+caches everything and the disk is never read).
 The temporary folder is removed at the end, also on an error or Ctrl-C.
 
     python benchmarks/localize_stream_bench.py                     # 8 layers, 200 pairs
@@ -56,6 +64,17 @@ def layer_bytes(hidden: int, intermediate: int, kv_width: int | None = None) -> 
     return 2 * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * intermediate + 2 * hidden)
 
 
+def evict(folder: Path) -> None:
+    """Drop the folder's files from the page cache, so that their next read goes to disk."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(descriptor)
+
+
 def worker(task: str, folder: Path, args: argparse.Namespace) -> None:
     """The parts that need torch, in child processes."""
     if task == "setup":
@@ -79,11 +98,34 @@ def worker(task: str, folder: Path, args: argparse.Namespace) -> None:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.bfloat16, device_map="auto", max_memory={"cpu": args.budget},
             offload_folder=str(folder.parent / "offload"))
-        placement = sorted(set(model.hf_device_map.values()), key=str)
-        print(f"device map: {placement}", flush=True)
+        placement = list(model.hf_device_map.values())
+        print(f"device map: {placement.count('disk')} of {len(placement)} modules on disk", flush=True)
+        if not args.warm:  # every offloaded layer read from disk, as when memory cannot cache it
+
+            def uncached(*_: object) -> None:
+                # accelerate reads offloaded weights from its offload folder or, for tensors
+                # stored as they are, straight from the checkpoint's shards.
+                evict(folder.parent / "offload")
+                evict(folder)
+
+            for layer in model.model.layers:
+                layer.register_forward_pre_hook(uncached)
         tokenizer = load_tokenizer(resolve_source(str(folder)))
         pairs = task_pairs("copa", None, size=args.pairs)
         localize(model, tokenizer, pairs, SITES, progress=False).save(folder.parent / "plan-b")
+    elif task == "stream":
+        import cli
+        from aufold.layerwise.skeleton import LayerwiseModel
+
+        if not args.warm:  # each layer's shards read from disk
+            load = LayerwiseModel._load
+
+            def cold_load(self: LayerwiseModel, names: list[str]) -> None:
+                evict(self.checkpoint.folder)
+                load(self, names)
+
+            LayerwiseModel._load = cold_load  # type: ignore[method-assign]
+        cli.main(args.cli, standalone_mode=True)
     elif task == "compare":
         from aufold.plan import Plan
 
@@ -114,10 +156,13 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=None, help="default: 2.6875 x hidden")
     parser.add_argument("--budget", default=None,
                         help="(b)'s CPU memory budget (default: the embeddings, the LM head and "
-                             "half the layers)")
+                             "one layer)")
+    parser.add_argument("--warm", action="store_true",
+                        help="let the page cache keep the weights (no cold reads)")
     parser.add_argument("--no-deep", action="store_true", help="skip (d), twice the layers")
     parser.add_argument("--tmp", default=None, help="parent of the temporary folder")
     parser.add_argument("--worker", nargs=2, metavar=("TASK", "FOLDER"), help=argparse.SUPPRESS)
+    parser.add_argument("cli", nargs="*", help=argparse.SUPPRESS)  # the stream worker's command
     args = parser.parse_args()
     args.intermediate = args.intermediate or round(args.hidden * 2.6875 / 64) * 64
     args.head_dim = 128 if args.hidden >= 1024 else 64
@@ -139,25 +184,35 @@ def _interrupt(_signal: int, _frame: object) -> None:
 
 def run_benchmark(tmp: Path, args: argparse.Namespace) -> None:
     me = [sys.executable, str(Path(__file__).resolve()), "--hidden", str(args.hidden),
-          "--intermediate", str(args.intermediate), "--pairs", str(args.pairs)]
+          "--intermediate", str(args.intermediate), "--pairs", str(args.pairs),
+          *(["--warm"] if args.warm else [])]
     log = tmp / "log.txt"
     model = tmp / f"model-{args.layers}"
     setup = json.loads(timed("setup", [*me, "--worker", "setup", str(model)], log).output.splitlines()[-1])
     per_layer = layer_bytes(args.hidden, args.intermediate)
-    # Room for the embeddings, the LM head and half the layers: accelerate offloads the rest.
+    # Room for the embeddings, the LM head and one layer: accelerate offloads the rest.
     embeddings = 2 * VOCAB * args.hidden
-    budget = args.budget or f"{(2 * embeddings + args.layers // 2 * per_layer) * 21 // 20 // 2**20}MiB"
+    budget = args.budget or f"{(2 * embeddings + per_layer) * 21 // 20 // 2**20}MiB"
     print(f"checkpoint: {setup['bytes'] / GB:.2f} GiB bfloat16, {args.layers} layers of "
           f"{per_layer / GB:.2f} GiB (hidden {args.hidden}, MLP {args.intermediate}), vocab {VOCAB}; "
           f"{args.pairs} COPA pairs, sites {', '.join(SITES)}; {os.cpu_count()} CPU cores")
-    localize = [sys.executable, str(REPO / "cli.py"), "localize", "--task", "copa", "--limit",
-                str(args.pairs), *(f"--site={site}" for site in SITES), "--dtype", "bfloat16"]
+    localize = ["localize", "--task", "copa", "--limit", str(args.pairs),
+                *(f"--site={site}" for site in SITES), "--dtype", "bfloat16"]
+
+    def cold(folder: Path) -> Path:
+        if not args.warm:
+            os.sync()
+            evict(folder)
+        return folder
+
     runs = {
-        "a": timed("(a) in memory", [*localize, str(model), "--out", str(tmp / "plan-a")], log),
-        "b": timed(f"(b) device_map=auto, {budget} CPU + disk offload",
-                   [*me, "--budget", budget, "--worker", "offload", str(model)], log),
-        "c": timed("(c) --layer-streaming", [*localize, str(model), "--out", str(tmp / "plan-c"),
-                                               "--layer-streaming"], log),
+        "a": timed("(a) in memory", [sys.executable, str(REPO / "cli.py"), *localize,
+                                     str(cold(model)), "--out", str(tmp / "plan-a")], log),
+        "b": timed(f"(b) device_map=auto, {budget} CPU + disk",
+                   [*me, "--budget", budget, "--worker", "offload", str(cold(model))], log),
+        "c": timed("(c) --layer-streaming",
+                   [*me, "--worker", "stream", str(cold(model)), "--", *localize, str(model),
+                    "--out", str(tmp / "plan-c"), "--layer-streaming"], log),
     }
     placement = re.search(r"device map: (.*)", runs["b"].output)
     found = re.search(r"\(([\d.]+) (GB|MB)\) in memory", runs["c"].output)
@@ -171,16 +226,19 @@ def run_benchmark(tmp: Path, args: argparse.Namespace) -> None:
         timed("setup", [*me, "--worker", "setup", str(deep)], log)
         shutil.rmtree(model)
         runs["d"] = timed(f"(d) --layer-streaming, {2 * args.layers} layers",
-                          [*localize, str(deep), "--out", str(tmp / "plan-d"), "--layer-streaming"], log)
+                          [*me, "--worker", "stream", str(cold(deep)), "--", *localize, str(deep),
+                           "--out", str(tmp / "plan-d"), "--layer-streaming"], log)
 
-    print(f"(b) placed its modules on: {placement.group(1) if placement else '?'}")
-    print(f"\n{'run':<48} {'seconds':>8} {'x (a)':>6} {'peak RSS':>10}  agreement with (a)")
+    print(f"(b) device map: {placement.group(1) if placement else '?'}; reads "
+          f"{'cold (page cache evicted)' if not args.warm else 'warm (page cache kept)'}")
+    print(f"\n{'run':<40} {'seconds':>8} {'x (a)':>6} {'peak RSS':>10} {'disk read':>10}  "
+          f"agreement with (a)")
     for key, run in runs.items():
         agree = agreement.get(key)
         text = (f"{agree['common']}/100 top units in common, {agree['differ']} counters differ "
                 f"(largest {agree['largest']})" if agree else "")
-        print(f"{run.label:<48} {run.seconds:>8.1f} {run.seconds / runs['a'].seconds:>6.2f} "
-              f"{run.peak_rss / GB:>6.2f} GiB  {text}")
+        print(f"{run.label:<40} {run.seconds:>8.1f} {run.seconds / runs['a'].seconds:>6.2f} "
+              f"{run.peak_rss / GB:>6.2f} GiB {run.read_bytes / GB:>6.2f} GiB  {text}")
     a, b, c = runs["a"], runs["b"], runs["c"]
     limit = per_layer + hidden_gb * GB + GB
     peak = max(run.peak_rss for key, run in runs.items() if key in "cd")
@@ -190,6 +248,11 @@ def run_benchmark(tmp: Path, args: argparse.Namespace) -> None:
           f"{'ok' if c.seconds <= 1.3 * a.seconds else 'MISSED'}; "
           f"(c) {b.seconds / c.seconds:.2f}x faster than (b) (>= 3x): "
           f"{'ok' if b.seconds >= 3 * c.seconds else 'MISSED'}")
+    if c.read_bytes:
+        print(f"disk reads: (b) {b.read_bytes / GB:.1f} GiB, (c) {c.read_bytes / GB:.1f} GiB "
+              f"({b.read_bytes / c.read_bytes:.1f}x): (b) reads its offloaded layers once per "
+              f"batch, (c) every layer once; where reading, not computing, sets the time (a GPU, "
+              f"a slower disk, more batches), that is the ratio (b)/(c) tends to")
     seconds_per_layer = (runs["d"].seconds - c.seconds) / args.layers if "d" in runs else (
         c.seconds / args.layers)
     ratio = layer_bytes(LLAMA2_70B["hidden"], LLAMA2_70B["intermediate"],

@@ -123,11 +123,14 @@ def test_cli_shards_and_merge_counts(tiny_folder: tuple[Path, Path], tmp_path: P
     assert result.exit_code == 2 and "missing: [1]" in result.output
 
 
-def test_torchrun_two_gloo_processes_equal_one_run(tiny_folder: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("flags", [(), ("--layer-streaming",)], ids=["loaded", "layer-streaming"])
+def test_torchrun_two_gloo_processes_equal_one_run(tiny_folder: tuple[Path, Path], tmp_path: Path,
+                                                   flags: tuple[str, ...]) -> None:
     model_dir, pairs = tiny_folder
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(REPO / "cli.py"), *_localize_args(model_dir, pairs, tmp_path / "distributed")]
+               str(REPO / "cli.py"), *_localize_args(model_dir, pairs, tmp_path / "distributed"),
+               *flags]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("plan written to") == 1  # rank 0 alone writes

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from aufold.encoding import DEFAULT_MAX_LENGTH, Batch, pad_id
 from aufold.errors import AufoldError
@@ -113,8 +112,7 @@ def localize_layerwise(
                 _embed(runner, group, store)
         bar.update(1)
         for layer in range(lm.num_layers):
-            with lm.loaded(layer) as module, runner.stage(layer), \
-                    _SiteReader(lm, sites, layer, module) as reader:
+            with lm.loaded(layer), runner.stage(layer), _SiteReader(lm, sites, layer) as reader:
                 for group in groups:
                     _run_layer(runner, reader, group, store, keep=layer < lm.num_layers - 1)
                     for site, activations in reader.take().items():
@@ -184,7 +182,7 @@ def _run_layer(runner: LayerRunner, reader: _SiteReader, group: _Group, store: H
 class _SiteReader:
     """Hooks on one layer's site modules that keep each row's activation at its last token."""
 
-    def __init__(self, lm: LayerwiseModel, sites: Sequence[str], layer: int, module: nn.Module) -> None:
+    def __init__(self, lm: LayerwiseModel, sites: Sequence[str], layer: int) -> None:
         self.lm, self.sites, self.layer = lm, sites, layer
         self.last: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
