@@ -147,6 +147,16 @@ def device_options(command: F) -> F:
     return click.option("--device", default=None, help="Device to run on, e.g. cuda or cpu.")(command)
 
 
+def cost_options(command: F) -> F:
+    """--no-cost and --neutral: the KL and perplexity of an edit on neutral text."""
+    command = click.option(
+        "--neutral", default=None, type=click.Path(path_type=Path, dir_okay=False),
+        help="Text file to measure an edit's cost on (default: the BoolQ test passages).")(command)
+    return click.option(
+        "--no-cost", is_flag=True,
+        help="Skip measuring the KL divergence and perplexity ratio on neutral text.")(command)
+
+
 def layer_streaming_options(command: F) -> F:
     """--layer-streaming and --work-dir: run a model larger than memory one layer at a time."""
     command = click.option(
@@ -576,18 +586,19 @@ def fold_vector(model: str, vector_path: Path, site: str, scale: float, out: Pat
 @eval_options
 @device_options
 @layer_streaming_options
+@cost_options
 @click.option("--report", type=OUTPUT_PATH, default=None,
               help="JSON report to write, with every item's prediction.")
 @overwrite_option
 @reports_errors
-@guarded(inputs=("model", "data_dir", "plan_dir", "tuned"), files=("report",))
+@guarded(inputs=("model", "data_dir", "plan_dir", "tuned", "neutral"), files=("report",))
 def evaluate(model: str, task: str, split: str, data_dir: Path | None, scorer: str | None,
              plan_dir: Path | None, k: int | None, alpha: float | None, sites: tuple[str, ...],
              tuned: Path | None, force: bool, allow_extreme: bool, dtype: str, limit: int | None,
              batch_size: int, max_length: int, max_new_tokens: int, chat_template: bool,
              device: str | None, device_map: str | None, allow_pickle: bool,
-             layer_streaming: bool, work_dir: Path | None, report: Path | None,
-             overwrite: bool) -> None:
+             layer_streaming: bool, work_dir: Path | None, no_cost: bool, neutral: Path | None,
+             report: Path | None, overwrite: bool) -> None:
     """Evaluate MODEL on a task split; with a plan (or --tuned), unsteered and steered side by
     side."""
     from aufold.evaluate import evaluate_model
@@ -600,6 +611,7 @@ def evaluate(model: str, task: str, split: str, data_dir: Path | None, scorer: s
                                 device_map=device_map, force=force, report=report,
                                 overwrite=overwrite, allow_pickle=allow_pickle,
                                 layer_streaming=layer_streaming, work_dir=work_dir,
+                                cost=not no_cost, neutral=neutral,
                                 batch_size=batch_size, chat_template=chat_template,
                                 max_length=max_length, max_new_tokens=max_new_tokens)
     result, unsteered = evaluation.result, evaluation.unsteered
@@ -614,6 +626,8 @@ def evaluate(model: str, task: str, split: str, data_dir: Path | None, scorer: s
         click.echo(f"  {steered}  {result.summary_line()}")
         click.echo(f"  {'difference'.ljust(width)}  {evaluation.gain:+.4f} "
                    f"({result.correct - unsteered.correct:+d} items)")
+        if evaluation.cost is not None:
+            click.echo(f"  {'cost'.ljust(width)}  {evaluation.cost.line()}")
     if result.settings["truncated_prompts"]:
         click.echo(f"note: {result.settings['truncated_prompts']} prompt(s) were longer than "
                    f"{max_length} tokens and kept their last tokens", err=True)
@@ -647,19 +661,24 @@ def evaluate(model: str, task: str, split: str, data_dir: Path | None, scorer: s
 @dtype_option
 @device_options
 @layer_streaming_options
+@cost_options
+@click.option("--max-kl", type=float, default=None,
+              help="Choose only among configurations whose KL on neutral text is at most this "
+                   "(nats per token).")
 @click.option("--force", is_flag=True, help="Use a plan whose model fingerprint differs.")
 @allow_extreme_option
 @overwrite_option
 @click.option("--no-plot", is_flag=True, help="Skip the heatmaps (they need matplotlib).")
 @reports_errors
-@guarded(inputs=("model", "plan_dir", "data_dir"), folders=("out",))
+@guarded(inputs=("model", "plan_dir", "data_dir", "neutral"), folders=("out",))
 def tune(model: str, task: str, sites: tuple[str, ...], plan_dir: Path | None, out: Path, k_grid: str,
          alpha_grid: str, data_dir: Path | None, scorer: str | None, limit: int | None,
          pairs_size: int | None, tune_size: int | None, test_size: int | None, batch_size: int,
          max_length: int,
          max_new_tokens: int, chat_template: bool, dtype: str, device: str | None,
          device_map: str | None, allow_pickle: bool, layer_streaming: bool, work_dir: Path | None,
-         force: bool, allow_extreme: bool, overwrite: bool, no_plot: bool) -> None:
+         no_cost: bool, neutral: Path | None, max_kl: float | None, force: bool,
+         allow_extreme: bool, overwrite: bool, no_plot: bool) -> None:
     """Sweep alpha x k per site on the tune split, pick the best, evaluate it once on test."""
     from aufold.tune import parse_grid
     from aufold.tune import tune as run_tune
@@ -675,12 +694,14 @@ def tune(model: str, task: str, sites: tuple[str, ...], plan_dir: Path | None, o
                        device=device, device_map=device_map, force=force, overwrite=overwrite,
                        plot=not no_plot, echo=click.echo, allow_pickle=allow_pickle,
                        allow_extreme=allow_extreme, layer_streaming=layer_streaming,
-                       work_dir=work_dir)
+                       work_dir=work_dir, cost=not no_cost, neutral=neutral, max_kl=max_kl)
     for site in outcome.sweep.sites():
         click.echo(outcome.sweep.table(site))
     best = outcome.record["best"]
     click.echo(f"best on tune: {outcome.best.label()} (tune accuracy {best['tune_accuracy']:.4f}, "
                f"unsteered {outcome.sweep.base.accuracy:.4f})")
+    if outcome.best in outcome.sweep.costs:
+        click.echo(f"its cost on neutral text: {outcome.sweep.costs[outcome.best].line()}")
     click.echo(f"test, unsteered: {outcome.test_base.summary_line()}")
     click.echo(f"test, steered:   {outcome.test_steered.summary_line()}; gain "
                f"{outcome.record['test']['gain']:+.4f}")

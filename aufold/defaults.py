@@ -23,6 +23,11 @@ CHOICE_SCORER_NAMES: tuple[str, ...] = ("first-token", "loglik")
 MATH_SCORER_NAME = "math"
 SCORER_NAMES: tuple[str, ...] = (*CHOICE_SCORER_NAMES, MATH_SCORER_NAME)
 
+# The cost of an edit (aufold.evaluate.cost): KL and perplexity on this many tokens of neutral
+# text (the BoolQ test passages by default), in windows of this many tokens.
+NEUTRAL_TOKENS = 4096
+NEUTRAL_WINDOW = 256
+
 # The tune sweep (aufold.tune): the paper's grid.
 K_GRID: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 100)
 ALPHA_GRID: tuple[float, ...] = (1.0, 5.0, 10.0, 20.0, 50.0, 100.0)

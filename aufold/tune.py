@@ -21,6 +21,7 @@ from aufold.defaults import ALPHA_GRID, K_GRID  # the grids of the AUSteer paper
 from aufold.edit import Edit
 from aufold.errors import AufoldError
 from aufold.evaluate.batches import DEFAULT_BATCH_SIZE
+from aufold.evaluate.cost import EditCost, NeutralText, edit_costs, neutral_text
 from aufold.evaluate.core import DEFAULT_EVAL_MAX_LENGTH, evaluate_both, resolve_scorer
 from aufold.evaluate.edits import evaluate_edits
 from aufold.evaluate.math import DEFAULT_MAX_NEW_TOKENS
@@ -29,7 +30,7 @@ from aufold.evaluate.resume import MAX_RESUME_POINTS
 from aufold.layerwise import load_for_run
 from aufold.layerwise.evaluate import MATH_NEEDS_WHOLE_MODEL
 from aufold.localize import DEFAULT_BATCH_SIZE as LOCALIZE_BATCH_SIZE
-from aufold.modeling import fingerprint, num_layers, resolve_source, site_width
+from aufold.modeling import fingerprint, is_layerwise, num_layers, resolve_source, site_width
 from aufold.plan import Plan, check_alpha
 from aufold.plotting import INSTALL_HINT, matplotlib_available, plot_heatmap
 from aufold.safety.limits import check_scale_factors
@@ -97,11 +98,23 @@ def check_grid_units(units: Mapping[str, int], ks: Sequence[int]) -> None:
                               f"lower the k grid to at most {available}")
 
 
-def choose(accuracy: Mapping[Config, float]) -> Config:
-    """The best configuration by :data:`CHOICE_RULE`."""
+def choose(accuracy: Mapping[Config, float], *, costs: Mapping[Config, EditCost] | None = None,
+           max_kl: float | None = None) -> Config:
+    """The best configuration by :data:`CHOICE_RULE`, among those whose KL on neutral text is
+    at most ``max_kl`` when a budget is given."""
     if not accuracy:
         raise AufoldError("the sweep is empty; give at least one site, k and alpha")
-    return min(accuracy, key=lambda c: (-accuracy[c], c.k, c.alpha, SITE_ORDER[c.site]))
+    allowed = list(accuracy)
+    if max_kl is not None:
+        if not costs:
+            raise AufoldError("--max-kl needs the KL of every configuration; drop --no-cost")
+        allowed = [config for config in accuracy if costs[config].kl <= max_kl]
+        if not allowed:
+            least = min(accuracy, key=lambda c: costs[c].kl)
+            raise AufoldError(f"no configuration has a KL on neutral text within --max-kl "
+                              f"{max_kl:g}; the smallest is {costs[least].kl:.4g} ({least.label()}): "
+                              f"raise --max-kl or add smaller alphas or ks to the grid")
+    return min(allowed, key=lambda c: (-accuracy[c], c.k, c.alpha, SITE_ORDER[c.site]))
 
 
 @dataclass
@@ -113,6 +126,7 @@ class Sweep:
     start_layers: dict[Config, int]  # each configuration's earliest steered layer
     seconds: float
     resumed_from: dict[Config, int] = field(default_factory=dict)  # empty when not resumed
+    costs: dict[Config, EditCost] = field(default_factory=dict)  # empty when not measured
 
     @property
     def resumed(self) -> bool:
@@ -121,8 +135,8 @@ class Sweep:
     def accuracy(self) -> dict[Config, float]:
         return {config: result.accuracy for config, result in self.cells.items()}
 
-    def best(self) -> Config:
-        return choose(self.accuracy())
+    def best(self, max_kl: float | None = None) -> Config:
+        return choose(self.accuracy(), costs=self.costs, max_kl=max_kl)
 
     def sites(self) -> list[str]:
         return list(dict.fromkeys(config.site for config in self.cells))
@@ -145,12 +159,21 @@ class Sweep:
                  "alpha\\k " + "".join(f"{k:>7}" for k in ks)]
         for alpha, row in zip(alphas, self.matrix(site)):
             lines.append(f"{alpha:>7g} " + "".join(f"{value:>7.3f}" for value in row))
+        if self.costs:
+            first = next(iter(self.costs.values()))
+            lines.append(f"site {site}: KL(base || steered) on neutral text, nats/token "
+                         f"({first.corpus}, {first.tokens} tokens)")
+            for alpha in alphas:
+                lines.append(f"{alpha:>7g} " + "".join(
+                    f"{self.costs[Config(site, k, alpha)].kl:>7.3f}" for k in ks))
         return "\n".join(lines)
 
     def records(self) -> list[dict[str, Any]]:
         return [{"site": c.site, "k": c.k, "alpha": c.alpha, "accuracy": r.accuracy,
                  "correct": r.correct, "n": r.n, "start_layer": self.start_layers[c],
-                 "resumed_from": self.resumed_from.get(c)}
+                 "resumed_from": self.resumed_from.get(c),
+                 **({"kl": self.costs[c].kl, "perplexity_ratio": self.costs[c].perplexity_ratio}
+                    if c in self.costs else {})}
                 for c, r in self.cells.items()]
 
 
@@ -174,8 +197,10 @@ def sweep(
     max_resume_points: int = MAX_RESUME_POINTS,
     progress: bool = True,
     allow_extreme: bool = False,
+    neutral: NeutralText | None = None,
 ) -> Sweep:
-    """Evaluate the unsteered model and every (site, k, alpha) of the grid on ``items``.
+    """Evaluate the unsteered model and every (site, k, alpha) of the grid on ``items``, and
+    with ``neutral`` text each configuration's cost on it (:mod:`aufold.evaluate.cost`).
 
     Each site ranks only its own units of ``plan``. ``resume=False`` evaluates every
     configuration from scratch (math tasks always do); the results are the same.
@@ -191,8 +216,9 @@ def sweep(
                              batch_size=batch_size, chat_template=chat_template,
                              max_length=max_length, max_new_tokens=max_new_tokens,
                              max_resume_points=max_resume_points, progress=progress, desc="tune")
+    costs = edit_costs(model, neutral, edits, progress=progress) if neutral is not None else {}
     return Sweep(results.base, results.steered, results.start_layers, results.seconds,
-                 results.resumed_from)
+                 results.resumed_from, costs)
 
 
 @dataclass
@@ -240,6 +266,9 @@ def tune(
     allow_extreme: bool = False,
     layer_streaming: bool = False,
     work_dir: Path | None = None,
+    cost: bool = True,
+    neutral: str | Path | None = None,
+    max_kl: float | None = None,
 ) -> TuneOutcome:
     """The AUSteer protocol: localize on ``pairs`` (or take ``plan_dir``), sweep on ``tune``,
     choose by :data:`CHOICE_RULE`, evaluate the choice and the unsteered model on ``test``.
@@ -249,7 +278,15 @@ def tune(
     matplotlib is installed. Every input is checked before the model loads. With
     ``layer_streaming`` (or when the weights do not fit) localization, the sweep and the
     test evaluation run one decoder layer at a time (:mod:`aufold.layerwise`).
+
+    With ``cost`` (the default) each configuration's KL and perplexity ratio on neutral
+    text (``neutral``, a text file, or the BoolQ test passages) is measured and shown beside
+    its accuracy, and ``max_kl`` limits the choice to configurations within that budget.
     """
+    if max_kl is not None and not (max_kl >= 0 and math.isfinite(max_kl)):
+        raise AufoldError(f"--max-kl must be a finite number >= 0, got {max_kl}")
+    if max_kl is not None and not cost:
+        raise AufoldError("--max-kl needs the KL of every configuration; drop --no-cost")
     kind = get_task(task).kind
     name = resolve_scorer(kind, scorer)
     source = resolve_source(model_ref)
@@ -285,10 +322,19 @@ def tune(
              f"{len(tune_items)} tune items ({name} scorer)")
         options: dict[str, Any] = dict(batch_size=batch_size, chat_template=chat_template,
                                        max_length=max_length, max_new_tokens=max_new_tokens)
+        neutral_tokens = None
+        notes = []
+        if cost and is_layerwise(model):
+            if max_kl is not None:
+                raise AufoldError("--max-kl needs each configuration's KL, which layer streaming "
+                                  "does not measure yet; drop --max-kl or load the model whole")
+            notes.append("the cost on neutral text is not measured under layer streaming")
+        elif cost:
+            neutral_tokens = neutral_text(tokenizer, file=neutral, data_dir=data_dir)
         result = sweep(model, tokenizer, plan, tune_items, sites=sites, ks=ks, alphas=alphas,
                        kind=kind, scorer=name, progress=progress, allow_extreme=allow_extreme,
-                       **options)
-        best = result.best()
+                       neutral=neutral_tokens, **options)
+        best = result.best(max_kl)
         echo(f"chosen on tune: {best.label()} (tune accuracy {result.cells[best].accuracy:.3f}, "
              f"unsteered {result.base.accuracy:.3f})")
         echo(f"evaluating on {len(test_items)} test items, unsteered and steered")
@@ -296,7 +342,6 @@ def tune(
         test_base, test_steered = evaluate_both(model, tokenizer, test_items, edit, kind=kind,
                                                 scorer=name, progress=progress, **options)
 
-        notes = []
         if result.cells[best].accuracy <= result.base.accuracy:
             notes.append("no configuration beat the unsteered model on tune")
         with atomic_folder(out_dir, content="tune") as staging:
@@ -320,7 +365,7 @@ def tune(
             elif plot:
                 notes.append(f"no heatmap: matplotlib is not installed; {INSTALL_HINT}")
             record = _record(source.ref, task, resolve_data_dir(data_dir), name, plan_ref, plan, result,
-                             best, test_base, test_steered, edit, options, heatmaps, notes)
+                             best, test_base, test_steered, edit, options, heatmaps, notes, max_kl)
             write_json(record, staging / TUNE_FILE)
         return TuneOutcome(out_dir, result, best, test_base, test_steered, record,
                            [out_dir / name for name in heatmaps], notes)
@@ -329,7 +374,7 @@ def tune(
 def _record(model: str, task: str, data_dir: Path, scorer: str, plan_ref: str, plan: Plan,
             result: Sweep, best: Config, test_base: EvalResult, test_steered: EvalResult,
             edit: Edit, options: Mapping[str, Any], heatmaps: list[str],
-            notes: list[str]) -> dict[str, Any]:
+            notes: list[str], max_kl: float | None = None) -> dict[str, Any]:
     """The content of tune.json; :func:`aufold.tuned.read_tuned` reads ``plan`` and ``best``."""
     ks = sorted({c.k for c in result.cells})
     alphas = sorted({c.alpha for c in result.cells})
@@ -350,10 +395,11 @@ def _record(model: str, task: str, data_dir: Path, scorer: str, plan_ref: str, p
         "choice_rule": CHOICE_RULE,
         "best": {"site": best.site, "k": best.k, "alpha": best.alpha,
                  "tune_accuracy": result.cells[best].accuracy,
-                 "start_layer": result.start_layers[best], "units": edit.to_records()},
+                 "start_layer": result.start_layers[best], "units": edit.to_records(),
+                 "cost": result.costs[best].to_dict() if best in result.costs else None},
         "tune": {"split": "tune", "n": result.base.n, "unsteered": result.base.summary(),
                  "sweep_seconds": round(result.seconds, 3), "prefix_resume": result.resumed,
-                 "grid": result.records()},
+                 "max_kl": max_kl, "grid": result.records()},
         "test": {"split": "test", "n": test_base.n,
                  "unsteered": test_base.summary(), "steered": test_steered.summary(),
                  "gain": test_steered.accuracy - test_base.accuracy,

@@ -31,6 +31,8 @@ from aufold.tuned import Selection
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from aufold.evaluate.cost import EditCost
+
 # Long enough for every prompt of the built-in tasks (BoolQ's longest is about 1,300
 # tokens with SmolLM2's tokenizer); longer prompts keep their last tokens.
 DEFAULT_EVAL_MAX_LENGTH = EVAL_MAX_LENGTH
@@ -195,6 +197,8 @@ def evaluate_model(
     allow_pickle: bool = False,
     layer_streaming: bool = False,
     work_dir: Path | None = None,
+    cost: bool = True,
+    neutral: str | Path | None = None,
     **options: Any,
 ) -> ModelEvaluation:
     """Load a model and evaluate it; with a selection, evaluate it unsteered and steered by
@@ -204,8 +208,11 @@ def evaluate_model(
     Every input is checked before the model loads; ``report`` gets the JSON report (an
     existing one is replaced only with ``overwrite``, and only if aufold wrote it). With
     ``layer_streaming`` (or when the weights do not fit) the model runs one decoder layer
-    at a time (:mod:`aufold.layerwise`).
+    at a time (:mod:`aufold.layerwise`). With a selection and ``cost``, the edit's KL and
+    perplexity ratio on neutral text (``neutral``, or the BoolQ test passages) are measured
+    too (:mod:`aufold.evaluate.cost`; not under layer streaming).
     """
+    from aufold.evaluate.cost import edit_costs, neutral_text
     from aufold.evaluate.edits import evaluate_edits  # it builds on this module
     from aufold.layerwise import load_for_run
     from aufold.layerwise.evaluate import MATH_NEEDS_WHOLE_MODEL
@@ -240,7 +247,12 @@ def evaluate_model(
                 each.settings.update(model=source.ref, task=task, split=split,
                                      data_dir=str(data_folder))
         result.settings["steering"] = selection.describe() if selection else None
-        evaluation = ModelEvaluation(result, unsteered)
+        measured = None
+        if edit is not None and cost and not is_layerwise(model):
+            text = neutral_text(tokenizer, file=neutral, data_dir=data_dir)
+            measured = edit_costs(model, text, {"steered": edit},
+                                  progress=options.get("progress", True))["steered"]
+        evaluation = ModelEvaluation(result, unsteered, measured)
         if report is not None:
             write_json(evaluation.to_dict(), report)
     return evaluation
@@ -252,6 +264,7 @@ class ModelEvaluation:
 
     result: EvalResult  # steered when a selection was given
     unsteered: EvalResult | None = None
+    cost: EditCost | None = None  # the edit's side effect on neutral text, when measured
 
     @property
     def gain(self) -> float | None:
@@ -264,4 +277,6 @@ class ModelEvaluation:
             report["unsteered"] = {**self.unsteered.summary(),
                                    "predictions": self.unsteered.predictions()}
             report["gain"] = self.gain
+        if self.cost is not None:
+            report["cost"] = self.cost.to_dict()
         return report

@@ -62,6 +62,7 @@ INPUT_ARGUMENTS: Mapping[str, Callable[[Any], list[Path]]] = {
     "vector_path": _paths,
     "parts": _paths,
     "folded": _paths,
+    "neutral": _paths,
 }
 
 

@@ -1,0 +1,175 @@
+"""What an edit costs on text it was not meant for: KL divergence and perplexity on neutral text.
+
+Accuracy on the target task says what an edit gains; this says what it moves
+elsewhere. On a fixed neutral corpus, for every position that predicts a next token:
+
+- ``kl``: the mean KL(base || steered) of the two next-token distributions, in nats;
+- ``perplexity_ratio``: the steered model's perplexity on the corpus over the base
+  model's, exp(mean NLL steered - mean NLL base).
+
+The default corpus is the passages of the BoolQ test split from ``../shared/data``
+(Wikipedia paragraphs, unrelated to the choice prompts of any task), in file order,
+cut to :data:`~aufold.defaults.NEUTRAL_TOKENS` tokens in windows of
+:data:`~aufold.defaults.NEUTRAL_WINDOW`; ``--neutral FILE`` takes any local text file
+instead. The LM head is applied to a few positions at a time, so memory stays flat
+whatever the vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from aufold.defaults import NEUTRAL_TOKENS, NEUTRAL_WINDOW
+from aufold.edit import Edit
+from aufold.errors import AufoldError
+from aufold.progress import bar as progress_bar
+from aufold.steer import steer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Key = TypeVar("Key", bound=Hashable)
+HEAD_CHUNK = 64  # positions per LM-head call: [batch, 64, vocab] float32 at a time
+DEFAULT_CORPUS = "BoolQ test-split passages"
+
+
+@dataclass(frozen=True)
+class NeutralText:
+    """The token windows of a neutral corpus, and where they came from."""
+
+    name: str
+    windows: tuple[tuple[int, ...], ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(window) for window in self.windows)
+
+
+@dataclass(frozen=True)
+class EditCost:
+    """An edit's side effect on the neutral corpus."""
+
+    kl: float  # mean KL(base || steered) per predicted token, nats
+    perplexity_ratio: float  # steered perplexity / base perplexity
+    corpus: str
+    tokens: int  # predicted positions averaged over
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def line(self) -> str:
+        return (f"KL {self.kl:.4f} nats/token, perplexity x{self.perplexity_ratio:.4f} "
+                f"({self.corpus}, {self.tokens} tokens)")
+
+
+def neutral_text(tokenizer: PreTrainedTokenizerBase, *, file: str | Path | None = None,
+                 data_dir: str | Path | None = None, tokens: int = NEUTRAL_TOKENS,
+                 window: int = NEUTRAL_WINDOW) -> NeutralText:
+    """The neutral corpus as token windows: ``file``'s text, else the BoolQ test passages."""
+    if tokens < 2 or window < 2:
+        raise AufoldError("the neutral corpus needs at least 2 tokens per window")
+    if file is not None:
+        path = Path(file).expanduser()
+        try:
+            texts = [path.read_text(encoding="utf-8")]
+        except (OSError, UnicodeDecodeError) as error:
+            raise AufoldError(f"cannot read the neutral text {path}: {error}; give a UTF-8 "
+                              f"text file") from None
+        name = str(path)
+    else:
+        texts, name = _boolq_passages(data_dir), DEFAULT_CORPUS
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= tokens:
+            break
+    ids = ids[:tokens]
+    if len(ids) < 2:
+        raise AufoldError(f"the neutral text {name} has fewer than 2 tokens; give a longer file")
+    windows = tuple(tuple(ids[start:start + window]) for start in range(0, len(ids), window))
+    return NeutralText(name, tuple(w for w in windows if len(w) >= 2))
+
+
+def _boolq_passages(data_dir: str | Path | None) -> list[str]:
+    from aufold.tasks import resolve_data_dir
+    from aufold.tasks.files import require_file
+    from aufold.tasks.registry import get_task
+
+    split = get_task("boolq").splits["test"]  # type: ignore[attr-defined]
+    path = require_file(resolve_data_dir(data_dir), split.file, "the neutral corpus (BoolQ)")
+    seen: dict[str, None] = {}
+    for _, record in split.select(split.read(path)):
+        seen.setdefault(str(record["passage"]), None)  # passages repeat across questions
+    return list(seen)
+
+
+@torch.inference_mode()
+def edit_costs(model: PreTrainedModel, neutral: NeutralText, edits: Mapping[Key, Edit], *,
+               batch_size: int = 4, progress: bool = True) -> dict[Key, EditCost]:
+    """Each edit's KL and perplexity ratio against the unsteered model on ``neutral``."""
+    from aufold.modeling import input_device
+
+    device = input_device(model)
+    kl = {key: 0.0 for key in edits}
+    nll = {key: 0.0 for key in edits}
+    base_nll, count = 0.0, 0
+    windows = sorted(neutral.windows, key=len)
+    batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+    with progress_bar(total=len(batches) * (1 + len(edits)), desc="cost", unit="pass",
+                      enabled=progress) as bar:
+        for batch in batches:
+            ids, mask = _pad(batch, device)
+            hidden = {None: _final_hidden(model, ids, mask)}
+            bar.update()
+            for key, edit in edits.items():
+                with steer(model, edit):
+                    hidden[key] = _final_hidden(model, ids, mask)
+                bar.update()
+            valid = mask[:, 1:].bool()
+            count += int(valid.sum())
+            for start in range(0, ids.shape[1] - 1, HEAD_CHUNK):
+                stop = min(start + HEAD_CHUNK, ids.shape[1] - 1)
+                keep, target = valid[:, start:stop], ids[:, start + 1:stop + 1, None]
+                base = _log_probs(model, hidden[None][:, start:stop])
+                base_nll -= float(base.gather(-1, target).squeeze(-1)[keep].sum())
+                for key in edits:
+                    steered = _log_probs(model, hidden[key][:, start:stop])
+                    kl[key] += float((base.exp() * (base - steered)).sum(-1)[keep].sum())
+                    nll[key] -= float(steered.gather(-1, target).squeeze(-1)[keep].sum())
+    # KL is never negative; a sum of float32 terms can round a zero to -1e-9.
+    return {key: EditCost(kl=max(kl[key] / count, 0.0),
+                          perplexity_ratio=math.exp((nll[key] - base_nll) / count),
+                          corpus=neutral.name, tokens=count)
+            for key in edits}
+
+
+def _pad(windows: list[tuple[int, ...]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(window) for window in windows)
+    ids = torch.zeros(len(windows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, window in enumerate(windows):
+        ids[row, :len(window)] = torch.tensor(window)
+        mask[row, :len(window)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _final_hidden(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states (after its final norm), the LM head's input."""
+    output = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return output.last_hidden_state
+
+
+def _log_probs(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 next-token log-probabilities from final hidden states, with the model's own
+    final soft-capping of the logits where its config has one (Gemma 2)."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(logits, dim=-1)

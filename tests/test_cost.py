@@ -1,0 +1,124 @@
+"""The cost of an edit on neutral text: KL(base || steered) and the perplexity ratio.
+
+Against a simple independent computation (whole logits from the model's own forward,
+no chunking), zero for an edit that changes nothing, growing with alpha; and the tune
+budget ``--max-kl``, which must never choose a configuration above it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from edit_helpers import assert_one_line_error, random_plan, run_cli
+from eval_helpers import generic_splits, write_generic
+from tiny_models import save_tiny_model, tiny_model, tiny_tokenizer
+
+from aufold.errors import AufoldError
+from aufold.evaluate.cost import NeutralText, edit_costs, neutral_text
+from aufold.steer import steer
+from aufold.tasks import default_data_dir
+from aufold.tune import Config, choose
+
+TEXT = ("The river rises in the hills north of the town and runs south through farmland. "
+        "Its water was used for mills in the nineteenth century, and a canal joins it near "
+        "the old bridge. ") * 6
+
+
+def reference_costs(model, neutral: NeutralText, edit) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """KL and perplexity ratio from the full logits of the model's forward, one window at a time."""
+    kl, nll_base, nll_steered, count = 0.0, 0.0, 0.0, 0
+    for window in neutral.windows:
+        ids = torch.tensor([window])
+        with torch.no_grad():
+            base = torch.log_softmax(model(input_ids=ids).logits.float()[0, :-1], -1)
+            with steer(model, edit):
+                steered = torch.log_softmax(model(input_ids=ids).logits.float()[0, :-1], -1)
+        targets = ids[0, 1:, None]
+        kl += float((base.exp() * (base - steered)).sum())
+        nll_base -= float(base.gather(-1, targets).sum())
+        nll_steered -= float(steered.gather(-1, targets).sum())
+        count += len(window) - 1
+    return kl / count, math.exp((nll_steered - nll_base) / count)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])  # gemma2 soft-caps its logits
+def test_cost_equals_a_plain_computation(arch: str) -> None:
+    model, tokenizer = tiny_model(arch), tiny_tokenizer()
+    neutral = neutral_text(tokenizer, file=None, data_dir=None, tokens=120, window=50) \
+        if default_data_dir() is not None else None
+    if neutral is None:
+        pytest.skip("needs ../shared/data")
+    edit = random_plan(model).select(30, 8.0)
+    got = edit_costs(model, neutral, {"e": edit}, batch_size=2, progress=False)["e"]
+    kl, ratio = reference_costs(model, neutral, edit)
+    assert got.tokens == sum(len(w) - 1 for w in neutral.windows) == 117
+    assert got.kl == pytest.approx(kl, rel=1e-4) and got.kl > 0
+    assert got.perplexity_ratio == pytest.approx(ratio, rel=1e-5)
+    assert got.corpus == "BoolQ test-split passages"
+
+
+def test_zero_for_no_change_and_growing_with_alpha(tmp_path: Path) -> None:
+    model, tokenizer = tiny_model("qwen3"), tiny_tokenizer()
+    (tmp_path / "text.txt").write_text(TEXT)
+    neutral = neutral_text(tokenizer, file=tmp_path / "text.txt", tokens=200, window=64)
+    plan = random_plan(model, sites=("mlp",))
+    edits = {alpha: plan.select(20, alpha, ["mlp"]) for alpha in (0.0, 1.0, 5.0, 20.0)}
+    costs = edit_costs(model, neutral, edits, progress=False)
+    assert costs[0.0].kl == 0.0 and costs[0.0].perplexity_ratio == 1.0
+    kls = [costs[alpha].kl for alpha in (1.0, 5.0, 20.0)]
+    assert 0 < kls[0] < kls[1] < kls[2]
+    assert costs[1.0].corpus == str(tmp_path / "text.txt")
+
+
+def test_choice_within_the_budget() -> None:
+    from aufold.evaluate.cost import EditCost
+
+    configs = [Config("mlp", k, alpha) for k in (2, 8) for alpha in (1.0, 10.0)]
+    accuracy = dict(zip(configs, (0.5, 0.7, 0.6, 0.9)))
+    costs = {c: EditCost(kl, 1.0, "t", 10) for c, kl in zip(configs, (0.01, 0.2, 0.05, 0.5))}
+    assert choose(accuracy) == Config("mlp", 8, 10.0)
+    assert choose(accuracy, costs=costs, max_kl=0.1) == Config("mlp", 8, 1.0)
+    assert choose(accuracy, costs=costs, max_kl=0.3) == Config("mlp", 2, 10.0)
+    with pytest.raises(AufoldError, match="smallest is 0.01"):
+        choose(accuracy, costs=costs, max_kl=0.001)
+
+
+def test_tune_and_eval_report_the_cost_and_respect_max_kl(tmp_path: Path) -> None:
+    model_dir = save_tiny_model("llama", tmp_path / "model")
+    data = write_generic(tmp_path / "data", generic_splits())
+    (tmp_path / "text.txt").write_text(TEXT)
+    common = ("--task", "generic", "--data-dir", data, "--scorer", "loglik", "--neutral",
+              tmp_path / "text.txt")
+    grid = ("--site", "mlp", "--k-grid", "2,16", "--alpha-grid", "1,50", "--no-plot")
+    result = run_cli("tune", model_dir, *common, *grid, "--out", tmp_path / "free")
+    assert result.exit_code == 0, result.output
+    assert "KL(base || steered) on neutral text" in result.output
+    free = json.loads((tmp_path / "free" / "tune.json").read_text())
+    kls = {(c["k"], c["alpha"]): c["kl"] for c in free["tune"]["grid"]}
+    assert len(kls) == 4 and all(kl >= 0 for kl in kls.values())
+    budget = sorted(kls.values())[1]  # two configurations fit
+    result = run_cli("tune", model_dir, *common, *grid, "--max-kl", budget, "--out",
+                     tmp_path / "capped")
+    assert result.exit_code == 0, result.output
+    capped = json.loads((tmp_path / "capped" / "tune.json").read_text())
+    best = capped["best"]
+    assert best["cost"]["kl"] <= budget and capped["tune"]["max_kl"] == budget
+    allowed = [c for c in capped["tune"]["grid"] if c["kl"] <= budget]
+    assert best["tune_accuracy"] == max(c["accuracy"] for c in allowed)
+    result = run_cli("tune", model_dir, *common, *grid, "--max-kl", min(kls.values()) / 2,
+                     "--out", tmp_path / "none")
+    assert_one_line_error(result, "--max-kl")
+    assert not (tmp_path / "none").exists()
+
+    report = tmp_path / "eval.json"
+    result = run_cli("eval", model_dir, *common, "--tuned", tmp_path / "free" / "tune.json",
+                     "--report", report)
+    assert result.exit_code == 0, result.output
+    cost = json.loads(report.read_text())["cost"]
+    chosen = free["best"]
+    assert cost["kl"] == pytest.approx(kls[chosen["k"], chosen["alpha"]], rel=1e-6)
+    assert "nats/token" in result.output
