@@ -86,7 +86,7 @@ def load_model(
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
         check_gguf_file(source)
-    architecture_for(_model_type(source)).check_sites(sites)  # fail before loading any weights
+    architecture_for(config_model_type(source)).check_sites(sites)  # fail before loading any weights
     if source.local_dir is not None:  # checked before loading; pickle only when allowed
         kwargs["use_safetensors"] = local_checkpoint(source.local_dir,
                                                      allow_pickle=allow_pickle) is not None
@@ -153,7 +153,8 @@ def check_gguf_file(source: ModelSource) -> None:
     gguf_tensors(source.gguf_path)
 
 
-def _model_type(source: ModelSource) -> str:
+def config_model_type(source: ModelSource) -> str:
+    """The model type its config names, read before any weight loads."""
     if source.local_dir is not None:
         try:
             return str(json.loads((source.local_dir / "config.json").read_text())["model_type"])

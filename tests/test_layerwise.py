@@ -359,7 +359,7 @@ def test_cli_eval_and_tune_stream_and_equal_the_in_memory_runs(tmp_path: Path) -
     data = tmp_path / "data"
     write_generic(data, generic_splits())
     before = tree_digest(folder)
-    common = ("--task", "generic", "--data-dir", data, "--scorer", "loglik")
+    common = ("--task", "generic", "--data-dir", data, "--scorer", "loglik", "--no-cost")
     for name, flags in (("memory", ()), ("stream", ("--layer-streaming",))):
         result = run_cli("tune", folder, *common, "--site", "head", "--site", "mlp", "--k-grid",
                          "2,8", "--alpha-grid", "5,50", "--no-plot", "--out", tmp_path / f"tune-{name}",

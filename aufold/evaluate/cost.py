@@ -97,12 +97,19 @@ def neutral_text(tokenizer: PreTrainedTokenizerBase, *, file: str | Path | None 
 
 
 def _boolq_passages(data_dir: str | Path | None) -> list[str]:
-    from aufold.tasks import resolve_data_dir
-    from aufold.tasks.files import require_file
+    """The BoolQ test split's passages, from the task data folder if it holds BoolQ, else from
+    ``../shared/data`` (a custom task's folder usually does not)."""
+    from aufold.tasks.files import default_data_dir
     from aufold.tasks.registry import get_task
 
     split = get_task("boolq").splits["test"]  # type: ignore[attr-defined]
-    path = require_file(resolve_data_dir(data_dir), split.file, "the neutral corpus (BoolQ)")
+    folders = [Path(data_dir).expanduser()] if data_dir is not None else []
+    folders += [folder for folder in (default_data_dir(),) if folder is not None]
+    path = next((folder / split.file for folder in folders if (folder / split.file).is_file()), None)
+    if path is None:
+        raise AufoldError(f"the neutral corpus ({DEFAULT_CORPUS}) needs {split.file} in the data "
+                          f"folder or in ../shared/data; give a text file with --neutral FILE, "
+                          f"or skip the cost with --no-cost")
     seen: dict[str, None] = {}
     for _, record in split.select(split.read(path)):
         seen.setdefault(str(record["passage"]), None)  # passages repeat across questions

@@ -30,7 +30,8 @@ from aufold.checkpoint import (
 from aufold.errors import AufoldError
 from aufold.layerwise.hidden import MARGIN_BYTES, available_memory, size_text
 from aufold.layerwise.skeleton import LayerwiseModel
-from aufold.modeling import DTYPES, load_tokenizer, resolve_source
+from aufold.modeling import DTYPES, config_model_type, load_tokenizer, resolve_source
+from aufold.sites import architecture_for
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -72,14 +73,19 @@ def streaming_choice(ref: str, *, requested: bool, dtype: str = "auto",
             raise AufoldError(f"layer streaming reads a local safetensors checkpoint, and {ref} is "
                               f"neither a folder nor complete in the hub cache; download it first "
                               f"(huggingface-cli download {ref})")
-        open_checkpoint(folder)  # refuses pickle weights and damaged checkpoints
+        architecture_for(config_model_type(source))  # the same order of refusals as loading whole
+        open_checkpoint(folder)  # refuses damaged checkpoints
         return StreamingChoice(folder, "layer streaming, as asked (--layer-streaming)")
     if device_map or source.gguf_file:
         return StreamingChoice(None, "")
     folder = _safetensors_folder(source)
-    if folder is None or local_checkpoint(folder, allow_pickle=allow_pickle) is None:
+    try:
+        checkpoint = local_checkpoint(folder, allow_pickle=allow_pickle) if folder else None
+    except AufoldError:
+        checkpoint = None  # loading it whole says what is wrong, in its own order
+    if checkpoint is None:
         return StreamingChoice(None, "")
-    weights = _weight_bytes(open_checkpoint(folder), dtype)
+    weights = _weight_bytes(checkpoint, dtype)
     available = available_memory()
     if weights + MARGIN_BYTES <= available:
         return StreamingChoice(None, "")
