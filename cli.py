@@ -711,6 +711,63 @@ def tune(model: str, task: str, sites: tuple[str, ...], plan_dir: Path | None, o
 
 
 @main.command()
+@click.argument("model")
+@task_option
+@click.option("--plan", "plan_dir", required=True, type=click.Path(path_type=Path),
+              help="Plan folder written by `aufold localize` (or a tune run's plan).")
+@click.option("--site", required=True, type=click.Choice(list(SITES)), help="Site to compare on.")
+@click.option("--out", required=True, type=OUTPUT_PATH,
+              help="Folder for compare.json and the accuracy-vs-KL plot.")
+@click.option("--split", default="tune", show_default=True, type=click.Choice(list(SPLITS)),
+              help="Split every method is scored (and its best chosen) on.")
+@click.option("--k-grid", default="8,32,100", show_default=True, help="Values of k.")
+@click.option("--alpha-grid", default="1,5,20,50", show_default=True, help="Values of alpha.")
+@click.option("--block-alpha-grid", default="0.1,0.5,1,2,5,10", show_default=True,
+              help="Values of alpha for the block baseline (every unit of one layer).")
+@click.option("--block-layer", type=int, default=None,
+              help="Layer of the block baseline (default: the one holding most top units).")
+@click.option("--budgets", default="0.05,0.1,0.2", show_default=True,
+              help="KL budgets (nats per token) to compare the methods' best accuracies at.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random-units baseline.")
+@data_dir_option
+@click.option("--scorer", default=None, type=click.Choice(list(SCORER_NAMES)),
+              help="As for `aufold eval`; choice tasks only.")
+@limit_option
+@click.option("--neutral", default=None, type=click.Path(path_type=Path, dir_okay=False),
+              help="Text file to measure KL on (default: the BoolQ test passages).")
+@eval_options
+@dtype_option
+@device_options
+@overwrite_option
+@click.option("--no-plot", is_flag=True, help="Skip the accuracy-vs-KL plot (it needs matplotlib).")
+@reports_errors
+@guarded(inputs=("model", "plan_dir", "data_dir", "neutral"), folders=("out",))
+def compare(model: str, task: str, plan_dir: Path, site: str, out: Path, split: str, k_grid: str,
+            alpha_grid: str, block_alpha_grid: str, block_layer: int | None, budgets: str,
+            seed: int, data_dir: Path | None, scorer: str | None, limit: int | None,
+            neutral: Path | None, batch_size: int, max_length: int, max_new_tokens: int,
+            chat_template: bool, dtype: str, device: str | None, device_map: str | None,
+            allow_pickle: bool, overwrite: bool, no_plot: bool) -> None:
+    """Compare AUSteer with steering whole blocks, random units and one fixed strength at
+    matched KL on neutral text: each method's best accuracy within each budget."""
+    from aufold.evaluate.compare import run_compare
+    from aufold.tune import parse_grid
+
+    outcome = run_compare(model, task, plan_dir=plan_dir, site=site, out=out, split=split,
+                          ks=parse_grid(k_grid, int, "--k-grid"),
+                          alphas=parse_grid(alpha_grid, float, "--alpha-grid"),
+                          block_alphas=parse_grid(block_alpha_grid, float, "--block-alpha-grid"),
+                          block_layer=block_layer, budgets=parse_grid(budgets, float, "--budgets"),
+                          seed=seed, data_dir=data_dir, scorer=scorer, limit=limit,
+                          neutral=neutral, batch_size=batch_size, max_length=max_length,
+                          chat_template=chat_template, dtype=dtype, device=device,
+                          device_map=device_map, allow_pickle=allow_pickle,
+                          overwrite=overwrite, plot=not no_plot)
+    click.echo(outcome.comparison.table())
+    click.echo(f"results in {outcome.out}")
+
+
+@main.command()
 @click.option("--out", default=Path("aufold-demo"), show_default=True, type=OUTPUT_PATH,
               help="Folder for the pairs, plan, folded model and report.")
 @click.option("--model", default=None, help="Model to use instead of the packaged SmolLM2-135M-Instruct.")

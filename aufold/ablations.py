@@ -1,6 +1,7 @@
-"""Control edits for the AUSteer ablations: random units, and one fixed strength for all units.
+"""Control edits for the AUSteer ablations and baselines: random units, one fixed strength for
+all units, and every unit of a block.
 
-Both answer "is it the localization, or just any nudge of this size?":
+The first two answer "is it the localization, or just any nudge of this size?":
 
 - :func:`random_units` steers ``k`` units drawn uniformly from the same sites
   (all layers), each with the strength its own counts give (``alpha * r_pos``, or
@@ -9,6 +10,10 @@ Both answer "is it the localization, or just any nudge of this size?":
   direction, but with one magnitude for all: ``alpha`` times the mean score of the
   selected units, so the total strength matches and only the per-unit weighting
   (the adaptive strength of the paper) is removed.
+
+:func:`block_units` is the block-level steering the paper argues against: AUSteer's
+own gamma on *every* unit of one site in one layer (all of its heads' outputs, or all
+of its MLP neurons), so only the number of steered units differs.
 """
 
 from __future__ import annotations
@@ -49,3 +54,22 @@ def fixed_strength(plan: Plan, k: int, alpha: float, sites: Sequence[str]) -> Ed
     magnitude = sum(abs(unit.gamma) for unit in steered.units) / len(steered)
     return Edit.of(SteeredUnit(u.site, u.layer, u.unit, magnitude if u.gamma >= 0 else -magnitude)
                    for u in steered.units)
+
+
+def block_units(plan: Plan, site: str, layer: int, alpha: float) -> Edit:
+    """Every unit of ``site`` in ``layer``, each with its own AUSteer gamma (``alpha`` times its
+    signed score)."""
+    check_alpha(alpha)
+    layers, width = plan.counts[site].positive.shape if site in plan.counts else (0, 0)
+    if not 0 <= layer < layers:
+        raise AufoldError(f"the plan has no layer {layer} of site {site!r}; it has "
+                          f"{layers} layers of sites {', '.join(plan.sites)}")
+    units = (plan.unit(site, layer, unit) for unit in range(width))
+    return Edit.of(SteeredUnit(site, u.layer, u.unit, u.gamma(alpha)) for u in units)
+
+
+def densest_layer(plan: Plan, site: str, k: int) -> int:
+    """The layer that holds the most of the plan's top-``k`` units of ``site`` (the lowest on a
+    tie): where a block baseline steers."""
+    layers = [unit.layer for unit in plan.ranking([site], k)]
+    return min(set(layers), key=lambda layer: (-layers.count(layer), layer))

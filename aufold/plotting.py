@@ -100,6 +100,33 @@ def plot_unit_scores(scores: Mapping[str, torch.Tensor], chosen: Sequence[tuple[
     return _save(figure, path)
 
 
+def plot_tradeoff(points: Mapping[str, Sequence[tuple[float, float]]], path: str | Path, *,
+                  title: str, base: float, budgets: Sequence[float] = ()) -> Path:
+    """Write a PNG of accuracy against KL on neutral text, one marker per configuration and a
+    colour per method (``points[method] = [(kl, accuracy), ...]``); dashed lines mark the
+    unsteered accuracy and the KL budgets."""
+    if not matplotlib_available():
+        raise AufoldError(f"the plot needs matplotlib, which is not installed; {INSTALL_HINT}")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.0, 4.0), dpi=120, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for method, values in points.items():
+        axes.scatter([max(kl, 1e-6) for kl, _ in values], [acc for _, acc in values], s=18,
+                     label=method, alpha=0.8)
+    axes.axhline(base, color="grey", linestyle="--", linewidth=0.8, label="unsteered")
+    for budget in budgets:
+        axes.axvline(budget, color="black", linestyle=":", linewidth=0.6)
+    axes.set_xscale("log")
+    axes.set_xlabel("KL(base || steered) on neutral text, nats/token (log)")
+    axes.set_ylabel("accuracy")
+    axes.set_title(title, fontsize=9)
+    axes.legend(fontsize=7)
+    return _save(figure, path)
+
+
 def _save(figure: Any, path: str | Path) -> Path:
     """Save with every label inside the image (bbox_inches="tight" grows it to fit), marked as
     aufold's (so --overwrite may replace it), through a temporary file and a rename."""
