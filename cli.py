@@ -735,9 +735,16 @@ def tune(model: str, task: str, sites: tuple[str, ...], plan_dir: Path | None, o
 @limit_option
 @click.option("--neutral", default=None, type=click.Path(path_type=Path, dir_okay=False),
               help="Text file to measure KL on (default: the BoolQ test passages).")
-@eval_options
+@click.option("--batch-size", default=EVAL_BATCH_SIZE, show_default=True, type=click.IntRange(min=1),
+              help="Items per forward pass; lower it if memory runs out.")
+@click.option("--max-length", default=EVAL_MAX_LENGTH, show_default=True,
+              type=click.IntRange(min=1), help="Longer prompts keep their last tokens.")
+@click.option("--chat-template", is_flag=True,
+              help="Wrap each prompt in the tokenizer's chat template (instruct models).")
 @dtype_option
 @device_options
+@click.option("--force", is_flag=True, help="Use a plan whose model fingerprint differs.")
+@allow_extreme_option
 @overwrite_option
 @click.option("--no-plot", is_flag=True, help="Skip the accuracy-vs-KL plot (it needs matplotlib).")
 @reports_errors
@@ -745,9 +752,9 @@ def tune(model: str, task: str, sites: tuple[str, ...], plan_dir: Path | None, o
 def compare(model: str, task: str, plan_dir: Path, site: str, out: Path, split: str, k_grid: str,
             alpha_grid: str, block_alpha_grid: str, block_layer: int | None, budgets: str,
             seed: int, data_dir: Path | None, scorer: str | None, limit: int | None,
-            neutral: Path | None, batch_size: int, max_length: int, max_new_tokens: int,
-            chat_template: bool, dtype: str, device: str | None, device_map: str | None,
-            allow_pickle: bool, overwrite: bool, no_plot: bool) -> None:
+            neutral: Path | None, batch_size: int, max_length: int, chat_template: bool,
+            dtype: str, device: str | None, device_map: str | None, allow_pickle: bool,
+            force: bool, allow_extreme: bool, overwrite: bool, no_plot: bool) -> None:
     """Compare AUSteer with steering whole blocks, random units and one fixed strength at
     matched KL on neutral text: each method's best accuracy within each budget."""
     from aufold.evaluate.compare import run_compare
@@ -761,8 +768,8 @@ def compare(model: str, task: str, plan_dir: Path, site: str, out: Path, split: 
                           seed=seed, data_dir=data_dir, scorer=scorer, limit=limit,
                           neutral=neutral, batch_size=batch_size, max_length=max_length,
                           chat_template=chat_template, dtype=dtype, device=device,
-                          device_map=device_map, allow_pickle=allow_pickle,
-                          overwrite=overwrite, plot=not no_plot)
+                          device_map=device_map, allow_pickle=allow_pickle, force=force,
+                          allow_extreme=allow_extreme, overwrite=overwrite, plot=not no_plot)
     click.echo(outcome.comparison.table())
     click.echo(f"results in {outcome.out}")
 

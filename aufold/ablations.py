@@ -25,6 +25,7 @@ import torch
 from aufold.edit import Edit, SteeredUnit
 from aufold.errors import AufoldError
 from aufold.plan import Plan, check_alpha
+from aufold.safety.limits import check_scale_factors
 
 
 def random_units(plan: Plan, k: int, alpha: float, sites: Sequence[str], seed: int) -> Edit:
@@ -56,15 +57,19 @@ def fixed_strength(plan: Plan, k: int, alpha: float, sites: Sequence[str]) -> Ed
                    for u in steered.units)
 
 
-def block_units(plan: Plan, site: str, layer: int, alpha: float) -> Edit:
+def block_units(plan: Plan, site: str, layer: int, alpha: float, *,
+                allow_extreme: bool = False) -> Edit:
     """Every unit of ``site`` in ``layer``, each with its own AUSteer gamma (``alpha`` times its
-    signed score)."""
+    signed score); scale factors beyond the safety limit are refused as by ``plan.select``."""
     check_alpha(alpha)
     layers, width = plan.counts[site].positive.shape if site in plan.counts else (0, 0)
     if not 0 <= layer < layers:
         raise AufoldError(f"the plan has no layer {layer} of site {site!r}; it has "
                           f"{layers} layers of sites {', '.join(plan.sites)}")
-    units = (plan.unit(site, layer, unit) for unit in range(width))
+    units = [plan.unit(site, layer, unit) for unit in range(width)]
+    check_scale_factors(((f"{site} layer {layer} unit {u.unit}", 1.0 + u.gamma(alpha))
+                         for u in units), allow_extreme=allow_extreme,
+                        fix="lower the block alphas")
     return Edit.of(SteeredUnit(site, u.layer, u.unit, u.gamma(alpha)) for u in units)
 
 

@@ -21,7 +21,7 @@ from aufold.defaults import ALPHA_GRID, K_GRID  # the grids of the AUSteer paper
 from aufold.edit import Edit
 from aufold.errors import AufoldError
 from aufold.evaluate.batches import DEFAULT_BATCH_SIZE
-from aufold.evaluate.cost import EditCost, NeutralText, edit_costs, neutral_text
+from aufold.evaluate.cost import EditCost, NeutralText, check_neutral, edit_costs, neutral_text
 from aufold.evaluate.core import DEFAULT_EVAL_MAX_LENGTH, evaluate_both, resolve_scorer
 from aufold.evaluate.edits import evaluate_edits
 from aufold.evaluate.math import DEFAULT_MAX_NEW_TOKENS
@@ -163,9 +163,10 @@ class Sweep:
             first = next(iter(self.costs.values()))
             lines.append(f"site {site}: KL(base || steered) on neutral text, nats/token "
                          f"({first.corpus}, {first.tokens} tokens)")
+            lines.append("alpha\\k " + "".join(f"{k:>9}" for k in ks))
             for alpha in alphas:
                 lines.append(f"{alpha:>7g} " + "".join(
-                    f"{self.costs[Config(site, k, alpha)].kl:>7.3f}" for k in ks))
+                    f"{self.costs[Config(site, k, alpha)].kl:>9.3g}" for k in ks))
         return "\n".join(lines)
 
     def records(self) -> list[dict[str, Any]]:
@@ -290,7 +291,10 @@ def tune(
     kind = get_task(task).kind
     name = resolve_scorer(kind, scorer)
     source = resolve_source(model_ref)
-    inputs = Inputs.of([*source.input_paths(), plan_dir, resolve_data_dir(data_dir)])
+    inputs = Inputs.of([*source.input_paths(), plan_dir, resolve_data_dir(data_dir),
+                        neutral if cost else None])
+    if cost:
+        check_neutral(neutral, data_dir)
     with claim_output(out, overwrite=overwrite, inputs=inputs) as out_dir:
         plan = Plan.load(plan_dir) if plan_dir is not None else None
         sites = tuple(dict.fromkeys(sites)) or (plan.sites if plan is not None else ())
@@ -308,6 +312,9 @@ def tune(
             model_ref, layer_streaming=layer_streaming, work_dir=work_dir, dtype=dtype,
             device=device, device_map=device_map, sites=sites, allow_pickle=allow_pickle,
             needs_whole_model=MATH_NEEDS_WHOLE_MODEL if kind == "math" else None)
+        if max_kl is not None and is_layerwise(model):
+            raise AufoldError("--max-kl needs each configuration's KL, which layer streaming "
+                              "does not measure yet; drop --max-kl or load the model whole")
         if plan is not None:
             plan.check_fingerprint(fingerprint(model), force=force)
         else:
@@ -325,9 +332,6 @@ def tune(
         neutral_tokens = None
         notes = []
         if cost and is_layerwise(model):
-            if max_kl is not None:
-                raise AufoldError("--max-kl needs each configuration's KL, which layer streaming "
-                                  "does not measure yet; drop --max-kl or load the model whole")
             notes.append("the cost on neutral text is not measured under layer streaming")
         elif cost:
             neutral_tokens = neutral_text(tokenizer, file=neutral, data_dir=data_dir)

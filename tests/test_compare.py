@@ -81,3 +81,10 @@ def test_compare_command(tmp_path: Path) -> None:
     result = run_cli(*common, "--site", "head", "--out", tmp_path / "wrong")
     assert_one_line_error(result, "no site 'head'")
     assert not (tmp_path / "wrong").exists()
+
+
+def test_block_scale_factors_have_the_safety_limit() -> None:
+    plan = random_plan(tiny_model("llama"), sites=("mlp",))
+    with pytest.raises(AufoldError, match="lower the block alphas"):
+        block_units(plan, "mlp", 0, 5000.0)
+    assert len(block_units(plan, "mlp", 0, 5000.0, allow_extreme=True)) == 128

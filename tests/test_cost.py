@@ -122,3 +122,21 @@ def test_tune_and_eval_report_the_cost_and_respect_max_kl(tmp_path: Path) -> Non
     chosen = free["best"]
     assert cost["kl"] == pytest.approx(kls[chosen["k"], chosen["alpha"]], rel=1e-6)
     assert "nats/token" in result.output
+
+
+def test_a_missing_neutral_file_is_refused_before_the_model_loads(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import aufold.layerwise as layerwise
+
+    model_dir = save_tiny_model("llama", tmp_path / "model")
+    data = write_generic(tmp_path / "data", generic_splits())
+    random_plan(tiny_model("llama")).save(tmp_path / "plan")
+    loads: list[object] = []
+    monkeypatch.setattr(layerwise, "streaming_choice", lambda *a, **k: loads.append(1))
+    result = run_cli("eval", model_dir, "--task", "generic", "--data-dir", data, "--plan",
+                     tmp_path / "plan", "--k", 4, "--alpha", 2, "--neutral", tmp_path / "absent.txt")
+    assert_one_line_error(result, "absent.txt", "--neutral")
+    result = run_cli("tune", model_dir, "--task", "generic", "--data-dir", data, "--site", "mlp",
+                     "--neutral", tmp_path / "absent.txt", "--out", tmp_path / "tuned")
+    assert_one_line_error(result, "absent.txt")
+    assert not loads and not (tmp_path / "tuned").exists()

@@ -117,6 +117,7 @@ def compare_methods(
     chat_template: bool = False,
     max_length: int = 2048,
     progress: bool = True,
+    allow_extreme: bool = False,
 ) -> Comparison:
     """Every method over its grid on ``items``, with each configuration's cost on ``neutral``."""
     if site not in plan.sites:
@@ -128,11 +129,12 @@ def compare_methods(
     for k in ks:
         for alpha in alphas:
             setting = f"k={k} a={alpha:g}"
-            edits["austeer", setting] = plan.select(k, alpha, [site])
+            edits["austeer", setting] = plan.select(k, alpha, [site], allow_extreme=allow_extreme)
             edits["fixed", setting] = fixed_strength(plan, k, alpha, [site])
             edits["random", setting] = random_units(plan, k, alpha, [site], seed)
     for alpha in block_alphas:
-        edits["block", f"L{layer} a={alpha:g}"] = block_units(plan, site, layer, alpha)
+        edits["block", f"L{layer} a={alpha:g}"] = block_units(plan, site, layer, alpha,
+                                                              allow_extreme=allow_extreme)
     results = evaluate_edits(model, tokenizer, items, edits, kind=kind, scorer=scorer,
                              batch_size=batch_size, chat_template=chat_template,
                              max_length=max_length, progress=progress, desc="compare")
@@ -161,12 +163,12 @@ def run_compare(model_ref: str | Path, task: str, *, plan_dir: str | Path, site:
                 out: str | Path, split: str = "tune", data_dir: str | Path | None = None,
                 limit: int | None = None, neutral: str | Path | None = None,
                 dtype: str = "auto", device: str | None = None, device_map: str | None = None,
-                allow_pickle: bool = False, overwrite: bool = False, plot: bool = True,
-                **options: Any) -> CompareOutcome:
+                allow_pickle: bool = False, force: bool = False, overwrite: bool = False,
+                plot: bool = True, **options: Any) -> CompareOutcome:
     """Load the model and the plan, compare the methods on a task split, and write
     ``out/compare.json`` (and ``out/tradeoff.png`` with matplotlib)."""
     from aufold.evaluate.core import resolve_scorer
-    from aufold.evaluate.cost import neutral_text
+    from aufold.evaluate.cost import check_neutral, neutral_text
     from aufold.evaluate.report import write_json
     from aufold.modeling import fingerprint, load_model, resolve_source
     from aufold.plotting import matplotlib_available, plot_tradeoff
@@ -176,6 +178,7 @@ def run_compare(model_ref: str | Path, task: str, *, plan_dir: str | Path, site:
     kind = get_task(task).kind
     if kind != "choice":
         raise AufoldError(f"compare scores choice tasks; {task} is a {kind} task")
+    check_neutral(neutral, data_dir)
     options["scorer"] = resolve_scorer(kind, options.get("scorer"))
     items = load_split(task, split, data_dir, size=limit)
     inputs = Inputs.of([*resolve_source(model_ref).input_paths(), plan_dir,
@@ -187,7 +190,7 @@ def run_compare(model_ref: str | Path, task: str, *, plan_dir: str | Path, site:
         model, tokenizer, source = load_model(model_ref, dtype=dtype, device=device,
                                               device_map=device_map, sites=(site,),
                                               allow_pickle=allow_pickle)
-        plan.check_fingerprint(fingerprint(model))
+        plan.check_fingerprint(fingerprint(model), force=force)
         text = neutral_text(tokenizer, file=neutral, data_dir=data_dir)
         comparison = compare_methods(model, tokenizer, plan, items, text, site=site, kind=kind,
                                      **options)

@@ -212,7 +212,8 @@ def evaluate_model(
     perplexity ratio on neutral text (``neutral``, or the BoolQ test passages) are measured
     too (:mod:`aufold.evaluate.cost`; not under layer streaming).
     """
-    from aufold.evaluate.cost import edit_costs, neutral_text
+    from aufold.evaluate.cost import check_neutral, edit_costs, neutral_text
+    from aufold.progress import status
     from aufold.evaluate.edits import evaluate_edits  # it builds on this module
     from aufold.layerwise import load_for_run
     from aufold.layerwise.evaluate import MATH_NEEDS_WHOLE_MODEL
@@ -221,8 +222,11 @@ def evaluate_model(
     kind = get_task(task).kind
     resolve_scorer(kind, scorer)
     data_folder = resolve_data_dir(data_dir)
+    measure = cost and selection is not None
     inputs = Inputs.of([*resolve_source(model_ref).input_paths(), data_folder,
-                        selection.plan_dir if selection else None])
+                        selection.plan_dir if selection else None, neutral if measure else None])
+    if measure:
+        check_neutral(neutral, data_dir)
     claim = (claim_output(report, overwrite=overwrite, inputs=inputs, kind=OutputKind.FILE)
              if report is not None else nullcontext())
     with claim:
@@ -248,7 +252,9 @@ def evaluate_model(
                                      data_dir=str(data_folder))
         result.settings["steering"] = selection.describe() if selection else None
         measured = None
-        if edit is not None and cost and not is_layerwise(model):
+        if edit is not None and cost and is_layerwise(model):
+            status("note: the cost on neutral text is not measured under layer streaming")
+        elif edit is not None and cost:
             text = neutral_text(tokenizer, file=neutral, data_dir=data_dir)
             measured = edit_costs(model, text, {"steered": edit},
                                   progress=options.get("progress", True))["steered"]

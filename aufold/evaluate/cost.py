@@ -8,11 +8,14 @@ elsewhere. On a fixed neutral corpus, for every position that predicts a next to
   model's, exp(mean NLL steered - mean NLL base).
 
 The default corpus is the passages of the BoolQ test split from ``../shared/data``
-(Wikipedia paragraphs, unrelated to the choice prompts of any task), in file order,
-cut to :data:`~aufold.defaults.NEUTRAL_TOKENS` tokens in windows of
-:data:`~aufold.defaults.NEUTRAL_WINDOW`; ``--neutral FILE`` takes any local text file
-instead. The LM head is applied to a few positions at a time, so memory stays flat
-whatever the vocabulary.
+(Wikipedia paragraphs: plain prose, not the prompt format of any task; for BoolQ
+itself they are the passages its test prompts quote, so give another ``--neutral``
+file where that matters), joined by blank lines in file order and cut to
+:data:`~aufold.defaults.NEUTRAL_TOKENS` tokens in windows of
+:data:`~aufold.defaults.NEUTRAL_WINDOW`, each window starting with the tokens the
+tokenizer puts before every text (a BOS token where the model has one), as the
+scored prompts do. ``--neutral FILE`` takes any local text file instead. The LM head
+is applied to a few positions at a time, so memory stays flat whatever the vocabulary.
 """
 
 from __future__ import annotations
@@ -86,19 +89,38 @@ def neutral_text(tokenizer: PreTrainedTokenizerBase, *, file: str | Path | None 
         texts, name = _boolq_passages(data_dir), DEFAULT_CORPUS
     ids: list[int] = []
     for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += tokenizer(("\n\n" if ids else "") + text, add_special_tokens=False)["input_ids"]
         if len(ids) >= tokens:
             break
     ids = ids[:tokens]
     if len(ids) < 2:
         raise AufoldError(f"the neutral text {name} has fewer than 2 tokens; give a longer file")
-    windows = tuple(tuple(ids[start:start + window]) for start in range(0, len(ids), window))
+    prefix = tuple(_special_prefix(tokenizer))
+    step = max(window - len(prefix), 2)
+    windows = tuple(prefix + tuple(ids[start:start + step]) for start in range(0, len(ids), step))
     return NeutralText(name, tuple(w for w in windows if len(w) >= 2))
 
 
-def _boolq_passages(data_dir: str | Path | None) -> list[str]:
-    """The BoolQ test split's passages, from the task data folder if it holds BoolQ, else from
-    ``../shared/data`` (a custom task's folder usually does not)."""
+def _special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens the tokenizer puts before every text (BOS, where it adds one)."""
+    marker = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    return list(full[:len(full) - len(marker)]) if full[len(full) - len(marker):] == marker else []
+
+
+def check_neutral(file: str | Path | None, data_dir: str | Path | None) -> None:
+    """Fail before any model loads if the neutral corpus cannot be read."""
+    if file is None:
+        _boolq_file(data_dir)
+        return
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise AufoldError(f"the neutral text {path} is not a file; give a UTF-8 text file with "
+                          f"--neutral FILE")
+
+
+def _boolq_file(data_dir: str | Path | None) -> Path:
+    """BoolQ's file in the task data folder, else in ``../shared/data``."""
     from aufold.tasks.files import default_data_dir
     from aufold.tasks.registry import get_task
 
@@ -110,6 +132,16 @@ def _boolq_passages(data_dir: str | Path | None) -> list[str]:
         raise AufoldError(f"the neutral corpus ({DEFAULT_CORPUS}) needs {split.file} in the data "
                           f"folder or in ../shared/data; give a text file with --neutral FILE, "
                           f"or skip the cost with --no-cost")
+    return path
+
+
+def _boolq_passages(data_dir: str | Path | None) -> list[str]:
+    """The BoolQ test split's passages, from the task data folder if it holds BoolQ, else from
+    ``../shared/data`` (a custom task's folder usually does not)."""
+    from aufold.tasks.registry import get_task
+
+    split = get_task("boolq").splits["test"]  # type: ignore[attr-defined]
+    path = _boolq_file(data_dir)
     seen: dict[str, None] = {}
     for _, record in split.select(split.read(path)):
         seen.setdefault(str(record["passage"]), None)  # passages repeat across questions
@@ -142,8 +174,10 @@ def edit_costs(model: PreTrainedModel, neutral: NeutralText, edits: Mapping[Key,
             count += int(valid.sum())
             for start in range(0, ids.shape[1] - 1, HEAD_CHUNK):
                 stop = min(start + HEAD_CHUNK, ids.shape[1] - 1)
-                keep, target = valid[:, start:stop], ids[:, start + 1:stop + 1, None]
                 base = _log_probs(model, hidden[None][:, start:stop])
+                # The LM head may sit on another device than the inputs (--device-map).
+                keep = valid[:, start:stop].to(base.device)
+                target = ids[:, start + 1:stop + 1, None].to(base.device)
                 base_nll -= float(base.gather(-1, target).squeeze(-1)[keep].sum())
                 for key in edits:
                     steered = _log_probs(model, hidden[key][:, start:stop])
