@@ -113,9 +113,11 @@ def plot_tradeoff(points: Mapping[str, Sequence[tuple[float, float]]], path: str
     figure = Figure(figsize=(6.0, 4.0), dpi=120, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    for method, values in points.items():
-        axes.scatter([max(kl, 1e-6) for kl, _ in values], [acc for _, acc in values], s=18,
-                     label=method, alpha=0.8)
+    # A marker per method, the first method drawn last: configurations that coincide (the
+    # same units at nearly the same strength) stay visible.
+    for (method, values), marker in reversed(list(zip(points.items(), "o^sDvP*X"))):
+        axes.scatter([max(kl, 1e-6) for kl, _ in values], [acc for _, acc in values], s=22,
+                     marker=marker, label=method, alpha=0.75)
     axes.axhline(base, color="grey", linestyle="--", linewidth=0.8, label="unsteered")
     for budget in budgets:
         axes.axvline(budget, color="black", linestyle=":", linewidth=0.6)

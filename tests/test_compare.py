@@ -88,3 +88,13 @@ def test_block_scale_factors_have_the_safety_limit() -> None:
     with pytest.raises(AufoldError, match="lower the block alphas"):
         block_units(plan, "mlp", 0, 5000.0)
     assert len(block_units(plan, "mlp", 0, 5000.0, allow_extreme=True)) == 128
+
+
+def test_tradeoff_plot(tmp_path: Path) -> None:
+    from aufold.plotting import matplotlib_available, plot_tradeoff
+
+    if not matplotlib_available():
+        pytest.skip("matplotlib is not installed")
+    path = plot_tradeoff({"austeer": [(0.01, 0.5), (0.0, 0.4)], "block": [(1.0, 0.3)]},
+                         tmp_path / "tradeoff.png", title="t", base=0.45, budgets=(0.1,))
+    assert path.read_bytes()[:4] == b"\x89PNG"
