@@ -186,8 +186,11 @@ def test_output_folders_get_the_mode_the_umask_gives(project: Path, tmp_path: Pa
     assert (tmp_path / "folded" / "config.json").stat().st_mode & 0o777 == mode & 0o666
 
 
+# Ctrl-C's default handling, set explicitly: a job started in the background by a
+# non-interactive shell (nohup ... &) inherits SIGINT ignored, as does its child here.
 SLOW_EXPORT = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import aufold.streaming as streaming
 original = streaming._fold_shard
 def slow(*args, **kwargs):
