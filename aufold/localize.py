@@ -79,7 +79,7 @@ def localize(
 ) -> Plan:
     """Count the sign of x_pos - x_neg for every unit of ``sites`` in every layer."""
     pairs = validate_pairs(pairs)
-    sites = _check_sites(model, sites)
+    sites = check_sites(model, sites)
     check_options(batch_size, max_length, tie_tolerance)
     encoded, truncated = encode_pairs(tokenizer, pairs, max_length=max_length,
                                       chat_template=chat_template)
@@ -296,7 +296,8 @@ def count_layer(counts: SiteCounts, layer: int, activations: torch.Tensor,
     counts.negative[layer] += below.sum(0)
 
 
-def _check_sites(model: PreTrainedModel, sites: Sequence[str]) -> tuple[str, ...]:
+def check_sites(model: PreTrainedModel, sites: Sequence[str]) -> tuple[str, ...]:
+    """The sites, each once, refused in one line if unknown or missing from the model."""
     if not sites:
         raise AufoldError("no site given; pass at least one --site (head, mlp, mlp-out, residual)")
     unique = tuple(dict.fromkeys(sites))

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from aufold.encoding import DEFAULT_MAX_LENGTH, Batch, pad_id
-from aufold.errors import AufoldError
 from aufold.layerwise.forward import LayerRunner
 from aufold.layerwise.hidden import HiddenStore, open_store
 from aufold.layerwise.skeleton import OUTSIDE, LayerwiseModel
@@ -30,6 +29,7 @@ from aufold.localize import (
     SharedInputs,
     check_cache_filled,
     check_options,
+    check_sites,
     count_layer,
     counted_plan,
     encode_pairs,
@@ -77,12 +77,7 @@ def localize_layerwise(
     The hidden states spill to ``lm.work_dir`` when they do not fit in memory.
     """
     pairs = validate_pairs(pairs)
-    if not sites:
-        raise AufoldError("no site given; pass at least one --site (head, mlp, mlp-out, residual)")
-    sites = tuple(dict.fromkeys(sites))
-    for site in sites:
-        site_kind(site)
-    lm.architecture.check_sites(sites)
+    sites = check_sites(lm.model, sites)  # the skeleton has every module, on meta
     check_options(batch_size, max_length, tie_tolerance)
     encoded, truncated = encode_pairs(tokenizer, pairs, max_length=max_length,
                                       chat_template=chat_template)
