@@ -117,18 +117,25 @@ def guarded(*, inputs: tuple[str, ...] = (), folders: tuple[str, ...] = (),
 
 
 def selection_options(command: F) -> F:
-    """The options that turn a plan into an edit: --plan with --k and --alpha (and --site), or
-    --tuned (the tune.json of `aufold tune`); --force and --allow-extreme. Which of them a
-    command needs, aufold.tuned.resolve_selection checks."""
+    """The options that choose an edit: --plan with --k and --alpha (and --site), --tuned (the
+    tune.json of `aufold tune`) or --recipe; each repeatable to compose several edits (in
+    the order given); --force and --allow-extreme. Which of them a command needs,
+    aufold.recipe.resolve_recipe checks."""
     for option in reversed([
-        click.option("--plan", "plan_dir", type=click.Path(path_type=Path),
-                     help="Plan folder written by `aufold localize`."),
-        click.option("--k", type=int, help="Number of top-ranked units to steer."),
-        click.option("--alpha", type=float, help="Strength: gamma = alpha * signed score."),
+        click.option("--plan", "plan_dir", multiple=True, type=click.Path(path_type=Path),
+                     help="Plan folder written by `aufold localize`; repeat it, each with its "
+                          "--k and --alpha, to compose edits."),
+        click.option("--k", multiple=True, type=int,
+                     help="Number of top-ranked units to steer (one per --plan, or one for all)."),
+        click.option("--alpha", multiple=True, type=float,
+                     help="Strength: gamma = alpha * signed score (one per --plan, or one for all)."),
         click.option("--site", "sites", multiple=True, type=click.Choice(list(SITES)),
-                     help="Rank only these sites of the plan (default: all of its sites)."),
-        click.option("--tuned", type=click.Path(path_type=Path), default=None,
-                     help="tune.json of `aufold tune`: its plan, site, k and alpha."),
+                     help="Rank only these sites of each plan (default: all of its sites)."),
+        click.option("--tuned", multiple=True, type=click.Path(path_type=Path),
+                     help="tune.json of `aufold tune`: its plan, site, k and alpha (repeatable)."),
+        click.option("--recipe", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="A JSON or YAML file listing the edits to compose: plan, k, alpha "
+                          "(and sites), or tuned, for each."),
         click.option("--force", is_flag=True, help="Use a plan whose model fingerprint differs."),
         allow_extreme_option,
         dtype_option,
@@ -439,22 +446,22 @@ def inspect(plan_dir: Path, limit: int, list_all: bool, sites: tuple[str, ...], 
                    "the output then shares those files with the input).")
 @allow_pickle_option
 @reports_errors
-@guarded(inputs=("model", "plan_dir", "tuned"), folders=("out",))
-def export(model: str, plan_dir: Path | None, k: int | None, alpha: float | None,
-           sites: tuple[str, ...], tuned: Path | None, force: bool, allow_extreme: bool, dtype: str,
+@guarded(inputs=("model", "plan_dir", "tuned", "recipe"), folders=("out",))
+def export(model: str, plan_dir: tuple[Path, ...], k: tuple[int, ...],
+           alpha: tuple[float, ...], sites: tuple[str, ...], tuned: tuple[Path, ...],
+           recipe: Path | None, force: bool, allow_extreme: bool, dtype: str,
            out: Path | None, output_format: str, gguf_reencode: str | None, overwrite: bool,
            base_model_id: str | None, repo_id: str | None, private: bool, link_unchanged: bool,
            allow_pickle: bool) -> None:
-    """Fold the top-k units of a plan (or the choice of `aufold tune`) into MODEL and write a
-    standard checkpoint (or --format)."""
+    """Fold the top-k units of a plan (or the choice of `aufold tune`, or several composed) into
+    MODEL and write a standard checkpoint (or --format)."""
     from aufold.export import export as run_export
-    from aufold.tuned import resolve_selection
+    from aufold.recipe import resolve_recipe
 
-    chosen = resolve_selection(plan_dir=plan_dir, k=k, alpha=alpha, sites=sites, tuned=tuned,
-                               required=True)
+    chosen = resolve_recipe(plan_dirs=plan_dir, ks=k, alphas=alpha, sites=sites, tuned=tuned,
+                            recipe=recipe, required=True, allow_extreme=allow_extreme)
     assert chosen is not None
-    result = run_export(model, chosen.plan_dir, k=chosen.k, alpha=chosen.alpha, out=out,
-                        sites=chosen.sites, dtype=dtype, overwrite=overwrite, force=force,
+    result = run_export(model, chosen, out=out, dtype=dtype, overwrite=overwrite, force=force,
                         base_model_id=base_model_id, push_to_hub=repo_id, private=private,
                         link_unchanged=link_unchanged, allow_pickle=allow_pickle,
                         allow_extreme=allow_extreme, format=output_format,
@@ -477,20 +484,20 @@ def export(model: str, plan_dir: Path | None, k: int | None, alpha: float | None
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @device_options
 @reports_errors
-def verify(model: str, plan_dir: Path | None, k: int | None, alpha: float | None,
-           sites: tuple[str, ...], tuned: Path | None, force: bool, allow_extreme: bool, dtype: str,
+def verify(model: str, plan_dir: tuple[Path, ...], k: tuple[int, ...],
+           alpha: tuple[float, ...], sites: tuple[str, ...], tuned: tuple[Path, ...],
+           recipe: Path | None, force: bool, allow_extreme: bool, dtype: str,
            folded: Path, prompts: tuple[str, ...], as_json: bool, device: str | None,
            device_map: str | None, allow_pickle: bool) -> None:
     """Check that the folded checkpoint computes what MODEL computes with hooks."""
-    from aufold.tuned import resolve_selection
+    from aufold.recipe import resolve_recipe
     from aufold.verify import DEFAULT_PROMPTS
     from aufold.verify import verify as run_verify
 
-    chosen = resolve_selection(plan_dir=plan_dir, k=k, alpha=alpha, sites=sites, tuned=tuned,
-                               required=True, allow_extreme=allow_extreme)
+    chosen = resolve_recipe(plan_dirs=plan_dir, ks=k, alphas=alpha, sites=sites, tuned=tuned,
+                            recipe=recipe, required=True, allow_extreme=allow_extreme)
     assert chosen is not None
-    report = run_verify(model, chosen.plan_dir, k=chosen.k, alpha=chosen.alpha, folded=folded,
-                        sites=chosen.sites, dtype=dtype, prompts=prompts or DEFAULT_PROMPTS,
+    report = run_verify(model, chosen, folded=folded, dtype=dtype, prompts=prompts or DEFAULT_PROMPTS,
                         force=force, device=device, device_map=device_map,
                         allow_pickle=allow_pickle, allow_extreme=allow_extreme)
     if as_json:
@@ -521,24 +528,23 @@ def verify(model: str, plan_dir: Path | None, k: int | None, alpha: float | None
 @click.option("--chat-template", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
 @device_options
 @reports_errors
-def generate(model: str, plan_dir: Path | None, k: int | None, alpha: float | None,
-             sites: tuple[str, ...], tuned: Path | None, force: bool, allow_extreme: bool, dtype: str,
+def generate(model: str, plan_dir: tuple[Path, ...], k: tuple[int, ...],
+             alpha: tuple[float, ...], sites: tuple[str, ...], tuned: tuple[Path, ...],
+             recipe: Path | None, force: bool, allow_extreme: bool, dtype: str,
              prompt: str, max_new_tokens: int, chat_template: bool, device: str | None,
              device_map: str | None, allow_pickle: bool) -> None:
     """Print MODEL's greedy completion of a prompt without and with steering (hook mode)."""
     from aufold.generate import compare_completions
-    from aufold.tuned import resolve_selection
+    from aufold.recipe import resolve_recipe
 
-    chosen = resolve_selection(plan_dir=plan_dir, k=k, alpha=alpha, sites=sites, tuned=tuned,
-                               required=True, allow_extreme=allow_extreme)
+    chosen = resolve_recipe(plan_dirs=plan_dir, ks=k, alphas=alpha, sites=sites, tuned=tuned,
+                            recipe=recipe, required=True, allow_extreme=allow_extreme)
     assert chosen is not None
-    plain, steered = compare_completions(model, chosen.plan_dir, k=chosen.k, alpha=chosen.alpha,
-                                         sites=chosen.sites, dtype=dtype, prompt=prompt,
+    plain, steered = compare_completions(model, chosen, dtype=dtype, prompt=prompt,
                                          max_new_tokens=max_new_tokens, chat_template=chat_template,
                                          force=force, device=device, device_map=device_map,
                                          allow_pickle=allow_pickle, allow_extreme=allow_extreme)
-    click.echo(f"--- unsteered ---\n{plain}\n--- steered (k={chosen.k}, alpha={chosen.alpha:g}) "
-               f"---\n{steered}")
+    click.echo(f"--- unsteered ---\n{plain}\n--- steered ({chosen.label()}) ---\n{steered}")
 
 
 @main.command("fold-vector")
@@ -591,10 +597,10 @@ def fold_vector(model: str, vector_path: Path, site: str, scale: float, out: Pat
               help="JSON report to write, with every item's prediction.")
 @overwrite_option
 @reports_errors
-@guarded(inputs=("model", "data_dir", "plan_dir", "tuned", "neutral"), files=("report",))
+@guarded(inputs=("model", "data_dir", "plan_dir", "tuned", "recipe", "neutral"), files=("report",))
 def evaluate(model: str, task: str, split: str, data_dir: Path | None, scorer: str | None,
-             plan_dir: Path | None, k: int | None, alpha: float | None, sites: tuple[str, ...],
-             tuned: Path | None, force: bool, allow_extreme: bool, dtype: str, limit: int | None,
+             plan_dir: tuple[Path, ...], k: tuple[int, ...], alpha: tuple[float, ...],
+             sites: tuple[str, ...], tuned: tuple[Path, ...], recipe: Path | None, force: bool, allow_extreme: bool, dtype: str, limit: int | None,
              batch_size: int, max_length: int, max_new_tokens: int, chat_template: bool,
              device: str | None, device_map: str | None, allow_pickle: bool,
              layer_streaming: bool, work_dir: Path | None, no_cost: bool, neutral: Path | None,
@@ -602,11 +608,11 @@ def evaluate(model: str, task: str, split: str, data_dir: Path | None, scorer: s
     """Evaluate MODEL on a task split; with a plan (or --tuned), unsteered and steered side by
     side."""
     from aufold.evaluate import evaluate_model
-    from aufold.tuned import resolve_selection
+    from aufold.recipe import resolve_recipe
 
-    chosen = resolve_selection(plan_dir=plan_dir, k=k, alpha=alpha, sites=sites, tuned=tuned,
-                               allow_extreme=allow_extreme)
-    evaluation = evaluate_model(model, task, split, selection=chosen, scorer=scorer,
+    chosen = resolve_recipe(plan_dirs=plan_dir, ks=k, alphas=alpha, sites=sites, tuned=tuned,
+                            recipe=recipe, allow_extreme=allow_extreme)
+    evaluation = evaluate_model(model, task, split, recipe=chosen, scorer=scorer,
                                 data_dir=data_dir, limit=limit, dtype=dtype, device=device,
                                 device_map=device_map, force=force, report=report,
                                 overwrite=overwrite, allow_pickle=allow_pickle,
@@ -620,7 +626,7 @@ def evaluate(model: str, task: str, split: str, data_dir: Path | None, scorer: s
         click.echo(f"  unsteered  {result.summary_line()}")
     else:
         assert chosen is not None and evaluation.gain is not None
-        steered = f"steered (k={chosen.k}, alpha={chosen.alpha:g})"
+        steered = f"steered ({chosen.label()})"
         width = len(steered)
         click.echo(f"  {'unsteered'.ljust(width)}  {unsteered.summary_line()}")
         click.echo(f"  {steered}  {result.summary_line()}")

@@ -21,7 +21,8 @@ from typing import Any
 _API: dict[str, str] = {
     "ARCHITECTURES": "aufold.sites", "SITES": "aufold.sites", "AufoldError": "aufold.errors",
     "ContrastivePair": "aufold.pairs", "read_pairs": "aufold.pairs", "Edit": "aufold.edit",
-    "SteeredUnit": "aufold.edit", "Plan": "aufold.plan", "export": "aufold.export",
+    "SteeredUnit": "aufold.edit", "Plan": "aufold.plan", "Recipe": "aufold.recipe",
+    "export": "aufold.export",
     "fold_model": "aufold.fold", "load_model": "aufold.modeling", "localize": "aufold.localize",
     "steer": "aufold.steer", "verify": "aufold.verify", "__version__": "aufold.version",
 }

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any
 
-from aufold.plan import Plan, RankedUnit
+from aufold.recipe import Component, Recipe
 from aufold.source import hub_cache_repo
 from aufold.version import __version__
 
@@ -43,11 +42,7 @@ class ExportRecord:
     """Everything the card and the provenance file say about one export."""
 
     base_model: str
-    plan: Plan
-    units: Sequence[RankedUnit]
-    k: int
-    alpha: float
-    sites: Sequence[str]
+    recipe: Recipe
     dtype: str
     artifact: Artifact | None = None  # None: a standard checkpoint (:func:`checkpoint_artifact`)
     # The GGUF file (path as given) whose dequantized weights the edit was computed on.
@@ -55,6 +50,10 @@ class ExportRecord:
     # Where the export will be loaded from: the hub repo it is pushed to, else its folder;
     # the card's usage lines name it, so that they run as written.
     location: str = "path/or/repo-id"
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return self.recipe.sites
 
     def base_arguments(self) -> str:
         """The ``from_pretrained`` arguments that load the base this export is exact on."""
@@ -65,19 +64,37 @@ class ExportRecord:
         return json.dumps(self.base_model)
 
     def provenance(self) -> dict[str, Any]:
-        return {
+        """aufold.json: one component's selection, plan and units at the top level; a
+        composed edit lists its components, and its units with the product of factors."""
+        components = [_component_record(c) for c in self.recipe.components]
+        head = {
             **provenance_header(self.base_model),
-            "fingerprint": self.plan.fingerprint,
+            "fingerprint": self.recipe.components[0].plan.fingerprint,
             "method": "AUSteer (arXiv 2602.04428): x_i <- (1 + gamma_i) x_i folded into weights",
-            "selection": {"k": self.k, "alpha": self.alpha, "sites": list(self.sites)},
-            "plan": {"model": self.plan.model, "num_pairs": self.plan.num_pairs,
-                     "sites": list(self.plan.sites), "settings": self.plan.settings,
-                     "aufold_version": self.plan.aufold_version},
+        }
+        tail = {
             "dtype": self.dtype,
             "output_format": self.artifact.format if self.artifact else "checkpoint",
             "quantized_base": Path(self.quantized_base).name if self.quantized_base else None,
-            "units": [{**unit.to_record(), "gamma": unit.gamma(self.alpha)} for unit in self.units],
         }
+        if not self.recipe.composed:
+            return {**head, **{key: components[0][key] for key in ("selection", "plan")},
+                    **tail, "units": components[0]["units"]}
+        return {**head, "composition": "components applied in order; a unit in several is "
+                                       "scaled by the product of their factors",
+                "components": components, **tail,
+                "units": self.recipe.edit().to_records()}
+
+
+def _component_record(component: Component) -> dict[str, Any]:
+    plan = component.plan
+    return {
+        "selection": {"k": component.k, "alpha": component.alpha, "sites": list(component.sites)},
+        "plan": {"model": plan.model, "num_pairs": plan.num_pairs, "sites": list(plan.sites),
+                 "settings": plan.settings, "aufold_version": plan.aufold_version},
+        "units": [{**unit.to_record(), "gamma": unit.gamma(component.alpha)}
+                  for unit in component.units()],
+    }
 
 
 def card_files(record: ExportRecord) -> dict[str, str]:
@@ -91,8 +108,13 @@ def units_sentence(record: ExportRecord) -> str:
     sites = list(record.sites)
     where = (f"site {sites[0]}" if len(sites) == 1
              else f"sites {', '.join(sites[:-1])} and {sites[-1]}")
-    return (f"{len(record.units)} atomic units ({where}) are scaled by `1 + gamma`, where "
-            f"gamma = alpha x the unit's signed consistency score.")
+    units = len(record.recipe.edit())
+    sentence = (f"{units} atomic units ({where}) are scaled by `1 + gamma`, where "
+                f"gamma = alpha x the unit's signed consistency score.")
+    if record.recipe.composed:
+        sentence += (f" The edit composes {len(record.recipe.components)} plans' edits: a unit "
+                     f"that several steer is scaled by the product of their factors.")
+    return sentence
 
 
 def checkpoint_artifact(record: ExportRecord) -> Artifact:
@@ -150,9 +172,14 @@ def model_card(record: ExportRecord) -> str:
         "- activation-steering",
         "---",
     ])
+    components = record.recipe.components
+    composed = record.recipe.composed
+    column = "| component " if composed else ""
     rows = "\n".join(
+        (f"| {number} " if composed else "") +
         f"| {u.site} | {u.layer} | {u.unit} | {u.direction_word()} | {u.score:.3f} | "
-        f"{u.gamma(record.alpha):+.4g} |" for u in record.units)
+        f"{u.gamma(component.alpha):+.4g} |"
+        for number, component in enumerate(components, 1) for u in component.units())
     return f"""{header}
 
 # {record.base_model}, steered with aufold
@@ -162,30 +189,66 @@ def model_card(record: ExportRecord) -> str:
 | setting | value |
 |---|---|
 | sites | {sites} |
-| k (units) | {record.k} |
-| alpha | {record.alpha:g} |
-| contrastive pairs | {record.plan.num_pairs} |
+{_selection_rows(record.recipe)}
 | dtype | {record.dtype} |
 | aufold | {__version__} |{extra_settings}
-
+{_components_table(record.recipe)}
 ## Usage
 
 {artifact.usage}
 
 ## How it was made
 
-1. `aufold localize`: {record.plan.num_pairs} contrastive pairs; for every unit, the
-   fraction of pairs whose activation at the last token was higher (r_pos) or lower
-   (r_neg) for the positive text than for the negative one; score = max(r_pos, r_neg).
-2. The top {record.k} units by score were kept; gamma = alpha x r_pos for units that
-   promote, -alpha x r_neg for units that suppress.
+{_how_it_was_made(record.recipe)}
 3. {artifact.written}
 
 `{PROVENANCE_FILE}` records the same in machine-readable form.
 
 ## Folded units
 
-| site | layer | unit | direction | score | gamma |
+{column}| site | layer | unit | direction | score | gamma |
+{"|---" if composed else ""}|---|---|---|---|---|---|
+{rows}
+"""
+
+
+def _selection_rows(recipe: Recipe) -> str:
+    if not recipe.composed:
+        component = recipe.components[0]
+        return (f"| k (units) | {component.k} |\n| alpha | {component.alpha:g} |\n"
+                f"| contrastive pairs | {component.plan.num_pairs} |")
+    return (f"| components | {len(recipe.components)} (see below) |\n"
+            f"| units steered | {len(recipe.edit())} |")
+
+
+def _components_table(recipe: Recipe) -> str:
+    """The components of a composed edit, in the order they apply; nothing for one."""
+    if not recipe.composed:
+        return ""
+    rows = "\n".join(
+        f"| {number} | {c.plan.model} | {c.plan.num_pairs} | {', '.join(c.sites)} | {c.k} | "
+        f"{c.alpha:g} |" for number, c in enumerate(recipe.components, 1))
+    return f"""
+## Components
+
+Applied in this order; a unit that several components steer is scaled by the product
+of their factors, in hooks and in the folded weights alike.
+
+| component | plan made on | contrastive pairs | sites | k | alpha |
 |---|---|---|---|---|---|
 {rows}
 """
+
+
+def _how_it_was_made(recipe: Recipe) -> str:
+    if not recipe.composed:
+        component = recipe.components[0]
+        pairs, top, each = component.plan.num_pairs, f"top {component.k} units", ""
+    else:
+        pairs = " / ".join(str(c.plan.num_pairs) for c in recipe.components)
+        top, each = "top k units of each component", " (for each component)"
+    return f"""1. `aufold localize`{each}: {pairs} contrastive pairs; for every unit, the
+   fraction of pairs whose activation at the last token was higher (r_pos) or lower
+   (r_neg) for the positive text than for the negative one; score = max(r_pos, r_neg).
+2. The {top} by score were kept; gamma = alpha x r_pos for units that
+   promote, -alpha x r_neg for units that suppress."""

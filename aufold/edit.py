@@ -7,7 +7,7 @@ format all take an :class:`Edit`, so they can be tested against each other.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +42,18 @@ class UnitGroup:
 
 @dataclass(frozen=True)
 class Edit:
-    """An immutable set of steered units, at most one entry per (site, layer, unit)."""
+    """An immutable set of steered units, at most one entry per (site, layer, unit).
+
+    A composed edit (:meth:`compose`) also keeps its ``parts``, the edits it applies one
+    after another. Hooks and folds apply the parts in order, each rounded as it would be
+    alone, so a composed edit folded once equals its parts folded one after the other,
+    bitwise. Its own ``units`` are the union of the parts', a unit in several parts with the
+    product of their factors: what a realization that holds one factor per unit (a LoRA or
+    IA3 adapter, a GGUF block scale) applies.
+    """
 
     units: tuple[SteeredUnit, ...]
+    parts: tuple[Edit, ...] = ()
 
     def __post_init__(self) -> None:
         seen: set[tuple[str, int, int]] = set()
@@ -60,6 +69,27 @@ class Edit:
     @classmethod
     def of(cls, units: Iterable[SteeredUnit]) -> Edit:
         return cls(tuple(units))
+
+    @classmethod
+    def compose(cls, edits: Sequence[Edit]) -> Edit:
+        """The edits applied one after another: a unit steered by several multiplies their
+        factors ``(1 + gamma_a)(1 + gamma_b)``, which hooks and folds realize exactly."""
+        steps = tuple(step for edit in edits for step in edit.steps())
+        if not steps:
+            raise AufoldError("nothing to compose; give at least one edit")
+        if len(steps) == 1:
+            return steps[0]
+        factors: dict[tuple[str, int, int], float] = {}
+        for step in steps:
+            for unit in step.units:
+                key = (unit.site, unit.layer, unit.unit)
+                factors[key] = factors.get(key, 1.0) * (1.0 + unit.gamma)
+        return cls(tuple(SteeredUnit(site, layer, unit, factor - 1.0)
+                         for (site, layer, unit), factor in factors.items()), steps)
+
+    def steps(self) -> tuple[Edit, ...]:
+        """The edits hooks and folds apply in order: a composed edit's parts, else itself."""
+        return self.parts or (self,)
 
     @property
     def sites(self) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from aufold.formats import CHECKPOINT, check_format, check_gguf_reencode
 from aufold.hub import check_push_target, push_folder_to_hub
 from aufold.modeling import ModelSource, fingerprint, load_model, resolve_source
 from aufold.plan import Plan
+from aufold.recipe import Recipe, as_recipe
 from aufold.safety.outputs import Inputs, atomic_folder, claim_output
 from aufold.sites import check_foldable
 from aufold.source import hub_cache_repo
@@ -43,10 +44,10 @@ class ExportResult:
 
 def export(
     model_ref: str | Path,
-    plan: Plan | str | Path,
+    plan: Plan | str | Path | Recipe,
     *,
-    k: int,
-    alpha: float,
+    k: int | None = None,
+    alpha: float | None = None,
     out: str | Path | None,
     sites: Sequence[str] | None = None,
     dtype: str = "auto",
@@ -61,7 +62,8 @@ def export(
     format: str = CHECKPOINT,
     gguf_reencode: str | None = None,
 ) -> ExportResult:
-    """Fold the top-k units of ``plan`` into ``model_ref`` and write the result to ``out``.
+    """Fold the top-k units of ``plan`` (or a composed :class:`Recipe`, without k, alpha and
+    sites) into ``model_ref`` and write the result to ``out``.
 
     Every check that can fail runs before anything is written (the push target too);
     the folder appears only when complete, and the input checkpoint is only ever read.
@@ -80,12 +82,10 @@ def export(
                           f"drop it or pass --format gguf")
     if gguf_reencode is not None:
         check_gguf_reencode(gguf_reencode)
-    plan_inputs = () if isinstance(plan, Plan) else (plan,)
-    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    chosen_sites = plan.sites if sites is None else tuple(sites)
-    check_foldable(chosen_sites)
+    recipe = as_recipe(plan, k, alpha, sites, allow_extreme=allow_extreme)
+    check_foldable(recipe.sites)
     # k, alpha, sites and the size of the scale factors fail here, before any loading.
-    plan.select(k, alpha, chosen_sites, allow_extreme=allow_extreme)
+    recipe.edit()
     source = resolve_source(model_ref)
     inferred = inferred_base_model(source) if base_model_id is None else base_model_id
     if format in ("lora", "ia3") and source.gguf_file and inferred is None:
@@ -99,55 +99,49 @@ def export(
             raise AufoldError(f"--push-to-hub needs the base model's hub id for the card and "
                               f"the adapter config, and {source.ref} does not say it; pass "
                               f"--base-model-id ORG/NAME")
-    options = dict(k=k, alpha=alpha, sites=chosen_sites, dtype=dtype, force=force,
-                   base_model=inferred or local_base_name(source),
-                   link_unchanged=link_unchanged, allow_pickle=allow_pickle,
-                   allow_extreme=allow_extreme, format=format,
+    options = dict(dtype=dtype, force=force, base_model=inferred or local_base_name(source),
+                   link_unchanged=link_unchanged, allow_pickle=allow_pickle, format=format,
                    gguf_reencode=gguf_reencode or GGUF_REENCODE,
                    location=push_to_hub or str(Path(out or ".").expanduser().resolve()))
-    inputs = Inputs.of([*source.input_paths(), *plan_inputs])
+    inputs = Inputs.of([*source.input_paths(), *recipe.plan_dirs])
     if out is None:
         if push_to_hub is None:
             raise AufoldError("nowhere to write the export; give --out (or --push-to-hub to "
                               "upload it without keeping a local copy)")
         with tempfile.TemporaryDirectory(prefix="aufold-push-") as scratch:
             with claim_output(Path(scratch) / "export", inputs=inputs) as out_dir:
-                result = _write_export(source, plan, out_dir, **options)  # type: ignore[arg-type]
+                result = _write_export(source, recipe, out_dir, **options)  # type: ignore[arg-type]
             return push_export(result, push_to_hub, private=private, kept=False)
     with claim_output(out, overwrite=overwrite, inputs=inputs) as out_dir:
-        result = _write_export(source, plan, out_dir, **options)  # type: ignore[arg-type]
+        result = _write_export(source, recipe, out_dir, **options)  # type: ignore[arg-type]
     if push_to_hub is None:
         return result
     return push_export(result, push_to_hub, private=private, kept=True)
 
 
-def _write_export(source: ModelSource, plan: Plan, out: Path, *, k: int, alpha: float,
-                  sites: Sequence[str], dtype: str, force: bool, base_model: str,
-                  link_unchanged: bool, allow_pickle: bool, allow_extreme: bool,
-                  format: str, gguf_reencode: str, location: str) -> ExportResult:
+def _write_export(source: ModelSource, recipe: Recipe, out: Path, *, dtype: str, force: bool,
+                  base_model: str, link_unchanged: bool, allow_pickle: bool, format: str,
+                  gguf_reencode: str, location: str) -> ExportResult:
     """Write one export into the claimed folder ``out``: streamed, loaded, or another format."""
     if format != CHECKPOINT:
         from aufold.formats.export import export_format  # loads peft and gguf only when asked
 
-        return export_format(format, source, plan, k=k, alpha=alpha, out=out, sites=sites,
-                             dtype=dtype, force=force, base_model=base_model,
-                             allow_pickle=allow_pickle, allow_extreme=allow_extreme,
+        return export_format(format, source, recipe, out=out, dtype=dtype, force=force,
+                             base_model=base_model, allow_pickle=allow_pickle,
                              gguf_reencode=gguf_reencode, location=location)
     folder = streamable_folder(source, allow_pickle=allow_pickle)
     if folder is not None:
-        edit, report = export_streamed(folder, plan, k=k, alpha=alpha, out=out, sites=sites,
-                                       force=force, link_unchanged=link_unchanged,
-                                       base_model=base_model, allow_extreme=allow_extreme,
+        edit, report = export_streamed(folder, recipe, out=out, force=force,
+                                       link_unchanged=link_unchanged, base_model=base_model,
                                        location=location, dtype=dtype)
         return ExportResult(out, edit, None, report)
     if source.gguf_path is not None:
         log.info("%s", gguf_dequantization_note(source.gguf_path, dtype))
-    model, tokenizer, _ = load_model(source.ref, dtype=dtype, sites=sites, allow_pickle=allow_pickle)
-    plan.check_fingerprint(fingerprint(model), force=force)
-    return export_loaded(model, tokenizer, plan, k=k, alpha=alpha, out=out, sites=sites,
-                         base_model=base_model, allow_extreme=allow_extreme,
-                         quantized_base=gguf_reference(source),
-                         location=location)
+    model, tokenizer, _ = load_model(source.ref, dtype=dtype, sites=recipe.sites,
+                                     allow_pickle=allow_pickle)
+    recipe.check_fingerprint(fingerprint(model), force=force)
+    return export_loaded(model, tokenizer, recipe, out=out, base_model=base_model,
+                         quantized_base=gguf_reference(source), location=location)
 
 
 def gguf_dequantization_note(path: Path, dtype: str) -> str:
@@ -182,12 +176,12 @@ def push_export(result: ExportResult, repo_id: str, *, private: bool, kept: bool
 def export_loaded(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    plan: Plan,
+    plan: Plan | Recipe,
     *,
-    k: int,
-    alpha: float,
+    k: int | None = None,
+    alpha: float | None = None,
     out: Path,
-    sites: Sequence[str],
+    sites: Sequence[str] | None = None,
     base_model: str,
     allow_extreme: bool = False,
     quantized_base: str | None = None,
@@ -196,10 +190,10 @@ def export_loaded(
     """Fold into an already loaded model (in place) and write it to the claimed ``out``;
     ``quantized_base`` names the GGUF file the model was dequantized from, if it was, and
     ``location`` where the card says to load it from (``out`` when None)."""
-    edit = plan.select(k, alpha, sites, allow_extreme=allow_extreme)
+    recipe = as_recipe(plan, k, alpha, sites, allow_extreme=allow_extreme)
+    edit = recipe.edit()
     fold_model(model, edit)
-    record = ExportRecord(base_model=base_model, plan=plan, units=plan.ranking(sites, k), k=k,
-                          alpha=alpha, sites=tuple(sites),
+    record = ExportRecord(base_model=base_model, recipe=recipe,
                           dtype=str(model.dtype).removeprefix("torch."),
                           quantized_base=quantized_base,
                           location=location or str(out.resolve()))

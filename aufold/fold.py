@@ -25,31 +25,56 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
+Scaling = dict[int, tuple[torch.Tensor, torch.Tensor]]  # axis -> (unit indices, factors)
+
+
 @dataclass
 class TensorEdit:
-    """The scalings of one stored tensor: for each axis, unit indices and their factors."""
+    """The scalings of one stored tensor, applied in order: one per part of a composed edit
+    (:meth:`aufold.edit.Edit.compose`), else one."""
 
-    axes: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    steps: list[Scaling] = field(default_factory=list)
     optional: bool = False  # a bias the checkpoint may not have
+
+    @classmethod
+    def scaling(cls, axes: Scaling, *, optional: bool = False) -> TensorEdit:
+        """The edit of a tensor scaled once."""
+        return cls([axes], optional)
+
+    def step(self, number: int) -> Scaling:
+        """The scaling of step ``number``, created (with empty ones before it) if missing."""
+        while len(self.steps) <= number:
+            self.steps.append({})
+        return self.steps[number]
+
+    def edited(self) -> dict[int, torch.Tensor]:
+        """Every unit index any step scales, by axis."""
+        indices: dict[int, list[torch.Tensor]] = {}
+        for axes in self.steps:
+            for axis, (index, _) in axes.items():
+                indices.setdefault(axis, []).append(index)
+        return {axis: torch.cat(parts).unique() for axis, parts in indices.items()}
 
 
 def weight_edits(edit: Edit, architecture: Architecture) -> dict[str, TensorEdit]:
     """Map an Edit to the stored tensors it changes, by their state-dict names."""
     check_foldable(edit.sites)
     edits: dict[str, TensorEdit] = {}
-    for group in edit.groups():
-        module = architecture.module_path(group.site, group.layer)
-        axis = architecture.weight_axis(group.site)
-        edits.setdefault(f"{module}.weight", TensorEdit()).axes[axis] = (group.index, group.scale)
-        if site_kind(group.site).placement == "output":
-            edits.setdefault(f"{module}.bias", TensorEdit(optional=True)).axes[0] = (
-                group.index, group.scale)
+    for number, step in enumerate(edit.steps()):
+        for group in step.groups():
+            module = architecture.module_path(group.site, group.layer)
+            axis = architecture.weight_axis(group.site)
+            weight = edits.setdefault(f"{module}.weight", TensorEdit())
+            weight.step(number)[axis] = (group.index, group.scale)
+            if site_kind(group.site).placement == "output":
+                bias = edits.setdefault(f"{module}.bias", TensorEdit(optional=True))
+                bias.step(number)[0] = (group.index, group.scale)
     return edits
 
 
 def check_edit_fits(shape: tuple[int, ...], tensor_edit: TensorEdit) -> None:
     """Refuse an edit whose units lie beyond a tensor of ``shape``."""
-    for axis, (index, _) in tensor_edit.axes.items():
+    for axis, index in tensor_edit.edited().items():
         if axis >= len(shape) or int(index.max()) >= shape[axis]:
             raise AufoldError(f"edit does not fit a tensor of shape {list(shape)} "
                               f"(axis {axis}, unit {int(index.max())}); the plan was made for "
@@ -75,14 +100,23 @@ def fold_tensor_(tensor: torch.Tensor, tensor_edit: TensorEdit, name: str = "a f
     edited row and an edited column is scaled once by the product, bitwise as
     :func:`fold_tensor` does; the extra memory is the edited slices only. A slice that
     overflows its dtype is refused (:func:`aufold.safety.limits.check_finite`) before the
-    tensor changes.
+    tensor changes. The steps of a composed edit apply in order, each as alone; a slice
+    refused in a later step leaves the earlier steps written, on a tensor the caller discards.
     """
     check_edit_fits(tuple(tensor.shape), tensor_edit)
+    for axes in tensor_edit.steps:
+        _scale_slices_(tensor, axes, name)
+    return tensor
+
+
+def _scale_slices_(tensor: torch.Tensor, axes: Scaling, name: str) -> None:
+    """One step of :func:`fold_tensor_`: every edited slice read, scaled and checked, then
+    all written."""
     full = {}
-    for axis, (index, scale) in tensor_edit.axes.items():
+    for axis, (index, scale) in axes.items():
         full[axis] = torch.ones(tensor.shape[axis]).index_copy(0, index, scale)
     blocks = []
-    for axis, (index, _) in tensor_edit.axes.items():
+    for axis, (index, _) in axes.items():
         factor = torch.ones(())
         for other_axis, vector in full.items():
             shape = [1] * tensor.dim()
@@ -95,7 +129,6 @@ def fold_tensor_(tensor: torch.Tensor, tensor_edit: TensorEdit, name: str = "a f
         blocks.append((axis, index, block))
     for axis, index, block in blocks:
         tensor.index_copy_(axis, index, block)
-    return tensor
 
 
 @torch.no_grad()

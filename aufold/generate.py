@@ -13,29 +13,31 @@ from aufold.encoding import chat_prompt
 from aufold.errors import AufoldError
 from aufold.modeling import fingerprint, input_device, load_model
 from aufold.plan import Plan
+from aufold.recipe import Recipe, as_recipe
 from aufold.progress import bar
 from aufold.steer import steer
 
 
 @torch.inference_mode()
-def compare_completions(model_ref: str | Path, plan: Plan | str | Path, *, k: int, alpha: float,
-                        prompt: str, sites: Sequence[str] | None = None, dtype: str = "auto",
+def compare_completions(model_ref: str | Path, plan: Plan | str | Path | Recipe, *,
+                        k: int | None = None, alpha: float | None = None, prompt: str, sites: Sequence[str] | None = None, dtype: str = "auto",
                         max_new_tokens: int = 40, chat_template: bool = False,
                         force: bool = False, device: str | None = None,
                         device_map: str | None = None, allow_pickle: bool = False,
                         allow_extreme: bool = False) -> tuple[str, str]:
-    """Return the greedy completions of ``prompt`` without and with the plan's top-k edit.
+    """Return the greedy completions of ``prompt`` without and with the plan's top-k edit
+    (or a composed :class:`Recipe`).
 
     ``device_map="auto"`` spreads a model larger than one device over several
     (accelerate); the hooks follow each layer's device.
     """
     if not prompt.strip():
         raise AufoldError("--prompt is empty; give the text to complete")
-    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    edit = plan.select(k, alpha, sites, allow_extreme=allow_extreme)
+    recipe = as_recipe(plan, k, alpha, sites, allow_extreme=allow_extreme)
+    edit = recipe.edit()
     model, tokenizer, _ = load_model(model_ref, dtype=dtype, device=device, device_map=device_map,
                                      allow_pickle=allow_pickle)
-    plan.check_fingerprint(fingerprint(model), force=force)
+    recipe.check_fingerprint(fingerprint(model), force=force)
     text = chat_prompt(tokenizer, prompt) if chat_template else prompt
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat_template)
     inputs = inputs.to(input_device(model))

@@ -37,9 +37,11 @@ def steer(model: PreTrainedModel, edit: Edit) -> Iterator[PreTrainedModel]:
                               f"{width} units there; the plan was made for another model")
     handles = []
     try:
-        for group in edit.groups():
-            module = site_module(model, group.site, group.layer)
-            handles.append(_register(module, group))
+        # Hooks on one module run in the order they were registered: the parts in order.
+        for step in edit.steps():
+            for group in step.groups():
+                module = site_module(model, group.site, group.layer)
+                handles.append(_register(module, group))
         yield model
     finally:
         for handle in handles:

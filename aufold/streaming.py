@@ -18,7 +18,7 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +48,7 @@ from aufold.edit import Edit
 from aufold.errors import AufoldError
 from aufold.fold import TensorEdit, fold_tensor_, weight_edits
 from aufold.modeling import DTYPES, ModelSource, fingerprint_from
-from aufold.plan import Plan
+from aufold.recipe import Recipe
 from aufold.progress import bar as progress_bar
 from aufold.safety.outputs import atomic_folder
 from aufold.sites import Architecture, architecture_for
@@ -148,32 +148,27 @@ def checkpoint_fingerprint(checkpoint: Checkpoint, config: Mapping[str, object],
 
 def export_streamed(
     folder: Path,
-    plan: Plan,
+    recipe: Recipe,
     *,
-    k: int,
-    alpha: float,
     out: Path,
-    sites: Sequence[str],
     base_model: str,
     force: bool = False,
     link_unchanged: bool = False,
-    allow_extreme: bool = False,
     location: str | None = None,
     dtype: str = "auto",
 ) -> tuple[Edit, StreamReport]:
-    """Fold the plan's top-k units into the checkpoint in ``folder`` and write ``out``
+    """Fold the recipe's edit into the checkpoint in ``folder`` and write ``out``
     (whose card says to load it from ``location``, ``out`` when None), its floating-point
     tensors converted to ``dtype`` unless "auto"."""
     checkpoint = open_checkpoint(folder)
     config, architecture = checkpoint_architecture(folder)
-    architecture.check_sites(sites)
-    plan.check_fingerprint(checkpoint_fingerprint(checkpoint, config, architecture), force=force)
-    edit = plan.select(k, alpha, sites, allow_extreme=allow_extreme)
+    architecture.check_sites(recipe.sites)
+    recipe.check_fingerprint(checkpoint_fingerprint(checkpoint, config, architecture), force=force)
+    edit = recipe.edit()
     edits = stored_edits(checkpoint, weight_edits(edit, architecture))
     convert = conversion_dtype(checkpoint, dtype)
     first = next(entry for shard in edits.values() for entry in shard)
-    record = ExportRecord(base_model=base_model, plan=plan, units=plan.ranking(sites, k), k=k,
-                          alpha=alpha, sites=tuple(sites),
+    record = ExportRecord(base_model=base_model, recipe=recipe,
                           dtype=str(convert or FLOAT_DTYPES[first.dtype]).removeprefix("torch."),
                           location=location or str(out.resolve()))
     texts = {"README.md": model_card(record),
@@ -194,7 +189,7 @@ def stored_edits(checkpoint: Checkpoint, edits: Mapping[str, TensorEdit]
                 continue
             raise AufoldError(f"the checkpoint has no tensor {name}; the plan does not fit it")
         entry = checkpoint.entry(stored)
-        for axis, (index, _) in tensor_edit.axes.items():
+        for axis, index in tensor_edit.edited().items():
             if axis >= len(entry.shape) or int(index.max()) >= entry.shape[axis]:
                 raise AufoldError(f"tensor {stored} has shape {list(entry.shape)}, which has no "
                                   f"unit {int(index.max())} on axis {axis}; the plan was made for "

@@ -16,6 +16,7 @@ from aufold.encoding import encode
 from aufold.errors import AufoldError
 from aufold.modeling import fingerprint, input_device, load_model, resolve_source
 from aufold.plan import Plan
+from aufold.recipe import Recipe, as_recipe
 from aufold.progress import bar, status
 from aufold.steer import steer
 
@@ -68,10 +69,10 @@ class VerifyReport:
 
 def verify(
     model_ref: str | Path,
-    plan: Plan | str | Path,
+    plan: Plan | str | Path | Recipe,
     *,
-    k: int,
-    alpha: float,
+    k: int | None = None,
+    alpha: float | None = None,
     folded: str | Path,
     sites: Sequence[str] | None = None,
     dtype: str = "auto",
@@ -82,7 +83,8 @@ def verify(
     allow_pickle: bool = False,
     allow_extreme: bool = False,
 ) -> VerifyReport:
-    """Compare base + hooks against the folded folder on ``prompts``, at every real token.
+    """Compare base + hooks against the folded folder on ``prompts``, at every real token;
+    the edit is the top ``k`` units of ``plan`` at ``alpha``, or a composed :class:`Recipe`.
 
     Float32 passes at a relative difference of 1e-5. In a lower precision both
     realizations differ from the exact steered model by rounding, so each is compared
@@ -90,8 +92,8 @@ def verify(
     distance is at most :data:`LOW_PRECISION_FACTOR` times the hooks' own.
     ``device`` or ``device_map`` places each model; one is in memory at a time.
     """
-    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    edit = plan.select(k, alpha, sites, allow_extreme=allow_extreme)
+    recipe = as_recipe(plan, k, alpha, sites, allow_extreme=allow_extreme)
+    edit = recipe.edit()
     folded_source = resolve_source(folded)
     if folded_source.local_dir is None:
         raise AufoldError(f"--folded must be a local folder written by aufold export, got {folded}")
@@ -101,7 +103,7 @@ def verify(
     placement = {"device": device, "device_map": device_map, "allow_pickle": allow_pickle}
     status(f"verify: {model_ref} with hooks")
     base, tokenizer, _ = load_model(model_ref, dtype=dtype, **placement)  # type: ignore[arg-type]
-    plan.check_fingerprint(fingerprint(base), force=force)
+    recipe.check_fingerprint(fingerprint(base), force=force)
     prompt_ids = encode_prompts(tokenizer, prompts)
     with steer(base, edit):
         hooked = prompt_logits(base, prompt_ids)

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from edit_helpers import run_cli
+from edit_helpers import random_plan, run_cli
 from test_evaluate import generic_splits, write_generic
 from tiny_models import save_tiny_model, tiny_model
 
 import cli
-from aufold.card import units_sentence
+from aufold.card import ExportRecord, units_sentence
+from aufold.recipe import Recipe
 from aufold.export import gguf_dequantization_note
 from aufold.modeling import fingerprint
 from aufold.pairs import ContrastivePair, write_pairs
@@ -253,13 +254,11 @@ def test_inspect_bad_input(tmp_path: Path) -> None:
 # --- honest outputs --------------------------------------------------------------------
 
 def test_cards_name_their_sites_in_words() -> None:
-    class Record:
-        units = [object()] * 32
-        sites = ("head", "mlp")
-
-    assert units_sentence(Record()).startswith("32 atomic units (sites head and mlp) are")  # type: ignore[arg-type]
-    Record.sites = ("head",)
-    assert "(site head)" in units_sentence(Record())  # type: ignore[arg-type]
+    plan = random_plan(tiny_model("llama"))
+    two_sites = ExportRecord("x", Recipe.single(plan, 32, 1.0, ("head", "mlp")), "float32")
+    assert units_sentence(two_sites).startswith("32 atomic units (sites head and mlp) are")
+    one_site = ExportRecord("x", Recipe.single(plan, 32, 1.0, ("head",)), "float32")
+    assert "(site head)" in units_sentence(one_site)
 
 
 def test_a_gguf_export_says_what_it_becomes() -> None:

@@ -247,7 +247,7 @@ def test_eval_bad_input(workspace: Path, tmp_path: Path) -> None:
     fails(["eval", model, "--task", "generic", "--data-dir", data, "--plan", str(workspace / "plan"),
            "--k", "100000", "--alpha", "1"], "k=100000 is larger than")
     fails(["eval", model, "--task", "generic", "--data-dir", data, "--tuned", str(tmp_path / "t.json"),
-           "--k", "2"], "give either --tuned or --plan")
+           "--k", "2"], "give one of --plan/--k/--alpha, --tuned or --recipe")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "test.jsonl").write_text('{"prompt": "a", "choices": [" b", " c"], "answer": " b"}\n'

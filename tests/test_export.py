@@ -151,7 +151,8 @@ def test_export_replaces_only_its_own_earlier_output(base_and_plan: tuple[Path, 
     ours = tmp_path / "ours"
     assert run_cli(*export[:-1], ours).exit_code == 0
     assert (ours / MARKER).is_file()
-    result = run_cli(*export[:-1], ours, "--alpha", 2, "--overwrite")
+    again = [a if a != "1" else "2" for a in export[:-1]]  # the same export at alpha 2
+    result = run_cli(*again, ours, "--overwrite")
     assert result.exit_code == 0, result.output
     assert json.loads((ours / "aufold.json").read_text())["selection"]["alpha"] == 2
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers

@@ -27,6 +27,7 @@ from tiny_models import ARCHITECTURES, save_tiny_model, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from aufold.card import Artifact, ExportRecord, card_files, model_card
+from aufold.recipe import Recipe
 from aufold.edit import Edit, SteeredUnit
 from aufold.export import base_model_name, export, gguf_reference
 from aufold.fold import fold_tensor, weight_edits
@@ -410,8 +411,8 @@ def test_a_hub_cache_path_names_its_repo(tmp_path: Path) -> None:
 
 def test_cards_of_exports_from_a_gguf_say_which_weights_they_are_exact_on() -> None:
     plan = random_plan(tiny_model("llama"))
-    record = ExportRecord(base_model="example-org/tiny-llama", plan=plan,
-                          units=plan.ranking(("head",), 4), k=4, alpha=1.0, sites=("head",),
+    record = ExportRecord(base_model="example-org/tiny-llama",
+                          recipe=Recipe.single(plan, 4, 1.0, ("head",)),
                           dtype="float32", quantized_base="tiny.Q4_K_M.gguf")
     adapter = Artifact(format="lora", library_name="peft", summary="S.", usage="U", written="W")
     lora_card = model_card(replace(record, artifact=adapter))
@@ -470,8 +471,9 @@ def test_a_gguf_in_the_hub_cache_is_named_by_its_repo_and_file(tmp_path: Path) -
     (repo / "snapshots" / "main" / "tiny.Q4_K_M.gguf").symlink_to(repo / "blobs" / "0a1b2c")
     reference = gguf_reference(resolve_source(repo / "snapshots" / "main" / "tiny.Q4_K_M.gguf"))
     assert reference is not None and reference.endswith("tiny.Q4_K_M.gguf")
-    record = ExportRecord(base_model="x", plan=random_plan(tiny_model("llama")), units=(), k=0,
-                          alpha=1.0, sites=("head",), dtype="float32", quantized_base=reference)
+    record = ExportRecord(base_model="x", recipe=Recipe.single(random_plan(tiny_model("llama")),
+                                                               1, 1.0, ("head",)),
+                          dtype="float32", quantized_base=reference)
     assert record.base_arguments() == '"some-org/Tiny-GGUF", gguf_file="tiny.Q4_K_M.gguf"'
 
 

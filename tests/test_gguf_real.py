@@ -143,6 +143,6 @@ def test_real_gguf_fold_keeps_every_byte_it_does_not_need(real_gguf) -> None:
             changed = (tensor_bytes(new) != tensor_bytes(old)).reshape(-1, type_size)
             assert changed.any() and not (changed.any(0) & ~scale_field_bytes(old.tensor_type)).any()
             rows = np.flatnonzero(changed.reshape(int(old.shape[-1]), -1).any(-1))
-            assert set(rows) <= set(edits[name].axes[0][0].tolist()), name
+            assert set(rows) <= set(edits[name].edited()[0].tolist()), name
             methods.add(name.split(".")[-2])
     assert methods == {"re-encoded", "ffn_down", "ffn_up"}

@@ -22,11 +22,10 @@ from aufold.evaluate.loglik import LoglikScorer
 from aufold.evaluate.math import DEFAULT_MAX_NEW_TOKENS, score_math
 from aufold.evaluate.report import EvalResult, write_json
 from aufold.modeling import fingerprint, input_device, is_layerwise, resolve_source
-from aufold.plan import Plan
 from aufold.safety.outputs import Inputs, OutputKind, claim_output
 from aufold.steer import steer
 from aufold.tasks import Item, TaskKind, get_task, load_split, resolve_data_dir
-from aufold.tuned import Selection
+from aufold.recipe import Recipe
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -184,7 +183,7 @@ def evaluate_model(
     task: str,
     split: str,
     *,
-    selection: Selection | None = None,
+    recipe: Recipe | None = None,
     scorer: str | None = None,
     data_dir: str | Path | None = None,
     limit: int | None = None,
@@ -201,14 +200,14 @@ def evaluate_model(
     neutral: str | Path | None = None,
     **options: Any,
 ) -> ModelEvaluation:
-    """Load a model and evaluate it; with a selection, evaluate it unsteered and steered by
-    the selected edit (hook mode) on the same items, sharing the work before the first
+    """Load a model and evaluate it; with a recipe, evaluate it unsteered and steered by
+    the recipe's edit (hook mode) on the same items, sharing the work before the first
     steered layer (:func:`aufold.evaluate.edits.evaluate_edits`).
 
     Every input is checked before the model loads; ``report`` gets the JSON report (an
     existing one is replaced only with ``overwrite``, and only if aufold wrote it). With
     ``layer_streaming`` (or when the weights do not fit) the model runs one decoder layer
-    at a time (:mod:`aufold.layerwise`). With a selection and ``cost``, the edit's KL and
+    at a time (:mod:`aufold.layerwise`). With a recipe and ``cost``, the edit's KL and
     perplexity ratio on neutral text (``neutral``, or the BoolQ test passages) are measured
     too (:mod:`aufold.evaluate.cost`; not under layer streaming).
     """
@@ -222,23 +221,21 @@ def evaluate_model(
     kind = get_task(task).kind
     resolve_scorer(kind, scorer)
     data_folder = resolve_data_dir(data_dir)
-    measure = cost and selection is not None
+    measure = cost and recipe is not None
+    edit = recipe.edit() if recipe is not None else None  # k, alpha, sites checked here
     inputs = Inputs.of([*resolve_source(model_ref).input_paths(), data_folder,
-                        selection.plan_dir if selection else None, neutral if measure else None])
+                        *(recipe.plan_dirs if recipe else ()), neutral if measure else None])
     if measure:
         check_neutral(neutral, data_dir)
     claim = (claim_output(report, overwrite=overwrite, inputs=inputs, kind=OutputKind.FILE)
              if report is not None else nullcontext())
     with claim:
-        plan = Plan.load(selection.plan_dir) if selection else None
-        edit = (plan.select(selection.k, selection.alpha, selection.sites,
-                            allow_extreme=selection.allow_extreme) if plan and selection else None)
         model, tokenizer, source = load_for_run(
             model_ref, layer_streaming=layer_streaming, work_dir=work_dir, dtype=dtype,
             device=device, device_map=device_map, allow_pickle=allow_pickle,
             needs_whole_model=MATH_NEEDS_WHOLE_MODEL if kind == "math" else None)
-        if plan is not None:
-            plan.check_fingerprint(fingerprint(model), force=force)
+        if recipe is not None:
+            recipe.check_fingerprint(fingerprint(model), force=force)
         unsteered = None
         if edit is None:
             result = evaluate_items(model, tokenizer, items, kind=kind, scorer=scorer, **options)
@@ -250,7 +247,7 @@ def evaluate_model(
             if each is not None:
                 each.settings.update(model=source.ref, task=task, split=split,
                                      data_dir=str(data_folder))
-        result.settings["steering"] = selection.describe() if selection else None
+        result.settings["steering"] = recipe.describe() if recipe else None
         measured = None
         if edit is not None and cost and is_layerwise(model):
             status("note: the cost on neutral text is not measured under layer streaming")
@@ -268,7 +265,7 @@ def evaluate_model(
 class ModelEvaluation:
     """What `aufold eval` measured: the result, and with steering the unsteered one beside it."""
 
-    result: EvalResult  # steered when a selection was given
+    result: EvalResult  # steered when a recipe was given
     unsteered: EvalResult | None = None
     cost: EditCost | None = None  # the edit's side effect on neutral text, when measured
 

@@ -7,7 +7,7 @@ rank, GGUF tensor types) runs before the folder is written, atomically.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from aufold.formats.gguf import fold_gguf, gguf_artifact, read_gguf_model
 from aufold.formats.ia3 import ia3_adapter, ia3_artifact
 from aufold.formats.lora import lora_adapter, lora_artifact
 from aufold.modeling import ModelSource, fingerprint, load_model
-from aufold.plan import Plan
+from aufold.recipe import Recipe
 from aufold.safety.outputs import atomic_folder
 
 AdapterBuilder = Callable[..., Adapter]  # (model, edit, *, base_model) -> Adapter
@@ -36,48 +36,44 @@ ADAPTERS: dict[str, tuple[AdapterBuilder, AdapterCard]] = {
 def export_format(
     format: str,
     source: ModelSource,
-    plan: Plan,
+    recipe: Recipe,
     *,
-    k: int,
-    alpha: float,
     out: Path,
-    sites: Sequence[str],
     dtype: str,
     force: bool,
     base_model: str,
     allow_pickle: bool = False,
-    allow_extreme: bool = False,
     gguf_reencode: str = GGUF_REENCODE,
     location: str,
 ) -> ExportResult:
-    """Write the top-k units of ``plan`` applied to ``source`` as ``format`` into the claimed
-    folder ``out``; its card says to load it from ``location``."""
+    """Write the recipe's edit of ``source`` as ``format`` into the claimed folder ``out``;
+    its card says to load it from ``location``. Adapters and GGUF block scales hold one
+    factor per unit, so a composed edit is written with each unit's product of factors."""
     check_format(format)
-    edit = plan.select(k, alpha, sites, allow_extreme=allow_extreme)
-    record = ExportRecord(base_model=base_model, plan=plan, units=plan.ranking(sites, k), k=k,
-                          alpha=alpha, sites=tuple(sites), dtype=dtype,
+    edit = recipe.edit()
+    record = ExportRecord(base_model=base_model, recipe=recipe, dtype=dtype,
                           quantized_base=gguf_reference(source),
                           location=location)
     if format == "gguf":
-        _export_gguf(source, plan, edit, record, out, force=force, reencode=gguf_reencode)
+        _export_gguf(source, recipe, edit, record, out, force=force, reencode=gguf_reencode)
     else:
         build, describe = ADAPTERS[format]  # a checkpoint is aufold.export's own job
         model, _, _ = load_model(source.ref, dtype=dtype, allow_pickle=allow_pickle)
-        plan.check_fingerprint(fingerprint(model), force=force)
+        recipe.check_fingerprint(fingerprint(model), force=force)
         adapter = build(model, edit, base_model=base_model)
         record = replace(record, dtype=str(model.dtype).removeprefix("torch."))
         write_adapter(adapter, replace(record, artifact=describe(record, adapter)), out)
     return ExportResult(out, edit)
 
 
-def _export_gguf(source: ModelSource, plan: Plan, edit: Edit, record: ExportRecord, out: Path,
+def _export_gguf(source: ModelSource, recipe: Recipe, edit: Edit, record: ExportRecord, out: Path,
                  *, force: bool, reencode: str) -> None:
     if not source.gguf_file:
         raise AufoldError(f"--format gguf folds into a GGUF file, but {source.ref} is not one; "
                           f"pass a .gguf MODEL (convert a checkpoint with llama.cpp's "
                           f"convert_hf_to_gguf.py first)")
     model = read_gguf_model(Path(source.path) / source.gguf_file)
-    plan.check_fingerprint(model.fingerprint, force=force)
+    recipe.check_fingerprint(model.fingerprint, force=force)
     with atomic_folder(out, content="gguf") as staging:
         report = fold_gguf(model, edit, staging / source.gguf_file, reencode=reencode)
         record = replace(record, dtype=", ".join(report.tensor_types),

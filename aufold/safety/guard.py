@@ -38,18 +38,44 @@ def _data_dir(value: Any) -> list[Path]:
 
 
 def _tuned(value: Any) -> list[Path]:
-    """The tune.json and the plan it names (a damaged file is refused later, when read)."""
+    """Each tune.json and the plan it names (a damaged file is refused later, when read)."""
+    paths = []
+    for given in _paths(value):
+        file = given.expanduser()
+        file = file / "tune.json" if file.is_dir() else file
+        paths.append(file)
+        if file.is_file():  # a FIFO or device would block the read; read_tuned refuses it
+            paths.extend(_named(file, lambda data: [data["plan"]]))
+    return paths
+
+
+def _recipe(value: Any) -> list[Path]:
+    """The recipe file and the plans and tune results it names."""
     if value is None:
         return []
     file = Path(value).expanduser()
-    file = file / "tune.json" if file.is_dir() else file
-    if not file.is_file():  # a FIFO or device would block the read; read_tuned refuses it
+    if not file.is_file():
         return [file]
+    named = _named(file, lambda data: [c.get("plan") or c.get("tuned")
+                                       for c in data["components"]])
+    return [file, *named, *(p for tuned in named if tuned.suffix == ".json"
+                            for p in _tuned(tuned)[1:])]
+
+
+def _named(file: Path, paths_in: Callable[[Any], list[Any]]) -> list[Path]:
+    """The paths a JSON or YAML file names, relative to its folder; none if it is damaged."""
     try:
-        plan = Path(json.loads(file.read_text(encoding="utf-8"))["plan"])
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        return [file]
-    return [file, plan if plan.is_absolute() else file.parent / plan]
+        text = file.read_text(encoding="utf-8")
+        if file.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+        named = [Path(p).expanduser() for p in paths_in(data) if isinstance(p, str) and p]
+    except Exception:  # any damage is reported when the command reads the file itself
+        return []
+    return [p if p.is_absolute() else file.parent / p for p in named]
 
 
 # How each kind of input argument maps to the paths it reads, by the argument's name.
@@ -57,6 +83,7 @@ INPUT_ARGUMENTS: Mapping[str, Callable[[Any], list[Path]]] = {
     "model": _model,
     "plan_dir": _paths,
     "tuned": _tuned,
+    "recipe": _recipe,
     "pairs_file": _paths,
     "data_dir": _data_dir,
     "vector_path": _paths,

@@ -16,7 +16,9 @@ tensor then takes the most exact way its type allows:
   scaled and quantized once. A Q8_0 tensor re-encoded to Q8_0 keeps its type, and
   only the blocks that hold an edited unit are requantized.
 
-Every other tensor's bytes, and the metadata, are the input's (:mod:`.file`).
+Every other tensor's bytes, and the metadata, are the input's (:mod:`.file`). A
+composed edit folds each unit's product of factors at once (:meth:`Edit.compose`), since
+a block scale holds one factor.
 """
 
 from __future__ import annotations
@@ -111,8 +113,8 @@ def gguf_tensor_edits(edit: Edit, source: GgufModel) -> dict[str, TensorEdit]:
     edits = weight_edits(rest, architecture.gguf_naming())
     for group in Edit.of(into_up).groups():
         up = f"{GGUF_LAYERS}.{group.layer}.{architecture.gguf_mlp_up}"
-        edits[f"{up}.weight"] = TensorEdit({0: (group.index, group.scale)})
-        edits[f"{up}.bias"] = TensorEdit({0: (group.index, group.scale)}, optional=True)
+        edits[f"{up}.weight"] = TensorEdit.scaling({0: (group.index, group.scale)})
+        edits[f"{up}.bias"] = TensorEdit.scaling({0: (group.index, group.scale)}, optional=True)
     return edits
 
 
@@ -143,9 +145,9 @@ def fold_gguf_tensor(tensor: ReaderTensor, tensor_edit: TensorEdit,
         return TensorData(kind, data), TensorFold(tensor.name, kind.name, kind.name, "scaled")
     block_size, type_size = GGML_QUANT_SIZES[kind]
     blocks = raw.reshape(*shape[:-1], shape[-1] // block_size, type_size).copy()
-    if set(tensor_edit.axes) == {0} and kind in BLOCK_SCALES:
+    if len(tensor_edit.steps) == 1 and set(tensor_edit.steps[0]) == {0} and kind in BLOCK_SCALES:
         check_edit_fits(shape, tensor_edit)
-        rows, factors = tensor_edit.axes[0]
+        rows, factors = tensor_edit.steps[0][0]
         scale_rows(blocks, rows.numpy(), factors.numpy(), kind, tensor.name)
         fold = TensorFold(tensor.name, kind.name, kind.name, "block scales",
                           len(rows) * blocks.shape[-2])
@@ -190,7 +192,7 @@ def _check_decodes_finite(name: str, blocks: np.ndarray, kind: GGMLQuantizationT
 
 def _edited_elements(shape: tuple[int, ...], tensor_edit: TensorEdit) -> torch.Tensor:
     changed = torch.zeros(shape, dtype=torch.bool)
-    for axis, (index, _) in tensor_edit.axes.items():
+    for axis, index in tensor_edit.edited().items():
         changed.index_fill_(axis, index, True)
     return changed
 
