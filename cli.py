@@ -605,8 +605,8 @@ def evaluate(model: str, task: str, split: str, data_dir: Path | None, scorer: s
              device: str | None, device_map: str | None, allow_pickle: bool,
              layer_streaming: bool, work_dir: Path | None, no_cost: bool, neutral: Path | None,
              report: Path | None, overwrite: bool) -> None:
-    """Evaluate MODEL on a task split; with a plan (or --tuned), unsteered and steered side by
-    side."""
+    """Evaluate MODEL on a task split; with an edit (--plan, --tuned or --recipe), unsteered and
+    steered side by side."""
     from aufold.evaluate import evaluate_model
     from aufold.recipe import resolve_recipe
 

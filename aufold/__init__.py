@@ -22,6 +22,7 @@ _API: dict[str, str] = {
     "ARCHITECTURES": "aufold.sites", "SITES": "aufold.sites", "AufoldError": "aufold.errors",
     "ContrastivePair": "aufold.pairs", "read_pairs": "aufold.pairs", "Edit": "aufold.edit",
     "SteeredUnit": "aufold.edit", "Plan": "aufold.plan", "Recipe": "aufold.recipe",
+    "Component": "aufold.recipe",
     "export": "aufold.export",
     "fold_model": "aufold.fold", "load_model": "aufold.modeling", "localize": "aufold.localize",
     "steer": "aufold.steer", "verify": "aufold.verify", "__version__": "aufold.version",

@@ -90,7 +90,8 @@ def _component_record(component: Component) -> dict[str, Any]:
     plan = component.plan
     return {
         "selection": {"k": component.k, "alpha": component.alpha, "sites": list(component.sites)},
-        "plan": {"model": plan.model, "num_pairs": plan.num_pairs, "sites": list(plan.sites),
+        "plan": {"model": plan.model, "fingerprint": plan.fingerprint,
+                 "num_pairs": plan.num_pairs, "sites": list(plan.sites),
                  "settings": plan.settings, "aufold_version": plan.aufold_version},
         "units": [{**unit.to_record(), "gamma": unit.gamma(component.alpha)}
                   for unit in component.units()],
@@ -136,8 +137,9 @@ tokenizer = AutoTokenizer.from_pretrained({json.dumps(record.location)})
 
 No custom code and no aufold install are needed; it runs on any stack that runs the
 base model (transformers, vLLM, llama.cpp after conversion).""",
-        written="""`aufold export`: the matching weight slices were multiplied by `1 + gamma` in float32
-   and rounded once; every other weight is bitwise unchanged.""",
+        written=f"""`aufold export`: the matching weight slices were multiplied by `1 + gamma` in float32
+   and rounded once{" per component, in order" if record.recipe.composed else ""}; every other
+   weight is bitwise unchanged.""",
     )
 
 

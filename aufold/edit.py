@@ -65,6 +65,11 @@ class Edit:
             if key in seen:
                 raise AufoldError(f"unit {key} appears twice in one edit")
             seen.add(key)
+        # The checks of hooks and folds read the units and apply the parts: they must agree.
+        if self.parts and (any(part.parts for part in self.parts)
+                           or self.units != _product_units(self.parts)):
+            raise AufoldError("a composed edit's units must be its parts' product; build it "
+                              "with Edit.compose")
 
     @classmethod
     def of(cls, units: Iterable[SteeredUnit]) -> Edit:
@@ -79,13 +84,7 @@ class Edit:
             raise AufoldError("nothing to compose; give at least one edit")
         if len(steps) == 1:
             return steps[0]
-        factors: dict[tuple[str, int, int], float] = {}
-        for step in steps:
-            for unit in step.units:
-                key = (unit.site, unit.layer, unit.unit)
-                factors[key] = factors.get(key, 1.0) * (1.0 + unit.gamma)
-        return cls(tuple(SteeredUnit(site, layer, unit, factor - 1.0)
-                         for (site, layer, unit), factor in factors.items()), steps)
+        return cls(_product_units(steps), steps)
 
     def steps(self) -> tuple[Edit, ...]:
         """The edits hooks and folds apply in order: a composed edit's parts, else itself."""
@@ -121,6 +120,17 @@ class Edit:
     def from_records(cls, records: Iterable[dict[str, object]]) -> Edit:
         return cls.of(SteeredUnit(str(r["site"]), int(r["layer"]), int(r["unit"]),  # type: ignore[arg-type]
                                   float(r["gamma"])) for r in records)  # type: ignore[arg-type]
+
+
+def _product_units(steps: Sequence[Edit]) -> tuple[SteeredUnit, ...]:
+    """The union of the steps' units, each with the product of its factors, in first-seen order."""
+    factors: dict[tuple[str, int, int], float] = {}
+    for step in steps:
+        for unit in step.units:
+            key = (unit.site, unit.layer, unit.unit)
+            factors[key] = factors.get(key, 1.0) * (1.0 + unit.gamma)
+    return tuple(SteeredUnit(site, layer, unit, factor - 1.0)
+                 for (site, layer, unit), factor in factors.items())
 
 
 def scaled(values: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class AufoldError(Exception):
     """A problem with the user's input, with a message that names it and the fix.
@@ -15,3 +17,12 @@ def first_line(error: BaseException) -> str:
     """The first line of an exception's message (library errors can run to many lines)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def expanded(path: Path, what: str = "the path") -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded, refused in one line if it cannot be."""
+    try:
+        return path.expanduser()
+    except RuntimeError:
+        raise AufoldError(f"{what}: cannot expand {path} (no such user or home folder); give the "
+                          f"path without ~") from None

@@ -83,7 +83,8 @@ def check_edit_fits(shape: tuple[int, ...], tensor_edit: TensorEdit) -> None:
 
 def fold_tensor(tensor: torch.Tensor, tensor_edit: TensorEdit, name: str = "a folded weight"
                 ) -> torch.Tensor:
-    """A new tensor with the edited slices scaled in float32 and rounded once.
+    """A new tensor with the edited slices scaled in float32 and rounded once (once per step
+    of a composed edit).
 
     Every element outside the edited slices is copied bitwise. An element in both
     an edited row and an edited column (``mlp`` and ``mlp-out`` in one layer)

@@ -18,16 +18,17 @@ by both factors. Every command that takes an edit takes a recipe: ``--plan A --k
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from aufold.edit import Edit
-from aufold.errors import AufoldError, first_line
+from aufold.errors import AufoldError, expanded, first_line
 from aufold.plan import Plan, RankedUnit
 from aufold.safety.limits import check_scale_factors
-from aufold.sites import SITE_ORDER
+from aufold.sites import SITE_ORDER, site_kind
 from aufold.tuned import Selection, read_tuned
 
 RECIPE_SUFFIXES = (".json", ".yaml", ".yml")
@@ -42,6 +43,10 @@ class Component:
     alpha: float
     sites: tuple[str, ...]
     source: Path | None = None  # the plan folder it was read from
+
+    def __post_init__(self) -> None:
+        for site in self.sites:
+            site_kind(site)  # an unknown name is refused here, before any ranking
 
     def edit(self, *, allow_extreme: bool = False) -> Edit:
         return self.plan.select(self.k, self.alpha, self.sites, allow_extreme=allow_extreme)
@@ -93,13 +98,8 @@ class Recipe:
         every product of factors a shared unit gets."""
         edits = []
         for number, component in enumerate(self.components, 1):
-            try:
+            with self._naming(number, component):
                 edits.append(component.edit(allow_extreme=self.allow_extreme))
-            except AufoldError as error:
-                if not self.composed:
-                    raise
-                raise AufoldError(f"component {number} ({component.describe()['plan']}): "
-                                  f"{error}") from None
         edit = Edit.compose(edits)
         if self.composed:
             check_scale_factors(((f"{u.site} layer {u.layer} unit {u.unit}", 1.0 + u.gamma)
@@ -110,8 +110,20 @@ class Recipe:
 
     def check_fingerprint(self, fingerprint: str, *, force: bool = False) -> None:
         """Refuse a model that any component's plan was not made for, unless forced."""
-        for component in self.components:
-            component.plan.check_fingerprint(fingerprint, force=force)
+        for number, component in enumerate(self.components, 1):
+            with self._naming(number, component):
+                component.plan.check_fingerprint(fingerprint, force=force)
+
+    @contextmanager
+    def _naming(self, number: int, component: Component) -> Iterator[None]:
+        """Prefix an error of a composed recipe's component with which one it is."""
+        try:
+            yield
+        except AufoldError as error:
+            if not self.composed:
+                raise
+            raise AufoldError(f"component {number} ({component.describe()['plan']}): "
+                              f"{error}") from None
 
     def label(self) -> str:
         """How the command line names the edit: "k=16, alpha=5", joined by " + "."""
@@ -140,8 +152,13 @@ def as_recipe(edit: Plan | str | Path | Recipe, k: int | None = None, alpha: flo
 def load_recipe(selections: Sequence[Selection], *, allow_extreme: bool = False) -> Recipe:
     """The plans of ``selections`` read, as one recipe."""
     components = []
-    for selection in selections:
-        plan = Plan.load(selection.plan_dir)
+    for number, selection in enumerate(selections, 1):
+        try:
+            plan = Plan.load(selection.plan_dir)
+        except AufoldError as error:
+            if len(selections) == 1:
+                raise
+            raise AufoldError(f"component {number}: {error}") from None
         sites = selection.sites if selection.sites else plan.sites
         components.append(Component(plan, selection.k, selection.alpha, tuple(sites),
                                     selection.plan_dir))
@@ -150,7 +167,7 @@ def load_recipe(selections: Sequence[Selection], *, allow_extreme: bool = False)
 
 def read_recipe(path: str | Path) -> list[Selection]:
     """The components a recipe file lists (plan paths relative to the file's folder)."""
-    file = Path(path).expanduser()
+    file = expanded(Path(path), "--recipe")
     if file.suffix.lower() not in RECIPE_SUFFIXES:
         raise AufoldError(f"recipe {file} must be a .json, .yaml or .yml file")
     if not file.is_file():
@@ -196,21 +213,27 @@ def _component(entry: Any, number: int, file: Path) -> Selection:
         raise AufoldError(f"{where}: k must be an integer, got {k!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise AufoldError(f"{where}: alpha must be a number, got {alpha!r}")
+    try:
+        alpha = float(alpha)
+    except OverflowError:
+        raise AufoldError(f"{where}: alpha must be a finite number") from None
     if isinstance(sites, str):
         sites = [sites]
-    if sites is not None and (not isinstance(sites, list) or not sites
-                              or any(s not in SITE_ORDER for s in sites)):
+    if sites is not None and (not isinstance(sites, list) or not sites or any(
+            not isinstance(s, str) or s not in SITE_ORDER for s in sites)):
         raise AufoldError(f"{where}: sites must be a list of {', '.join(SITE_ORDER)}, got "
                           f"{sites!r}")
-    return Selection(_relative(entry["plan"], file, where), k, float(alpha),
+    return Selection(_relative(entry["plan"], file, where), k, alpha,
                      tuple(sites) if sites else None)
 
 
 def _relative(value: Any, file: Path, where: str) -> Path:
     if not isinstance(value, str) or not value:
         raise AufoldError(f"{where}: a path must be a non-empty string, got {value!r}")
-    path = Path(value).expanduser()
+    path = expanded(Path(value), where)
     return path if path.is_absolute() else file.parent / path
+
+
 
 
 def resolve_recipe(*, plan_dirs: Sequence[Path] = (), ks: Sequence[int] = (),

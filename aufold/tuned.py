@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from aufold.errors import AufoldError
+from aufold.errors import AufoldError, expanded
 
 TUNE_FILE = "tune.json"
 TUNE_FORMAT = "aufold-tune"
@@ -30,7 +30,7 @@ class Selection:
 
 def read_tuned(path: str | Path) -> Selection:
     """The best configuration recorded in a tune result (the file, or the folder holding it)."""
-    file = Path(path).expanduser()
+    file = expanded(Path(path), "--tuned")
     if file.is_dir():
         file = file / TUNE_FILE
     if not file.is_file():

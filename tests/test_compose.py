@@ -254,3 +254,66 @@ def test_a_recipe_file_names_plans_relative_to_its_folder(tmp_path: Path) -> Non
     (selection,) = read_recipe(file)
     assert selection.plan_dir == tmp_path / "recipes" / ".." / "plans" / "a"
     assert (selection.k, selection.alpha, selection.sites) == (4, 2.0, ("mlp",))
+
+
+@pytest.mark.parametrize("kind", ["F32", "Q8_0"])
+def test_a_gguf_fold_of_a_composed_edit_goes_part_by_part_except_into_block_scales(
+        kind: str, tmp_path: Path) -> None:
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from test_gguf import write_llama_gguf
+
+    from aufold.formats.gguf import fold_gguf, read_gguf_model
+
+    source = read_gguf_model(write_llama_gguf(tiny_model("llama"), tmp_path / "m.gguf",
+                                              GGMLQuantizationType[kind]))
+    a = Edit.of([SteeredUnit("mlp", 0, 3, 0.37), SteeredUnit("head", 0, 2, 0.3),
+                 SteeredUnit("mlp-out", 1, 7, 0.2)])
+    b = Edit.of([SteeredUnit("mlp-out", 0, 5, -0.41), SteeredUnit("mlp", 0, 3, 0.77),
+                 SteeredUnit("mlp-out", 1, 7, 0.9)])
+    fold_gguf(source, Edit.compose([a, b]), tmp_path / "once.gguf")
+    fold_gguf(source, a, tmp_path / "a.gguf")
+    fold_gguf(read_gguf_model(tmp_path / "a.gguf"), b, tmp_path / "in-turn.gguf")
+    once, in_turn = read_gguf_model(tmp_path / "once.gguf"), read_gguf_model(tmp_path / "in-turn.gguf")
+    differ = {name for name in once.tensors if not np.array_equal(
+        np.asarray(once.tensors[name].data), np.asarray(in_turn.tensors[name].data))}
+    if kind == "F32":  # float tensors fold part by part, bitwise as in turn
+        assert differ == set()
+    else:  # mlp units fold into ffn_up's block scales, mlp-out into ffn_down's: one factor each
+        assert differ <= {"blk.0.ffn_up.weight", "blk.0.ffn_down.weight", "blk.1.ffn_down.weight",
+                          "blk.0.attn_output.weight"}
+
+
+def test_a_composed_edit_must_be_built_by_compose() -> None:
+    a = Edit.of([SteeredUnit("head", 0, 1, 0.5)])
+    b = Edit.of([SteeredUnit("mlp", 1, 2, 1.0)])
+    with pytest.raises(AufoldError, match="build it with Edit.compose"):
+        Edit((), parts=(a, b))
+    with pytest.raises(AufoldError, match="build it with Edit.compose"):
+        Edit(Edit.compose([a, b]).units, parts=(Edit.compose([a, b]), a))
+
+
+def test_more_bad_recipes_are_refused_in_one_line(world: Path, tmp_path: Path) -> None:
+    model, out = world / "model", tmp_path / "out"
+    tune = tmp_path / "tune.json"
+    tune.write_text(json.dumps({"format": TUNE_FORMAT, "plan": str(world / "plan-a"),
+                                "best": {"k": 4, "alpha": 1, "site": "nosite"}}))
+    nested, huge = tmp_path / "nested.yaml", tmp_path / "huge.yaml"
+    nested.write_text(f"components:\n  - {{plan: {world / 'plan-a'}, k: 4, alpha: 1, sites: [[mlp]]}}\n")
+    huge.write_text(f"components:\n  - {{plan: {world / 'plan-a'}, k: 4, alpha: 1{'0' * 400}}}\n")
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps({"components": [
+        {"plan": str(world / "plan-a"), "k": 4, "alpha": 1},
+        {"plan": str(tmp_path / "nosuch"), "k": 4, "alpha": 1}]}))
+    cases = {
+        "unknown site 'nosite'": ["--tuned", tune],
+        "sites must be a list": ["--recipe", nested],
+        "alpha must be a finite number": ["--recipe", huge],
+        "cannot expand ~nosuchuser-aufold": ["--recipe", "~nosuchuser-aufold/r.yaml"],
+        "component 2: ": ["--recipe", missing],
+    }
+    for words, options in cases.items():
+        for output_format in ("checkpoint", "lora"):
+            result = run_cli("export", model, *options, "--format", output_format, "--out", out)
+            assert_one_line_error(result, words)
+            assert not out.exists()

@@ -41,7 +41,8 @@ def ia3_adapter(model: PreTrainedModel, edit: Edit, *, base_model: str) -> Adapt
             raise AufoldError(f"the edit scales both the inputs and the outputs of {module} "
                               f"(mlp and mlp-out units in layer {group.layer}), and IA3 scales "
                               f"only one of them per module; export --site mlp or --site mlp-out "
-                              f"alone, or use --format lora or checkpoint")
+                              f"alone (in a recipe, one of them in every component's sites), "
+                              f"or use --format lora or checkpoint")
         weight = architecture.out_in(model.get_submodule(module).weight)
         width = weight.shape[1] if scales_input else weight.shape[0]
         if int(group.index.max()) >= width:

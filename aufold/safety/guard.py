@@ -41,7 +41,7 @@ def _tuned(value: Any) -> list[Path]:
     """Each tune.json and the plan it names (a damaged file is refused later, when read)."""
     paths = []
     for given in _paths(value):
-        file = given.expanduser()
+        file = _expanded(given)
         file = file / "tune.json" if file.is_dir() else file
         paths.append(file)
         if file.is_file():  # a FIFO or device would block the read; read_tuned refuses it
@@ -50,16 +50,23 @@ def _tuned(value: Any) -> list[Path]:
 
 
 def _recipe(value: Any) -> list[Path]:
-    """The recipe file and the plans and tune results it names."""
+    """The recipe file, the plans it names, and its tune results with the plans they name."""
     if value is None:
         return []
-    file = Path(value).expanduser()
+    file = _expanded(Path(value))
     if not file.is_file():
         return [file]
-    named = _named(file, lambda data: [c.get("plan") or c.get("tuned")
-                                       for c in data["components"]])
-    return [file, *named, *(p for tuned in named if tuned.suffix == ".json"
-                            for p in _tuned(tuned)[1:])]
+    plans = _named(file, lambda data: [c["plan"] for c in data["components"] if "plan" in c])
+    tuned = _named(file, lambda data: [c["tuned"] for c in data["components"] if "tuned" in c])
+    return [file, *plans, *_tuned(tuned)]
+
+
+def _expanded(path: Path) -> Path:
+    """``~`` expanded where it can be; otherwise the path as given (reading it says why)."""
+    try:
+        return path.expanduser()
+    except RuntimeError:
+        return path
 
 
 def _named(file: Path, paths_in: Callable[[Any], list[Any]]) -> list[Path]:
@@ -72,7 +79,7 @@ def _named(file: Path, paths_in: Callable[[Any], list[Any]]) -> list[Path]:
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
-        named = [Path(p).expanduser() for p in paths_in(data) if isinstance(p, str) and p]
+        named = [_expanded(Path(p)) for p in paths_in(data) if isinstance(p, str) and p]
     except Exception:  # any damage is reported when the command reads the file itself
         return []
     return [p if p.is_absolute() else file.parent / p for p in named]

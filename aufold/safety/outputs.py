@@ -40,7 +40,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from aufold.errors import AufoldError
+from aufold.errors import AufoldError, expanded
 from aufold.version import __version__
 
 MARKER = ".aufold-output"  # inside every folder aufold writes; never uploaded or copied
@@ -408,8 +408,9 @@ def _umask() -> int:
 
 
 def _resolved(path: str | Path) -> Path:
+    expanded_path = expanded(Path(path))
     try:
-        return Path(path).expanduser().resolve()
+        return expanded_path.resolve()
     except RuntimeError:  # Python 3.11 and 3.12 raise it for a loop of symbolic links
         raise AufoldError(f"{path} leads into a loop of symbolic links; fix the links") from None
 

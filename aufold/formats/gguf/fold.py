@@ -17,8 +17,8 @@ tensor then takes the most exact way its type allows:
   only the blocks that hold an edited unit are requantized.
 
 Every other tensor's bytes, and the metadata, are the input's (:mod:`.file`). A
-composed edit folds each unit's product of factors at once (:meth:`Edit.compose`), since
-a block scale holds one factor.
+composed edit (:meth:`Edit.compose`) folds part by part, as in a checkpoint, except into
+block scales, which hold one factor per row: there the parts' factors multiply first.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, ReaderTensor
 from gguf.quants import dequantize, quantize
 
 from aufold.defaults import GGUF_REENCODE, GGUF_REENCODE_NAMES
-from aufold.edit import Edit
+from aufold.edit import Edit, SteeredUnit
 from aufold.errors import AufoldError
 from aufold.fold import TensorEdit, check_edit_fits, fold_tensor, weight_edits
 from aufold.formats import check_gguf_reencode
@@ -104,17 +104,24 @@ def fold_gguf(source: GgufModel, edit: Edit, destination: Path, *, reencode: str
 def gguf_tensor_edits(edit: Edit, source: GgufModel) -> dict[str, TensorEdit]:
     """The scalings of each tensor of ``source``: :func:`weight_edits`, except that the
     ``mlp`` units of a gated MLP whose ``ffn_down`` is block-quantized fold into the rows
-    of ``ffn_up`` (and its bias), where no requantization is needed."""
+    of ``ffn_up`` (and its bias), where no requantization is needed. A composed edit keeps
+    one step per part, as for a checkpoint."""
     architecture = source.architecture
-    into_up = [unit for unit in edit.units
-               if unit.site == "mlp" and _up_rows_hold_neurons(source, unit.layer)]
-    moved = set(into_up)
-    rest = Edit.of(unit for unit in edit.units if unit not in moved)
+    moved = {(u.site, u.layer, u.unit) for u in edit.units
+             if u.site == "mlp" and _up_rows_hold_neurons(source, u.layer)}
+
+    def key(unit: SteeredUnit) -> tuple[str, int, int]:
+        return unit.site, unit.layer, unit.unit
+
+    parts = edit.steps()
+    rest = Edit.compose([Edit.of(u for u in part.units if key(u) not in moved) for part in parts])
     edits = weight_edits(rest, architecture.gguf_naming())
-    for group in Edit.of(into_up).groups():
-        up = f"{GGUF_LAYERS}.{group.layer}.{architecture.gguf_mlp_up}"
-        edits[f"{up}.weight"] = TensorEdit.scaling({0: (group.index, group.scale)})
-        edits[f"{up}.bias"] = TensorEdit.scaling({0: (group.index, group.scale)}, optional=True)
+    for number, part in enumerate(parts):
+        for group in Edit.of(u for u in part.units if key(u) in moved).groups():
+            up = f"{GGUF_LAYERS}.{group.layer}.{architecture.gguf_mlp_up}"
+            for name, optional in ((f"{up}.weight", False), (f"{up}.bias", True)):
+                tensor_edit = edits.setdefault(name, TensorEdit(optional=optional))
+                tensor_edit.step(number)[0] = (group.index, group.scale)
     return edits
 
 
@@ -145,9 +152,10 @@ def fold_gguf_tensor(tensor: ReaderTensor, tensor_edit: TensorEdit,
         return TensorData(kind, data), TensorFold(tensor.name, kind.name, kind.name, "scaled")
     block_size, type_size = GGML_QUANT_SIZES[kind]
     blocks = raw.reshape(*shape[:-1], shape[-1] // block_size, type_size).copy()
-    if len(tensor_edit.steps) == 1 and set(tensor_edit.steps[0]) == {0} and kind in BLOCK_SCALES:
+    row_scaling = _rows_only(tensor_edit)
+    if row_scaling is not None and kind in BLOCK_SCALES:
         check_edit_fits(shape, tensor_edit)
-        rows, factors = tensor_edit.steps[0][0]
+        rows, factors = row_scaling
         scale_rows(blocks, rows.numpy(), factors.numpy(), kind, tensor.name)
         fold = TensorFold(tensor.name, kind.name, kind.name, "block scales",
                           len(rows) * blocks.shape[-2])
@@ -170,6 +178,21 @@ def fold_gguf_tensor(tensor: ReaderTensor, tensor_edit: TensorEdit,
         _check_decodes_finite(tensor.name, encoded, reencode)
         data = encoded.tobytes()
     return TensorData(reencode, data), TensorFold(tensor.name, kind.name, reencode.name, "re-encoded")
+
+
+def _rows_only(tensor_edit: TensorEdit) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The rows and their factors when every step scales rows only, else None. A block
+    scale holds one factor, so the steps of a composed edit multiply into it (float32)."""
+    if any(set(axes) - {0} for axes in tensor_edit.steps):
+        return None
+    rows = tensor_edit.edited()[0]  # ascending
+    factors = torch.ones(len(rows))
+    for axes in tensor_edit.steps:
+        if 0 in axes:
+            index, scale = axes[0]
+            position = torch.searchsorted(rows, index)
+            factors[position] = factors[position] * scale
+    return rows, factors
 
 
 def _dequantized(tensor: ReaderTensor, raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
