@@ -349,6 +349,52 @@ def localize(model: str, pairs_file: Path | None, task: str | None, data_dir: Pa
     click.echo(f"plan written to {out}")
 
 
+@main.command()
+@click.argument("model")
+@click.option("--pairs", "pairs_file", default=None, type=click.Path(path_type=Path),
+              help="JSONL with prompt, positive and negative per line (or use --task).")
+@click.option("--task", default=None, type=click.Choice(task_names()),
+              help="Use this task's pairs split instead of --pairs.")
+@data_dir_option
+@click.option("--layer", "layers", multiple=True, required=True, type=int,
+              help="Decoder layer whose output (the residual stream) gets a vector; repeatable.")
+@click.option("--out", required=True, type=OUTPUT_PATH,
+              help="Vector file to write (.safetensors, one tensor per layer).")
+@click.option("--batch-size", default=LOCALIZE_BATCH_SIZE, show_default=True, type=click.IntRange(min=1),
+              help="Pairs per forward pass; lower it if memory runs out.")
+@limit_option
+@click.option("--max-length", default=LOCALIZE_MAX_LENGTH, show_default=True, type=click.IntRange(min=2),
+              help="Longer texts are cut from the left, keeping the answer.")
+@click.option("--chat-template", is_flag=True, help="Wrap each prompt in the tokenizer's chat template.")
+@dtype_option
+@device_options
+@overwrite_option
+@reports_errors
+@guarded(inputs=("model", "pairs_file", "data_dir"), files=("out",))
+def caa(model: str, pairs_file: Path | None, task: str | None, data_dir: Path | None,
+        layers: tuple[int, ...], out: Path, batch_size: int, limit: int | None, max_length: int,
+        chat_template: bool, dtype: str, device: str | None, device_map: str | None,
+        allow_pickle: bool, overwrite: bool) -> None:
+    """Compute CAA steering vectors (the baseline): per layer, the pairs' mean residual
+    difference at the last token; fold them with `aufold fold-vector --site residual`."""
+    from aufold.modeling import load_model
+    from aufold.safety.outputs import write_file
+    from aufold.tasks import read_pairs_or_task
+    from aufold.vectors.caa import caa_vectors, vectors_bytes
+
+    if out.suffix != ".safetensors":
+        raise AufoldError(f"--out {out} must end in .safetensors, the format fold-vector reads")
+    pairs = read_pairs_or_task(pairs_file, task, data_dir, limit=limit)
+    loaded, tokenizer, _ = load_model(model, dtype=dtype, device=device, device_map=device_map,
+                                      allow_pickle=allow_pickle)
+    vectors = caa_vectors(loaded, tokenizer, pairs, layers, batch_size=batch_size,
+                          max_length=max_length, chat_template=chat_template)
+    write_file(out, vectors_bytes(vectors))
+    norms = ", ".join(f"layer {layer}: {float(vectors.vectors[layer].norm()):.4g}"
+                      for layer in vectors.layers)
+    click.echo(f"CAA vectors over {len(pairs)} pairs ({norms}) written to {out}")
+
+
 @main.command("merge-counts")
 @click.argument("parts", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=OUTPUT_PATH, help="Plan folder to write.")
@@ -445,14 +491,15 @@ def inspect(plan_dir: Path, limit: int, list_all: bool, sites: tuple[str, ...], 
               help="Hard-link shards that hold no edit instead of copying them (same file system; "
                    "the output then shares those files with the input).")
 @allow_pickle_option
+@cost_options
 @reports_errors
-@guarded(inputs=("model", "plan_dir", "tuned", "recipe"), folders=("out",))
+@guarded(inputs=("model", "plan_dir", "tuned", "recipe", "neutral"), folders=("out",))
 def export(model: str, plan_dir: tuple[Path, ...], k: tuple[int, ...],
            alpha: tuple[float, ...], sites: tuple[str, ...], tuned: tuple[Path, ...],
            recipe: Path | None, force: bool, allow_extreme: bool, dtype: str,
            out: Path | None, output_format: str, gguf_reencode: str | None, overwrite: bool,
            base_model_id: str | None, repo_id: str | None, private: bool, link_unchanged: bool,
-           allow_pickle: bool) -> None:
+           allow_pickle: bool, no_cost: bool, neutral: Path | None) -> None:
     """Fold the top-k units of a plan (or the choice of `aufold tune`, or several composed) into
     MODEL and write a standard checkpoint (or --format)."""
     from aufold.export import export as run_export
@@ -465,7 +512,7 @@ def export(model: str, plan_dir: tuple[Path, ...], k: tuple[int, ...],
                         base_model_id=base_model_id, push_to_hub=repo_id, private=private,
                         link_unchanged=link_unchanged, allow_pickle=allow_pickle,
                         allow_extreme=allow_extreme, format=output_format,
-                        gguf_reencode=gguf_reencode)
+                        gguf_reencode=gguf_reencode, cost=not no_cost, neutral=neutral)
     if result.streamed:
         click.echo(result.streamed.summary())
     written = "folded" if output_format == CHECKPOINT else f"wrote as {output_format}"
@@ -732,6 +779,14 @@ def tune(model: str, task: str, sites: tuple[str, ...], plan_dir: Path | None, o
               help="Values of alpha for the block baseline (every unit of one layer).")
 @click.option("--block-layer", type=int, default=None,
               help="Layer of the block baseline (default: the one holding most top units).")
+@click.option("--caa-multipliers", default="0.5,1,2,4,8", show_default=True,
+              help="Multipliers of the CAA baseline's vector (the pairs' mean residual difference).")
+@click.option("--caa-layer", type=int, default=None,
+              help="Layer whose residual CAA steers (default: the block baseline's layer).")
+@click.option("--caa-pairs", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Pairs file for CAA's vector (default: the task's pairs split, as many as the "
+                   "plan counted).")
+@click.option("--no-caa", is_flag=True, help="Leave the CAA baseline out.")
 @click.option("--budgets", default="0.05,0.1,0.2", show_default=True,
               help="KL budgets (nats per token) to compare the methods' best accuracies at.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random-units baseline.")
@@ -754,14 +809,16 @@ def tune(model: str, task: str, sites: tuple[str, ...], plan_dir: Path | None, o
 @overwrite_option
 @click.option("--no-plot", is_flag=True, help="Skip the accuracy-vs-KL plot (it needs matplotlib).")
 @reports_errors
-@guarded(inputs=("model", "plan_dir", "data_dir", "neutral"), folders=("out",))
+@guarded(inputs=("model", "plan_dir", "data_dir", "neutral", "caa_pairs"), folders=("out",))
 def compare(model: str, task: str, plan_dir: Path, site: str, out: Path, split: str, k_grid: str,
-            alpha_grid: str, block_alpha_grid: str, block_layer: int | None, budgets: str,
+            alpha_grid: str, block_alpha_grid: str, block_layer: int | None,
+            caa_multipliers: str, caa_layer: int | None, caa_pairs: Path | None, no_caa: bool,
+            budgets: str,
             seed: int, data_dir: Path | None, scorer: str | None, limit: int | None,
             neutral: Path | None, batch_size: int, max_length: int, chat_template: bool,
             dtype: str, device: str | None, device_map: str | None, allow_pickle: bool,
             force: bool, allow_extreme: bool, overwrite: bool, no_plot: bool) -> None:
-    """Compare AUSteer with steering whole blocks, random units and one fixed strength at
+    """Compare AUSteer with steering whole blocks, random units, one fixed strength and CAA at
     matched KL on neutral text: each method's best accuracy within each budget."""
     from aufold.evaluate.compare import run_compare
     from aufold.tune import parse_grid
@@ -771,6 +828,8 @@ def compare(model: str, task: str, plan_dir: Path, site: str, out: Path, split: 
                           alphas=parse_grid(alpha_grid, float, "--alpha-grid"),
                           block_alphas=parse_grid(block_alpha_grid, float, "--block-alpha-grid"),
                           block_layer=block_layer, budgets=parse_grid(budgets, float, "--budgets"),
+                          caa=not no_caa, caa_pairs=caa_pairs, caa_layer=caa_layer,
+                          caa_multipliers=parse_grid(caa_multipliers, float, "--caa-multipliers"),
                           seed=seed, data_dir=data_dir, scorer=scorer, limit=limit,
                           neutral=neutral, batch_size=batch_size, max_length=max_length,
                           chat_template=chat_template, dtype=dtype, device=device,

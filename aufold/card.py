@@ -8,6 +8,7 @@ from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any
 
+from aufold.evaluate.cost import MeasuredCost
 from aufold.recipe import Component, Recipe
 from aufold.source import hub_cache_repo
 from aufold.version import __version__
@@ -50,6 +51,9 @@ class ExportRecord:
     # Where the export will be loaded from: the hub repo it is pushed to, else its folder;
     # the card's usage lines name it, so that they run as written.
     location: str = "path/or/repo-id"
+    # The edit's KL and perplexity ratio on neutral text, or why they were not measured;
+    # None where no export step asked (a library call).
+    cost: MeasuredCost | None = None
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -73,6 +77,7 @@ class ExportRecord:
             "method": "AUSteer (arXiv 2602.04428): x_i <- (1 + gamma_i) x_i folded into weights",
         }
         tail = {
+            "cost": self.cost.to_dict() if self.cost else None,
             "dtype": self.dtype,
             "output_format": self.artifact.format if self.artifact else "checkpoint",
             "quantized_base": Path(self.quantized_base).name if self.quantized_base else None,
@@ -192,7 +197,7 @@ def model_card(record: ExportRecord) -> str:
 |---|---|
 | sites | {sites} |
 {_selection_rows(record.recipe)}
-| dtype | {record.dtype} |
+| dtype | {record.dtype} |{_cost_rows(record)}
 | aufold | {__version__} |{extra_settings}
 {_components_table(record.recipe)}
 ## Usage
@@ -212,6 +217,12 @@ def model_card(record: ExportRecord) -> str:
 {"|---" if composed else ""}|---|---|---|---|---|---|
 {rows}
 """
+
+
+def _cost_rows(record: ExportRecord) -> str:
+    """The edit's cost on neutral text, measured with hooks on the base model (the folded
+    model computes the same logits to float32 rounding)."""
+    return "" if record.cost is None else "\n" + record.cost.card_rows()
 
 
 def _selection_rows(recipe: Recipe) -> str:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from transformers import PreTrainedTokenizerBase
 
 from aufold.evaluate import evaluate_items
+from aufold.evaluate.cost import CostRequest, measure_cost
 from aufold.export import base_model_name, export_loaded
 from aufold.localize import localize
 from aufold.modeling import load_model, resolve_source, smollm2_gguf_path
@@ -121,11 +122,14 @@ def run_demo(out: str | Path, *, model_ref: str | None = None, overwrite: bool =
         with atomic_folder(out_dir, content="demo") as staging:
             write_pairs(pairs, staging / "pairs.jsonl")
             plan.save(staging / "plan")
+            echo("measuring the edit's cost on neutral text (KL, perplexity ratio)")
+            cost = measure_cost(model, tokenizer, plan.select(k, alpha), CostRequest(),
+                                progress=progress)
             echo(f"exporting the folded checkpoint to {out_dir / 'model'}")
             folded = copy.deepcopy(model)
             export_loaded(folded, tokenizer, plan, k=k, alpha=alpha, out=staging / "model",
                           sites=plan.sites, base_model=base_model_name(source),
-                          location=str((out_dir / "model").resolve()))
+                          location=str((out_dir / "model").resolve()), cost=cost)
             del folded
             echo("verifying the written checkpoint against the hook mode")
             folded_model, _, _ = load_model(staging / "model", device=device)  # the written one

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ from aufold.card import PROVENANCE_FILE, ExportRecord, model_card
 from aufold.defaults import GGUF_REENCODE
 from aufold.edit import Edit
 from aufold.errors import AufoldError
+from aufold.evaluate.cost import CostRequest, MeasuredCost, measure_cost
 from aufold.fold import fold_model
 from aufold.formats import CHECKPOINT, check_format, check_gguf_reencode
 from aufold.hub import check_push_target, push_folder_to_hub
@@ -61,6 +63,9 @@ def export(
     allow_extreme: bool = False,
     format: str = CHECKPOINT,
     gguf_reencode: str | None = None,
+    cost: bool = True,
+    neutral: str | Path | None = None,
+    data_dir: str | Path | None = None,
 ) -> ExportResult:
     """Fold the top-k units of ``plan`` (or a composed :class:`Recipe`, without k, alpha and
     sites) into ``model_ref`` and write the result to ``out``.
@@ -72,7 +77,11 @@ def export(
     that hold no edit. Pickle weights load only with ``allow_pickle``. ``format``
     "lora", "ia3" or "gguf" writes the edit as an adapter or a GGUF file instead
     (:mod:`aufold.formats`); ``gguf_reencode`` is the type a GGUF tensor with steered
-    columns becomes (:data:`aufold.defaults.GGUF_REENCODE` when None). With
+    columns becomes (:data:`aufold.defaults.GGUF_REENCODE` when None). With ``cost`` the
+    card states the edit's KL and perplexity ratio on neutral text (``neutral``, or the
+    BoolQ test passages of ``data_dir`` or ../shared/data), measured with hooks on the
+    model before the export is written; a path that does not load the model loads it for
+    that when it fits in memory, and the card says why when it is not measured. With
     ``push_to_hub`` and no ``out``, the export is written to a temporary folder that is
     removed after the upload, whether it succeeds or not.
     """
@@ -83,6 +92,9 @@ def export(
     if gguf_reencode is not None:
         check_gguf_reencode(gguf_reencode)
     recipe = as_recipe(plan, k, alpha, sites, allow_extreme=allow_extreme)
+    cost_request = CostRequest(cost, Path(neutral) if neutral is not None else None,
+                               Path(data_dir) if data_dir is not None else None)
+    cost_request.check()
     check_foldable(recipe.sites)
     # k, alpha, sites and the size of the scale factors fail here, before any loading.
     recipe.edit()
@@ -101,9 +113,10 @@ def export(
                               f"--base-model-id ORG/NAME")
     options = dict(dtype=dtype, force=force, base_model=inferred or local_base_name(source),
                    link_unchanged=link_unchanged, allow_pickle=allow_pickle, format=format,
+                   cost_request=cost_request,
                    gguf_reencode=gguf_reencode or GGUF_REENCODE,
                    location=push_to_hub or str(Path(out or ".").expanduser().resolve()))
-    inputs = Inputs.of([*source.input_paths(), *recipe.plan_dirs])
+    inputs = Inputs.of([*source.input_paths(), *recipe.plan_dirs, cost_request.neutral])
     if out is None:
         if push_to_hub is None:
             raise AufoldError("nowhere to write the export; give --out (or --push-to-hub to "
@@ -121,27 +134,89 @@ def export(
 
 def _write_export(source: ModelSource, recipe: Recipe, out: Path, *, dtype: str, force: bool,
                   base_model: str, link_unchanged: bool, allow_pickle: bool, format: str,
-                  gguf_reencode: str, location: str) -> ExportResult:
+                  gguf_reencode: str, location: str, cost_request: CostRequest) -> ExportResult:
     """Write one export into the claimed folder ``out``: streamed, loaded, or another format."""
     if format != CHECKPOINT:
         from aufold.formats.export import export_format  # loads peft and gguf only when asked
 
         return export_format(format, source, recipe, out=out, dtype=dtype, force=force,
                              base_model=base_model, allow_pickle=allow_pickle,
-                             gguf_reencode=gguf_reencode, location=location)
+                             gguf_reencode=gguf_reencode, location=location,
+                             cost_request=cost_request)
     folder = streamable_folder(source, allow_pickle=allow_pickle)
     if folder is not None:
+        def measure() -> MeasuredCost:
+            return measure_cost_unloaded(source, recipe, cost_request, dtype=dtype, force=force,
+                                         allow_pickle=allow_pickle, folder=folder)
+
         edit, report = export_streamed(folder, recipe, out=out, force=force,
                                        link_unchanged=link_unchanged, base_model=base_model,
-                                       location=location, dtype=dtype)
+                                       location=location, dtype=dtype, measure_cost=measure)
         return ExportResult(out, edit, None, report)
     if source.gguf_path is not None:
         log.info("%s", gguf_dequantization_note(source.gguf_path, dtype))
     model, tokenizer, _ = load_model(source.ref, dtype=dtype, sites=recipe.sites,
                                      allow_pickle=allow_pickle)
     recipe.check_fingerprint(fingerprint(model), force=force)
+    measured = measure_cost(model, tokenizer, recipe.edit(), cost_request)
     return export_loaded(model, tokenizer, recipe, out=out, base_model=base_model,
-                         quantized_base=gguf_reference(source), location=location)
+                         quantized_base=gguf_reference(source), location=location,
+                         cost=measured)
+
+
+def measure_cost_unloaded(source: ModelSource, recipe: Recipe, request: CostRequest, *,
+                          dtype: str, force: bool, allow_pickle: bool,
+                          folder: Path | None = None) -> MeasuredCost:
+    """The cost for an export that does not load the model (streamed checkpoint, GGUF file):
+    the model is loaded for it when it fits in memory (from ``folder``, the checkpoint's
+    local folder, when given: a hub id would ask the network), measured with hooks, and
+    freed before anything is written."""
+    reason = request.unmeasured()
+    if reason is None:
+        reason = _does_not_fit(source, dtype, allow_pickle)
+    if reason is not None:
+        return MeasuredCost(None, reason)
+    log.info("measuring the edit's cost on neutral text")
+    try:
+        model, tokenizer, _ = load_model(str(folder) if folder else source.ref, dtype=dtype,
+                                         allow_pickle=allow_pickle)
+    except AufoldError as error:  # the export itself does not need transformers to load it
+        return MeasuredCost(None, f"transformers could not load the model ({error})")
+    try:
+        recipe.check_fingerprint(fingerprint(model), force=force)
+        return measure_cost(model, tokenizer, recipe.edit(), request)
+    finally:
+        del model
+        gc.collect()
+
+
+def _does_not_fit(source: ModelSource, dtype: str, allow_pickle: bool) -> str | None:
+    """Why the model cannot be loaded whole to measure the cost, or None when it can."""
+    from aufold.layerwise import streaming_choice
+    from aufold.layerwise.hidden import MARGIN_BYTES, available_memory, size_text
+
+    if source.gguf_path is not None:
+        needed = _dequantized_bytes(source.gguf_path, dtype)[0] + MARGIN_BYTES
+        fits = needed <= available_memory()
+    else:
+        fits = streaming_choice(source.ref, requested=False, dtype=dtype,
+                                allow_pickle=allow_pickle).folder is None
+        needed = None
+    if fits:
+        return None
+    size = f" ({size_text(needed)})" if needed else ""
+    return (f"the model does not fit in memory{size}, and layer streaming does not measure the "
+            f"cost yet")
+
+
+def _dequantized_bytes(path: Path, dtype: str) -> tuple[int, str]:
+    """The size of a GGUF file's weights once dequantized to ``dtype`` (float32 for auto)."""
+    from aufold.formats.gguf import gguf_tensors
+
+    tensors = gguf_tensors(path)
+    values = sum(int(math.prod(int(n) for n in tensor.shape)) for tensor in tensors.values())
+    written = "float32" if dtype == "auto" else dtype
+    return values * (4 if written == "float32" else 2), written
 
 
 def gguf_dequantization_note(path: Path, dtype: str) -> str:
@@ -150,9 +225,7 @@ def gguf_dequantization_note(path: Path, dtype: str) -> str:
     from aufold.formats.gguf import gguf_tensors
 
     tensors = gguf_tensors(path)
-    values = sum(int(math.prod(int(n) for n in tensor.shape)) for tensor in tensors.values())
-    written = "float32" if dtype == "auto" else dtype
-    size = values * (4 if written == "float32" else 2)
+    size, written = _dequantized_bytes(path, dtype)
     types = ", ".join(sorted({tensor.tensor_type.name for tensor in tensors.values()}))
     hint = "; pass --dtype bfloat16 to halve it" if written == "float32" else ""
     file_size = path.stat().st_size
@@ -186,16 +259,18 @@ def export_loaded(
     allow_extreme: bool = False,
     quantized_base: str | None = None,
     location: str | None = None,
+    cost: MeasuredCost | None = None,
 ) -> ExportResult:
     """Fold into an already loaded model (in place) and write it to the claimed ``out``;
-    ``quantized_base`` names the GGUF file the model was dequantized from, if it was, and
-    ``location`` where the card says to load it from (``out`` when None)."""
+    ``quantized_base`` names the GGUF file the model was dequantized from, if it was,
+    ``location`` where the card says to load it from (``out`` when None), and ``cost`` what
+    the card says about the edit's cost (:func:`aufold.evaluate.cost.measure_cost`)."""
     recipe = as_recipe(plan, k, alpha, sites, allow_extreme=allow_extreme)
     edit = recipe.edit()
     fold_model(model, edit)
     record = ExportRecord(base_model=base_model, recipe=recipe,
                           dtype=str(model.dtype).removeprefix("torch."),
-                          quantized_base=quantized_base,
+                          quantized_base=quantized_base, cost=cost,
                           location=location or str(out.resolve()))
     write_checkpoint(model, tokenizer, record, out)
     return ExportResult(out, edit)

@@ -83,31 +83,20 @@ def localize(
     check_options(batch_size, max_length, tie_tolerance)
     encoded, truncated = encode_pairs(tokenizer, pairs, max_length=max_length,
                                       chat_template=chat_template)
-    shared = [pair for pair in encoded if pair.prompt]
-    full = [pair for pair in encoded if not pair.prompt]
-
     device = input_device(model)
-    layers = num_layers(model)
-    counts = new_counts(sites, layers, lambda site: site_width(model, site), device)
-    padding = pad_id(tokenizer)
-    window = getattr(model.config, "sliding_window", None)
-    with _LastTokenReader(model, sites, layers) as reader, \
-            progress_bar(total=len(encoded), desc="localize", unit="pair", enabled=progress) as bar:
-        for chunk in shared_batches(shared, batch_size, window):
-            _run_shared(model, reader, chunk, padding, device)
-            _count(reader, counts, device, tie_tolerance)
-            bar.update(len(chunk))
-        for chunk in full_batches(full, batch_size):
-            _run_full(model, reader, chunk, padding, device)
-            _count(reader, counts, device, tie_tolerance)
-            bar.update(len(chunk))
+    counts = new_counts(sites, num_layers(model), lambda site: site_width(model, site), device)
+    for activations in last_token_activations(model, encoded, sites, batch_size=batch_size,
+                                              padding=pad_id(tokenizer), progress=progress):
+        for site, per_layer in activations.items():
+            for layer, rows in enumerate(per_layer):
+                count_layer(counts[site], layer, rows.to(device), tie_tolerance)
 
     return counted_plan(model_id or str(getattr(model.config, "_name_or_path", "")),
                         fingerprint(model), len(pairs), counts,
                         {"max_length": max_length, "chat_template": chat_template,
                          "tie_tolerance": tie_tolerance, "truncated_texts": truncated,
                          "dtype": str(model.dtype).removeprefix("torch."),
-                         "full_text_pairs": len(full)})
+                         "full_text_pairs": sum(1 for pair in encoded if not pair.prompt)})
 
 
 def check_options(batch_size: int, max_length: int, tie_tolerance: float) -> None:
@@ -169,6 +158,30 @@ def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Contrastive
         else:
             encoded.append(EncodedPair([], positive, negative))
     return encoded, truncated
+
+
+def last_token_activations(model: PreTrainedModel, encoded: Sequence[EncodedPair],
+                           sites: Sequence[str], *, batch_size: int, padding: int,
+                           progress: bool = True, desc: str = "localize"
+                           ) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Per batch of pairs, each site's activations at the last real token of every text, by
+    layer: rows interleave each pair's positive and negative text. Pairs share their prompt
+    where their tokens allow (:func:`encode_pairs`). Localization counts signs over this
+    stream; contrastive activation addition (:mod:`aufold.vectors.caa`) averages it."""
+    device = input_device(model)
+    window = getattr(model.config, "sliding_window", None)
+    shared = [pair for pair in encoded if pair.prompt]
+    full = [pair for pair in encoded if not pair.prompt]
+    with _LastTokenReader(model, sites, num_layers(model)) as reader, \
+            progress_bar(total=len(encoded), desc=desc, unit="pair", enabled=progress) as bar:
+        for chunk in shared_batches(shared, batch_size, window):
+            _run_shared(model, reader, chunk, padding, device)
+            yield reader.activations
+            bar.update(len(chunk))
+        for chunk in full_batches(full, batch_size):
+            _run_full(model, reader, chunk, padding, device)
+            yield reader.activations
+            bar.update(len(chunk))
 
 
 def shared_batches(pairs: list[EncodedPair], batch_size: int,
@@ -277,14 +290,6 @@ def signs(x_pos: torch.Tensor, x_neg: torch.Tensor,
     rms = torch.maximum(x_pos.square().mean(-1, keepdim=True), x_neg.square().mean(-1, keepdim=True)).sqrt()
     tie = tie_tolerance * rms
     return m > tie, m < -tie
-
-
-def _count(reader: _LastTokenReader, counts: dict[str, SiteCounts], device: torch.device,
-           tie_tolerance: float) -> None:
-    """Add this batch's signs to the counters, on the device; rows are (positive, negative) pairs."""
-    for site, per_layer in reader.activations.items():
-        for layer, activations in enumerate(per_layer):
-            count_layer(counts[site], layer, activations.to(device), tie_tolerance)
 
 
 def count_layer(counts: SiteCounts, layer: int, activations: torch.Tensor,

@@ -22,10 +22,20 @@ from aufold.sites import site_kind
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from aufold.vectors.caa import VectorEdit
+
 
 @contextmanager
-def steer(model: PreTrainedModel, edit: Edit) -> Iterator[PreTrainedModel]:
-    """Apply an edit with hooks for the duration of the ``with`` block."""
+def steer(model: PreTrainedModel, edit: Edit | VectorEdit) -> Iterator[PreTrainedModel]:
+    """Apply an edit with hooks for the duration of the ``with`` block; an additive
+    :class:`~aufold.vectors.caa.VectorEdit` (the CAA baseline) adds its vectors instead."""
+    from aufold.vectors.caa import VectorEdit
+    from aufold.vectors.hooks import add_vectors
+
+    if isinstance(edit, VectorEdit):
+        with add_vectors(model, edit.vectors, edit.target, edit.scale):
+            yield model
+        return
     for site in edit.sites:
         check_site_exists(model, site)
     layers = num_layers(model)

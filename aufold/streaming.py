@@ -18,7 +18,7 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +46,7 @@ from aufold.checkpoint import (
 )
 from aufold.edit import Edit
 from aufold.errors import AufoldError
+from aufold.evaluate.cost import MeasuredCost
 from aufold.fold import TensorEdit, fold_tensor_, weight_edits
 from aufold.modeling import DTYPES, ModelSource, fingerprint_from
 from aufold.recipe import Recipe
@@ -156,6 +157,7 @@ def export_streamed(
     link_unchanged: bool = False,
     location: str | None = None,
     dtype: str = "auto",
+    measure_cost: Callable[[], MeasuredCost] | None = None,
 ) -> tuple[Edit, StreamReport]:
     """Fold the recipe's edit into the checkpoint in ``folder`` and write ``out``
     (whose card says to load it from ``location``, ``out`` when None), its floating-point
@@ -166,9 +168,11 @@ def export_streamed(
     recipe.check_fingerprint(checkpoint_fingerprint(checkpoint, config, architecture), force=force)
     edit = recipe.edit()
     edits = stored_edits(checkpoint, weight_edits(edit, architecture))
+    # Measured once the edit is known to fit the stored tensors, before anything is written.
+    cost = measure_cost() if measure_cost is not None else None
     convert = conversion_dtype(checkpoint, dtype)
     first = next(entry for shard in edits.values() for entry in shard)
-    record = ExportRecord(base_model=base_model, recipe=recipe,
+    record = ExportRecord(base_model=base_model, recipe=recipe, cost=cost,
                           dtype=str(convert or FLOAT_DTYPES[first.dtype]).removeprefix("torch."),
                           location=location or str(out.resolve()))
     texts = {"README.md": model_card(record),

@@ -18,6 +18,7 @@ from aufold.evaluate import evaluate_items
 from aufold.evaluate.compare import METHODS, compare_methods
 from aufold.evaluate.cost import edit_costs, neutral_text
 from aufold.modeling import site_width
+from aufold.tasks.contrast import choice_pairs
 
 
 def test_block_units_steer_every_unit_of_one_layer_with_its_own_gamma() -> None:
@@ -41,8 +42,9 @@ def test_comparison_is_each_method_scored_and_costed_alike(tmp_path: Path) -> No
     plan = random_plan(model, sites=("head",))
     result = compare_methods(model, tokenizer, plan, tiny_items(), neutral, site="head",
                              ks=(2, 16), alphas=(1.0, 20.0), block_alphas=(0.5, 5.0),
-                             budgets=(0.01, 1.0, 100.0), scorer="loglik", progress=False)
-    assert len(result.points) == 3 * 4 + 2
+                             budgets=(0.01, 1.0, 100.0), scorer="loglik", progress=False,
+                             pairs=choice_pairs(generic_splits()["pairs"]), caa_multipliers=(2.0,))
+    assert len(result.points) == 3 * 4 + 2 + 1
     assert {p.method for p in result.points} == set(METHODS)
     block = [p for p in result.points if p.method == "block"]
     assert all(p.units == site_width(model, "head") for p in block)
@@ -71,8 +73,8 @@ def test_compare_command(tmp_path: Path) -> None:
     common = ("compare", model_dir, "--task", "generic", "--data-dir", data, "--plan",
               tmp_path / "plan", "--neutral", tmp_path / "text.txt", "--scorer", "loglik")
     result = run_cli(*common, "--site", "mlp", "--k-grid", "2,8", "--alpha-grid", "5",
-                     "--block-alpha-grid", "1", "--budgets", "0.1,10", "--no-plot", "--out",
-                     tmp_path / "out")
+                     "--block-alpha-grid", "1", "--budgets", "0.1,10", "--no-plot", "--no-caa",
+                     "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert "best accuracy within each KL budget" in result.output
     record = json.loads((tmp_path / "out" / "compare.json").read_text())

@@ -140,3 +140,77 @@ def test_a_missing_neutral_file_is_refused_before_the_model_loads(tmp_path: Path
                      "--neutral", tmp_path / "absent.txt", "--out", tmp_path / "tuned")
     assert_one_line_error(result, "absent.txt")
     assert not loads and not (tmp_path / "tuned").exists()
+
+
+def folded_model_costs(base, folded, neutral: NeutralText) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """KL and perplexity ratio of an exported (folded) model against its base, from whole logits."""
+    kl, nll_base, nll_folded, count = 0.0, 0.0, 0.0, 0
+    for window in neutral.windows:
+        ids = torch.tensor([window])
+        with torch.no_grad():
+            base_lp = torch.log_softmax(base(input_ids=ids).logits.float()[0, :-1], -1)
+            folded_lp = torch.log_softmax(folded(input_ids=ids).logits.float()[0, :-1], -1)
+        targets = ids[0, 1:, None]
+        kl += float((base_lp.exp() * (base_lp - folded_lp)).sum())
+        nll_base -= float(base_lp.gather(-1, targets).sum())
+        nll_folded -= float(folded_lp.gather(-1, targets).sum())
+        count += len(window) - 1
+    return kl / count, math.exp((nll_folded - nll_base) / count)
+
+
+@pytest.mark.parametrize("output_format", ["checkpoint", "lora", "ia3"])
+def test_every_export_card_states_the_measured_cost(output_format: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model_dir = save_tiny_model("llama", tmp_path / "model")
+    random_plan(tiny_model("llama")).save(tmp_path / "plan")
+    neutral_file = tmp_path / "neutral.txt"
+    neutral_file.write_text(TEXT)
+    out = tmp_path / "out"
+    result = run_cli("export", model_dir, "--plan", tmp_path / "plan", "--k", 12, "--alpha", 4,
+                     "--site", "mlp", "--neutral", neutral_file, "--format", output_format,
+                     "--out", out)
+    assert result.exit_code == 0, result.output
+    cost = json.loads((out / "aufold.json").read_text())["cost"]
+    assert cost["measured"] and cost["corpus"] == str(neutral_file) and cost["kl"] > 0
+    card = (out / "README.md").read_text()
+    assert f"| KL(base \\|\\| steered) on neutral text | {cost['kl']:.4g} nats/token |" in card
+    assert f"| perplexity ratio (steered / base) | {cost['perplexity_ratio']:.4f} |" in card
+    assert f"| neutral corpus | {neutral_file}, {cost['tokens']} tokens |" in card
+    if output_format == "checkpoint":  # the folded model itself costs what the card says
+        neutral = neutral_text(tiny_tokenizer(), file=neutral_file)
+        kl, ratio = folded_model_costs(tiny_model("llama"),
+                                       AutoModelForCausalLM.from_pretrained(out), neutral)
+        assert cost["tokens"] == sum(len(w) - 1 for w in neutral.windows)
+        assert cost["kl"] == pytest.approx(kl, rel=1e-4)
+        assert cost["perplexity_ratio"] == pytest.approx(ratio, rel=1e-5)
+
+
+def test_an_export_card_says_why_the_cost_was_not_measured(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import aufold.evaluate.cost as cost_module
+    import aufold.layerwise as layerwise
+
+    model_dir = save_tiny_model("llama", tmp_path / "model")
+    random_plan(tiny_model("llama")).save(tmp_path / "plan")
+    export = ["export", model_dir, "--plan", tmp_path / "plan", "--k", 4, "--alpha", 2]
+
+    def reason(out: Path) -> str:
+        cost = json.loads((out / "aufold.json").read_text())["cost"]
+        assert not cost["measured"]
+        assert f"| cost on neutral text | not measured: {cost['reason']} |" in (out / "README.md").read_text()
+        return str(cost["reason"])
+
+    assert run_cli(*export, "--no-cost", "--out", tmp_path / "skipped").exit_code == 0
+    assert reason(tmp_path / "skipped") == "skipped with --no-cost"
+    monkeypatch.setattr(layerwise, "available_memory", lambda: 10**6)  # the weights do not fit
+    assert run_cli(*export, "--out", tmp_path / "big").exit_code == 0
+    assert "does not fit in memory" in reason(tmp_path / "big")
+    monkeypatch.undo()
+    monkeypatch.setattr(cost_module, "_boolq_file", lambda data_dir: (_ for _ in ()).throw(
+        AufoldError("no BoolQ here")))  # as on a machine without ../shared/data
+    assert run_cli(*export, "--out", tmp_path / "no-corpus").exit_code == 0
+    assert "--neutral FILE" in reason(tmp_path / "no-corpus")
+    result = run_cli(*export, "--neutral", tmp_path / "absent.txt", "--out", tmp_path / "bad")
+    assert_one_line_error(result, "absent.txt", "--neutral")
+    assert not (tmp_path / "bad").exists()

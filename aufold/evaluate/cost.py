@@ -71,6 +71,65 @@ class EditCost:
                 f"({self.corpus}, {self.tokens} tokens)")
 
 
+@dataclass(frozen=True)
+class CostRequest:
+    """Whether an export measures its edit's cost, and on what: ``neutral`` (a text file) or
+    the default corpus, read from ``data_dir`` or ``../shared/data``."""
+
+    enabled: bool = True
+    neutral: Path | None = None
+    data_dir: Path | None = None
+
+    def check(self) -> None:
+        """Refuse a named corpus that cannot be read, before any work. A missing default
+        corpus only leaves the cost unmeasured (:meth:`unmeasured` says why)."""
+        if self.enabled and self.neutral is not None:
+            check_neutral(self.neutral, self.data_dir)
+
+    def unmeasured(self) -> str | None:
+        """Why the cost will not be measured, or None when it will be."""
+        if not self.enabled:
+            return "skipped with --no-cost"
+        if self.neutral is None:
+            try:
+                _boolq_file(self.data_dir)
+            except AufoldError:
+                return (f"the default corpus ({DEFAULT_CORPUS} of ../shared/data) is not here; "
+                        f"give one with --neutral FILE")
+        return None
+
+
+@dataclass(frozen=True)
+class MeasuredCost:
+    """What an export's card says about the cost: the measurement, or why there is none."""
+
+    cost: EditCost | None
+    reason: str = ""  # why it was not measured
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.cost is None:
+            return {"measured": False, "reason": self.reason}
+        return {"measured": True, **self.cost.to_dict()}
+
+    def card_rows(self) -> str:
+        """Rows of the card's settings table."""
+        if self.cost is None:
+            return f"| cost on neutral text | not measured: {self.reason} |"
+        return (f"| KL(base \\|\\| steered) on neutral text | {self.cost.kl:.4g} nats/token |\n"
+                f"| perplexity ratio (steered / base) | {self.cost.perplexity_ratio:.4f} |\n"
+                f"| neutral corpus | {self.cost.corpus}, {self.cost.tokens} tokens |")
+
+
+def measure_cost(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, edit: Edit,
+                 request: CostRequest, *, progress: bool = True) -> MeasuredCost:
+    """The edit's cost on the requested corpus, with hooks on the unedited ``model``."""
+    reason = request.unmeasured()
+    if reason is not None:
+        return MeasuredCost(None, reason)
+    text = neutral_text(tokenizer, file=request.neutral, data_dir=request.data_dir)
+    return MeasuredCost(edit_costs(model, text, {0: edit}, progress=progress)[0])
+
+
 def neutral_text(tokenizer: PreTrainedTokenizerBase, *, file: str | Path | None = None,
                  data_dir: str | Path | None = None, tokens: int = NEUTRAL_TOKENS,
                  window: int = NEUTRAL_WINDOW) -> NeutralText:

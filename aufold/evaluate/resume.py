@@ -26,6 +26,8 @@ from aufold.modeling import model_architecture
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from aufold.vectors.caa import VectorEdit
+
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     return model.get_submodule(model_architecture(model).layers)  # type: ignore[return-value]
@@ -36,9 +38,11 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
 MAX_RESUME_POINTS = 8
 
 
-def earliest_layer(edit: Edit) -> int:
+def earliest_layer(edit: Edit | VectorEdit) -> int:
     """The first decoder layer whose computation the edit changes."""
-    return min(unit.layer for unit in edit.units)
+    if isinstance(edit, Edit):
+        return min(unit.layer for unit in edit.units)
+    return edit.first_layer  # an additive edit changes the output of its first layer
 
 
 def resume_points(starts: Iterable[int], limit: int = MAX_RESUME_POINTS) -> dict[int, int]:

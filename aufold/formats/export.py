@@ -15,7 +15,8 @@ from aufold.card import Artifact, ExportRecord, card_files
 from aufold.defaults import GGUF_REENCODE
 from aufold.edit import Edit
 from aufold.errors import AufoldError
-from aufold.export import ExportResult, gguf_reference
+from aufold.evaluate.cost import CostRequest, measure_cost
+from aufold.export import ExportResult, gguf_reference, measure_cost_unloaded
 from aufold.formats import check_format
 from aufold.formats.adapter import Adapter, write_adapter
 from aufold.formats.gguf import fold_gguf, gguf_artifact, read_gguf_model
@@ -45,6 +46,7 @@ def export_format(
     allow_pickle: bool = False,
     gguf_reencode: str = GGUF_REENCODE,
     location: str,
+    cost_request: CostRequest | None = None,
 ) -> ExportResult:
     """Write the recipe's edit of ``source`` as ``format`` into the claimed folder ``out``;
     its card says to load it from ``location``. Adapters and GGUF block scales hold one
@@ -54,14 +56,19 @@ def export_format(
     record = ExportRecord(base_model=base_model, recipe=recipe, dtype=dtype,
                           quantized_base=gguf_reference(source),
                           location=location)
+    cost_request = cost_request or CostRequest(enabled=False)
     if format == "gguf":
-        _export_gguf(source, recipe, edit, record, out, force=force, reencode=gguf_reencode)
+        measured = measure_cost_unloaded(source, recipe, cost_request, dtype=dtype, force=force,
+                                         allow_pickle=allow_pickle)
+        _export_gguf(source, recipe, edit, replace(record, cost=measured), out, force=force,
+                     reencode=gguf_reencode)
     else:
         build, describe = ADAPTERS[format]  # a checkpoint is aufold.export's own job
-        model, _, _ = load_model(source.ref, dtype=dtype, allow_pickle=allow_pickle)
+        model, tokenizer, _ = load_model(source.ref, dtype=dtype, allow_pickle=allow_pickle)
         recipe.check_fingerprint(fingerprint(model), force=force)
         adapter = build(model, edit, base_model=base_model)
-        record = replace(record, dtype=str(model.dtype).removeprefix("torch."))
+        record = replace(record, dtype=str(model.dtype).removeprefix("torch."),
+                         cost=measure_cost(model, tokenizer, edit, cost_request))
         write_adapter(adapter, replace(record, artifact=describe(record, adapter)), out)
     return ExportResult(out, edit)
 

@@ -97,6 +97,7 @@ INPUT_ARGUMENTS: Mapping[str, Callable[[Any], list[Path]]] = {
     "parts": _paths,
     "folded": _paths,
     "neutral": _paths,
+    "caa_pairs": _paths,
 }
 
 
