@@ -823,6 +823,10 @@ def compare(model: str, task: str, plan_dir: Path, site: str, out: Path, split: 
     from aufold.evaluate.compare import run_compare
     from aufold.tune import parse_grid
 
+    if no_caa and (caa_pairs is not None or caa_layer is not None
+                   or caa_multipliers != "0.5,1,2,4,8"):
+        raise AufoldError("--no-caa leaves CAA out; drop the --caa-* options with it")
+
     outcome = run_compare(model, task, plan_dir=plan_dir, site=site, out=out, split=split,
                           ks=parse_grid(k_grid, int, "--k-grid"),
                           alphas=parse_grid(alpha_grid, float, "--alpha-grid"),

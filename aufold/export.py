@@ -168,45 +168,44 @@ def measure_cost_unloaded(source: ModelSource, recipe: Recipe, request: CostRequ
                           dtype: str, force: bool, allow_pickle: bool,
                           folder: Path | None = None) -> MeasuredCost:
     """The cost for an export that does not load the model (streamed checkpoint, GGUF file):
-    the model is loaded for it when it fits in memory (from ``folder``, the checkpoint's
-    local folder, when given: a hub id would ask the network), measured with hooks, and
-    freed before anything is written."""
+    the model is loaded for it (from ``folder``, the checkpoint's local folder, when given:
+    a hub id would ask the network), one layer at a time when its weights do not fit in
+    memory (:func:`aufold.layerwise.load_for_run`), measured with hooks, and freed before
+    anything is written."""
+    from aufold.layerwise import load_for_run
+
     reason = request.unmeasured()
-    if reason is None:
-        reason = _does_not_fit(source, dtype, allow_pickle)
+    if reason is None and source.gguf_path is not None:
+        reason = _gguf_does_not_fit(source.gguf_path, dtype)
     if reason is not None:
         return MeasuredCost(None, reason)
     log.info("measuring the edit's cost on neutral text")
     try:
-        model, tokenizer, _ = load_model(str(folder) if folder else source.ref, dtype=dtype,
-                                         allow_pickle=allow_pickle)
+        model, tokenizer, _ = load_for_run(str(folder) if folder else source.ref, dtype=dtype,
+                                           allow_pickle=allow_pickle)
     except AufoldError as error:  # the export itself does not need transformers to load it
-        return MeasuredCost(None, f"transformers could not load the model ({error})")
+        return MeasuredCost(None, f"the model or its tokenizer could not be loaded ({error})")
     try:
         recipe.check_fingerprint(fingerprint(model), force=force)
-        return measure_cost(model, tokenizer, recipe.edit(), request)
+        try:
+            return measure_cost(model, tokenizer, recipe.edit(), request)
+        except AufoldError as error:  # e.g. no room for a streamed model's hidden states
+            return MeasuredCost(None, f"it could not be measured ({error})")
     finally:
         del model
         gc.collect()
 
 
-def _does_not_fit(source: ModelSource, dtype: str, allow_pickle: bool) -> str | None:
-    """Why the model cannot be loaded whole to measure the cost, or None when it can."""
-    from aufold.layerwise import streaming_choice
+def _gguf_does_not_fit(path: Path, dtype: str) -> str | None:
+    """Why a GGUF model cannot be dequantized in memory to measure the cost, or None. (A GGUF
+    file cannot stream layer by layer: transformers dequantizes it whole.)"""
     from aufold.layerwise.hidden import MARGIN_BYTES, available_memory, size_text
 
-    if source.gguf_path is not None:
-        needed = _dequantized_bytes(source.gguf_path, dtype)[0] + MARGIN_BYTES
-        fits = needed <= available_memory()
-    else:
-        fits = streaming_choice(source.ref, requested=False, dtype=dtype,
-                                allow_pickle=allow_pickle).folder is None
-        needed = None
-    if fits:
+    needed = _dequantized_bytes(path, dtype)[0] + MARGIN_BYTES
+    if needed <= available_memory():
         return None
-    size = f" ({size_text(needed)})" if needed else ""
-    return (f"the model does not fit in memory{size}, and layer streaming does not measure the "
-            f"cost yet")
+    return (f"the dequantized model does not fit in memory ({size_text(needed)}), and a GGUF "
+            f"file cannot stream layer by layer")
 
 
 def _dequantized_bytes(path: Path, dtype: str) -> tuple[int, str]:

@@ -176,11 +176,11 @@ def last_token_activations(model: PreTrainedModel, encoded: Sequence[EncodedPair
             progress_bar(total=len(encoded), desc=desc, unit="pair", enabled=progress) as bar:
         for chunk in shared_batches(shared, batch_size, window):
             _run_shared(model, reader, chunk, padding, device)
-            yield reader.activations
+            yield {site: list(rows) for site, rows in reader.activations.items()}
             bar.update(len(chunk))
         for chunk in full_batches(full, batch_size):
             _run_full(model, reader, chunk, padding, device)
-            yield reader.activations
+            yield {site: list(rows) for site, rows in reader.activations.items()}
             bar.update(len(chunk))
 
 

@@ -30,7 +30,7 @@ from aufold.evaluate.resume import MAX_RESUME_POINTS
 from aufold.layerwise import load_for_run
 from aufold.layerwise.evaluate import MATH_NEEDS_WHOLE_MODEL
 from aufold.localize import DEFAULT_BATCH_SIZE as LOCALIZE_BATCH_SIZE
-from aufold.modeling import fingerprint, is_layerwise, num_layers, resolve_source, site_width
+from aufold.modeling import fingerprint, num_layers, resolve_source, site_width
 from aufold.plan import Plan, check_alpha
 from aufold.plotting import INSTALL_HINT, matplotlib_available, plot_heatmap
 from aufold.safety.limits import check_scale_factors
@@ -312,9 +312,6 @@ def tune(
             model_ref, layer_streaming=layer_streaming, work_dir=work_dir, dtype=dtype,
             device=device, device_map=device_map, sites=sites, allow_pickle=allow_pickle,
             needs_whole_model=MATH_NEEDS_WHOLE_MODEL if kind == "math" else None)
-        if max_kl is not None and is_layerwise(model):
-            raise AufoldError("--max-kl needs each configuration's KL, which layer streaming "
-                              "does not measure yet; drop --max-kl or load the model whole")
         if plan is not None:
             plan.check_fingerprint(fingerprint(model), force=force)
         else:
@@ -330,10 +327,8 @@ def tune(
         options: dict[str, Any] = dict(batch_size=batch_size, chat_template=chat_template,
                                        max_length=max_length, max_new_tokens=max_new_tokens)
         neutral_tokens = None
-        notes = []
-        if cost and is_layerwise(model):
-            notes.append("the cost on neutral text is not measured under layer streaming")
-        elif cost:
+        notes: list[str] = []
+        if cost:
             neutral_tokens = neutral_text(tokenizer, file=neutral, data_dir=data_dir)
         result = sweep(model, tokenizer, plan, tune_items, sites=sites, ks=ks, alphas=alphas,
                        kind=kind, scorer=name, progress=progress, allow_extreme=allow_extreme,

@@ -150,3 +150,27 @@ def test_bad_caa_input_is_refused_in_one_line(tmp_path: Path) -> None:
     result = run_cli("caa", model_dir, "--pairs", pairs, "--layer", 1, "--out", tmp_path / "caa.pt")
     assert_one_line_error(result, "must end in .safetensors")
     assert not out.exists() and not (tmp_path / "caa.pt").exists()
+
+
+def test_caa_replaces_its_own_vector_file_and_compare_checks_its_options(tmp_path: Path) -> None:
+    model_dir = save_tiny_model("llama", tmp_path / "model")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p.__dict__) + "\n" for p in PAIRS))
+    out = tmp_path / "caa.safetensors"
+    command = ["caa", model_dir, "--pairs", pairs, "--layer", 1, "--out", out]
+    assert run_cli(*command).exit_code == 0
+    assert_one_line_error(run_cli(*command), "--overwrite")
+    assert run_cli(*command, "--overwrite").exit_code == 0
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(out.read_bytes().replace(b"aufold-caa-vectors", b"someone-elses-vec"))
+    result = run_cli("caa", model_dir, "--pairs", pairs, "--layer", 1, "--out", other, "--overwrite")
+    assert_one_line_error(result, "only replaces outputs that aufold wrote")
+
+    data = write_generic(tmp_path / "data", generic_splits())
+    random_plan(tiny_model("llama"), sites=("mlp",), num_pairs=12).save(tmp_path / "plan")
+    common = ["compare", model_dir, "--task", "generic", "--data-dir", data, "--plan",
+              tmp_path / "plan", "--site", "mlp", "--out", tmp_path / "cmp"]
+    assert_one_line_error(run_cli(*common, "--caa-multipliers", "1e9"),
+                          "--caa-multipliers", "lower --caa-multipliers")
+    assert_one_line_error(run_cli(*common, "--no-caa", "--caa-layer", 1), "drop the --caa-* options")
+    assert not (tmp_path / "cmp").exists()

@@ -79,7 +79,7 @@ def test_compare_command(tmp_path: Path) -> None:
     assert "best accuracy within each KL budget" in result.output
     record = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert record["format"] == "aufold-compare" and len(record["points"]) == 3 * 2 + 1
-    assert set(record["best_within"]["10.0"]) == set(METHODS)
+    assert set(record["best_within"]["10.0"]) == set(METHODS) - {"caa"}  # --no-caa
     result = run_cli(*common, "--site", "head", "--out", tmp_path / "wrong")
     assert_one_line_error(result, "no site 'head'")
     assert not (tmp_path / "wrong").exists()

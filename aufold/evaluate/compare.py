@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from aufold.ablations import block_units, densest_layer, fixed_strength, random_units
 from aufold.edit import Edit
+from aufold.encoding import DEFAULT_MAX_LENGTH
 from aufold.errors import AufoldError
 from aufold.evaluate.cost import NeutralText, edit_costs
 from aufold.evaluate.edits import evaluate_edits
@@ -82,13 +83,19 @@ class Comparison:
         within = [p for p in self.points if p.method == method and p.kl <= budget]
         return min(within, key=lambda p: (-p.accuracy, p.units, p.kl), default=None)
 
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods that ran, in :data:`METHODS` order (CAA only with pairs)."""
+        ran = {point.method for point in self.points}
+        return tuple(method for method in METHODS if method in ran)
+
     def table(self) -> str:
         """Best accuracy per method (rows) within each KL budget (columns)."""
         head = f"{'method':<8}" + "".join(f"{'KL <= ' + format(b, 'g'):>24}" for b in self.budgets)
         lines = [f"best accuracy within each KL budget (site {self.site}; unsteered "
                  f"{self.base.accuracy:.3f}, n={self.base.n}; KL on {self.corpus}, "
                  f"{self.tokens} tokens)", head]
-        for method in METHODS:
+        for method in self.methods:
             cells = []
             for budget in self.budgets:
                 best = self.best_within(method, budget)
@@ -102,7 +109,7 @@ class Comparison:
                 "neutral": {"corpus": self.corpus, "tokens": self.tokens},
                 "unsteered": self.base.summary(),
                 "best_within": {str(b): {m: asdict(p) if (p := self.best_within(m, b)) else None
-                                         for m in METHODS} for b in self.budgets},
+                                         for m in self.methods} for b in self.budgets},
                 "points": [asdict(point) for point in self.points]}
 
 
@@ -150,11 +157,14 @@ def compare_methods(
                                                               allow_extreme=allow_extreme)
     vector_layer = None
     if pairs:
+        check_caa_multipliers(caa_multipliers, allow_extreme=allow_extreme)
         vector_layer = layer if caa_layer is None else caa_layer
+        # Read as the plan read its pairs: the same length limit and prompt wrapping.
         vectors = caa_vectors(model, tokenizer, pairs, [vector_layer], batch_size=batch_size,
-                              chat_template=chat_template, progress=progress)
+                              max_length=int(plan.settings.get("max_length", DEFAULT_MAX_LENGTH)),
+                              chat_template=bool(plan.settings.get("chat_template", chat_template)),
+                              progress=progress)
         for multiplier in caa_multipliers:
-            check_scale(multiplier, allow_extreme=allow_extreme)
             edits["caa", f"L{vector_layer} x{multiplier:g}"] = VectorEdit(vectors, multiplier)
     results = evaluate_edits(model, tokenizer, items, edits, kind=kind, scorer=scorer,
                              batch_size=batch_size, chat_template=chat_template,
@@ -199,6 +209,9 @@ def run_compare(model_ref: str | Path, task: str, *, plan_dir: str | Path, site:
     from aufold.safety.outputs import Inputs, atomic_folder, claim_output
     from aufold.tasks import get_task, load_split, read_pairs_or_task, resolve_data_dir
 
+    if caa:
+        check_caa_multipliers(options.get("caa_multipliers", CAA_MULTIPLIERS),
+                              allow_extreme=bool(options.get("allow_extreme")))
     kind = get_task(task).kind
     if kind != "choice":
         raise AufoldError(f"compare scores choice tasks; {task} is a {kind} task")
@@ -238,9 +251,17 @@ def run_compare(model_ref: str | Path, task: str, *, plan_dir: str | Path, site:
         return CompareOutcome(out_dir, comparison, out_dir / figure.name if figure else None)
 
 
+def check_caa_multipliers(multipliers: Sequence[float], *, allow_extreme: bool = False) -> None:
+    if not multipliers:
+        raise AufoldError("give at least one CAA multiplier, or leave CAA out with --no-caa")
+    for multiplier in multipliers:
+        check_scale(multiplier, allow_extreme=allow_extreme, option="--caa-multipliers")
+
+
 def _plan_pairs(plan: Plan, task_pairs: list[ContrastivePair]) -> list[ContrastivePair]:
-    """The task pairs the plan was localized on with ``aufold localize --task``: the first
-    ``plan.num_pairs``; a plan that counted more was made from other pairs."""
+    """The task pairs ``aufold localize --task`` counts: the first ``plan.num_pairs`` of the
+    pairs split (a plan localized on a pairs file needs ``--caa-pairs``); a plan that
+    counted more was made from other pairs."""
     if plan.num_pairs > len(task_pairs):
         raise AufoldError(f"CAA's vector needs the pairs the plan was localized on: the plan "
                           f"counted {plan.num_pairs} pairs, but the task's pairs split has "

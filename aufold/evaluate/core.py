@@ -209,10 +209,9 @@ def evaluate_model(
     ``layer_streaming`` (or when the weights do not fit) the model runs one decoder layer
     at a time (:mod:`aufold.layerwise`). With a recipe and ``cost``, the edit's KL and
     perplexity ratio on neutral text (``neutral``, or the BoolQ test passages) are measured
-    too (:mod:`aufold.evaluate.cost`; not under layer streaming).
+    too (:mod:`aufold.evaluate.cost`).
     """
     from aufold.evaluate.cost import check_neutral, edit_costs, neutral_text
-    from aufold.progress import status
     from aufold.evaluate.edits import evaluate_edits  # it builds on this module
     from aufold.layerwise import load_for_run
     from aufold.layerwise.evaluate import MATH_NEEDS_WHOLE_MODEL
@@ -249,9 +248,7 @@ def evaluate_model(
                                      data_dir=str(data_folder))
         result.settings["steering"] = recipe.describe() if recipe else None
         measured = None
-        if edit is not None and cost and is_layerwise(model):
-            status("note: the cost on neutral text is not measured under layer streaming")
-        elif edit is not None and cost:
+        if edit is not None and cost:
             text = neutral_text(tokenizer, file=neutral, data_dir=data_dir)
             measured = edit_costs(model, text, {"steered": edit},
                                   progress=options.get("progress", True))["steered"]

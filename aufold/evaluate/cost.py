@@ -21,7 +21,7 @@ is applied to a few positions at a time, so memory stays flat whatever the vocab
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -30,12 +30,14 @@ import torch
 
 from aufold.defaults import NEUTRAL_TOKENS, NEUTRAL_WINDOW
 from aufold.edit import Edit
-from aufold.errors import AufoldError
+from aufold.errors import AufoldError, first_line
 from aufold.progress import bar as progress_bar
 from aufold.steer import steer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from aufold.vectors.caa import VectorEdit
 
 Key = TypeVar("Key", bound=Hashable)
 HEAD_CHUNK = 64  # positions per LM-head call: [batch, 64, vocab] float32 at a time
@@ -176,6 +178,13 @@ def check_neutral(file: str | Path | None, data_dir: str | Path | None) -> None:
     if not path.is_file():
         raise AufoldError(f"the neutral text {path} is not a file; give a UTF-8 text file with "
                           f"--neutral FILE")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise AufoldError(f"cannot read the neutral text {path}: {first_line(error)}; give a "
+                          f"UTF-8 text file with --neutral FILE") from None
+    if not text.strip():
+        raise AufoldError(f"the neutral text {path} is empty; give a file with prose in it")
 
 
 def _boolq_file(data_dir: str | Path | None) -> Path:
@@ -208,48 +217,79 @@ def _boolq_passages(data_dir: str | Path | None) -> list[str]:
 
 
 @torch.inference_mode()
-def edit_costs(model: PreTrainedModel, neutral: NeutralText, edits: Mapping[Key, Edit], *,
-               batch_size: int = 4, progress: bool = True) -> dict[Key, EditCost]:
-    """Each edit's KL and perplexity ratio against the unsteered model on ``neutral``."""
-    from aufold.modeling import input_device
+def edit_costs(model: PreTrainedModel, neutral: NeutralText, edits: Mapping[Key, Edit | VectorEdit],
+               *, batch_size: int = 4, progress: bool = True) -> dict[Key, EditCost]:
+    """Each edit's KL and perplexity ratio against the unsteered model on ``neutral``; a
+    layer-streamed model runs one layer at a time (:mod:`aufold.layerwise.cost`)."""
+    from aufold.modeling import input_device, is_layerwise
 
+    if is_layerwise(model):
+        from aufold.layerwise.cost import edit_costs_layerwise
+
+        return edit_costs_layerwise(model, neutral, edits, batch_size=batch_size,  # type: ignore[arg-type]
+                                    progress=progress)
     device = input_device(model)
-    kl = {key: 0.0 for key in edits}
-    nll = {key: 0.0 for key in edits}
-    base_nll, count = 0.0, 0
-    windows = sorted(neutral.windows, key=len)
-    batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+    tally = CostTally(edits)
+    batches = window_batches(neutral, batch_size)
     with progress_bar(total=len(batches) * (1 + len(edits)), desc="cost", unit="pass",
                       enabled=progress) as bar:
         for batch in batches:
-            ids, mask = _pad(batch, device)
+            ids, mask = pad_windows(batch, device)
             hidden = {None: _final_hidden(model, ids, mask)}
             bar.update()
             for key, edit in edits.items():
                 with steer(model, edit):
                     hidden[key] = _final_hidden(model, ids, mask)
                 bar.update()
-            valid = mask[:, 1:].bool()
-            count += int(valid.sum())
-            for start in range(0, ids.shape[1] - 1, HEAD_CHUNK):
-                stop = min(start + HEAD_CHUNK, ids.shape[1] - 1)
-                base = _log_probs(model, hidden[None][:, start:stop])
-                # The LM head may sit on another device than the inputs (--device-map).
-                keep = valid[:, start:stop].to(base.device)
-                target = ids[:, start + 1:stop + 1, None].to(base.device)
-                base_nll -= float(base.gather(-1, target).squeeze(-1)[keep].sum())
-                for key in edits:
-                    steered = _log_probs(model, hidden[key][:, start:stop])
-                    kl[key] += float((base.exp() * (base - steered)).sum(-1)[keep].sum())
-                    nll[key] -= float(steered.gather(-1, target).squeeze(-1)[keep].sum())
-    # KL is never negative; a sum of float32 terms can round a zero to -1e-9.
-    return {key: EditCost(kl=max(kl[key] / count, 0.0),
-                          perplexity_ratio=math.exp((nll[key] - base_nll) / count),
-                          corpus=neutral.name, tokens=count)
-            for key in edits}
+            tally.add(ids, mask, lambda key, start, stop: _log_probs(model, hidden[key][:, start:stop]))
+    return tally.costs(neutral)
 
 
-def _pad(windows: list[tuple[int, ...]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def window_batches(neutral: NeutralText, batch_size: int) -> list[list[tuple[int, ...]]]:
+    """The corpus windows in batches of similar length (less padding)."""
+    windows = sorted(neutral.windows, key=len)
+    return [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+
+
+class CostTally:
+    """The sums behind each edit's KL and perplexity ratio, added a batch at a time."""
+
+    def __init__(self, edits: Mapping[Key, object]) -> None:
+        self.keys = list(edits)
+        self.kl = {key: 0.0 for key in self.keys}
+        self.nll = {key: 0.0 for key in self.keys}
+        self.base_nll, self.count = 0.0, 0
+
+    def add(self, ids: torch.Tensor, mask: torch.Tensor,
+            log_probs: Callable[[Any, int, int], torch.Tensor]) -> None:
+        """One right-padded batch; ``log_probs(key, start, stop)`` gives the float32 next-token
+        log-probabilities at positions ``start:stop`` (key None: the unsteered model), a few
+        positions at a time so that memory stays flat whatever the vocabulary."""
+        valid = mask[:, 1:].bool()
+        self.count += int(valid.sum())
+        for start in range(0, ids.shape[1] - 1, HEAD_CHUNK):
+            stop = min(start + HEAD_CHUNK, ids.shape[1] - 1)
+            base = log_probs(None, start, stop)
+            # The LM head may sit on another device than the inputs (--device-map).
+            keep = valid[:, start:stop].to(base.device)
+            target = ids[:, start + 1:stop + 1, None].to(base.device)
+            self.base_nll -= float(base.gather(-1, target).squeeze(-1)[keep].sum())
+            for key in self.keys:
+                steered = log_probs(key, start, stop)
+                self.kl[key] += float((base.exp() * (base - steered)).sum(-1)[keep].sum())
+                self.nll[key] -= float(steered.gather(-1, target).squeeze(-1)[keep].sum())
+
+    def costs(self, neutral: NeutralText) -> dict[Any, EditCost]:
+        # KL is never negative; a sum of float32 terms can round a zero to -1e-9.
+        return {key: EditCost(kl=max(self.kl[key] / self.count, 0.0),
+                              perplexity_ratio=math.exp((self.nll[key] - self.base_nll) / self.count),
+                              corpus=neutral.name, tokens=self.count)
+                for key in self.keys}
+
+
+def pad_windows(windows: list[tuple[int, ...]], device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of windows as right-padded ids and their mask."""
     width = max(len(window) for window in windows)
     ids = torch.zeros(len(windows), width, dtype=torch.long)
     mask = torch.zeros_like(ids)

@@ -15,7 +15,7 @@ from aufold.card import Artifact, ExportRecord, card_files
 from aufold.defaults import GGUF_REENCODE
 from aufold.edit import Edit
 from aufold.errors import AufoldError
-from aufold.evaluate.cost import CostRequest, measure_cost
+from aufold.evaluate.cost import CostRequest, MeasuredCost, measure_cost
 from aufold.export import ExportResult, gguf_reference, measure_cost_unloaded
 from aufold.formats import check_format
 from aufold.formats.adapter import Adapter, write_adapter
@@ -58,10 +58,12 @@ def export_format(
                           location=location)
     cost_request = cost_request or CostRequest(enabled=False)
     if format == "gguf":
-        measured = measure_cost_unloaded(source, recipe, cost_request, dtype=dtype, force=force,
+        def measure() -> MeasuredCost:
+            return measure_cost_unloaded(source, recipe, cost_request, dtype=dtype, force=force,
                                          allow_pickle=allow_pickle)
-        _export_gguf(source, recipe, edit, replace(record, cost=measured), out, force=force,
-                     reencode=gguf_reencode)
+
+        _export_gguf(source, recipe, edit, record, out, force=force, reencode=gguf_reencode,
+                     measure=measure)
     else:
         build, describe = ADAPTERS[format]  # a checkpoint is aufold.export's own job
         model, tokenizer, _ = load_model(source.ref, dtype=dtype, allow_pickle=allow_pickle)
@@ -74,7 +76,9 @@ def export_format(
 
 
 def _export_gguf(source: ModelSource, recipe: Recipe, edit: Edit, record: ExportRecord, out: Path,
-                 *, force: bool, reencode: str) -> None:
+                 *, force: bool, reencode: str, measure: Callable[[], MeasuredCost]) -> None:
+    """Fold into a copy of the GGUF file; the cost is measured once every check of the file
+    (its kind, fingerprint and tensor types, in the fold) has passed, before the card."""
     if not source.gguf_file:
         raise AufoldError(f"--format gguf folds into a GGUF file, but {source.ref} is not one; "
                           f"pass a .gguf MODEL (convert a checkpoint with llama.cpp's "
@@ -83,6 +87,7 @@ def _export_gguf(source: ModelSource, recipe: Recipe, edit: Edit, record: Export
     recipe.check_fingerprint(model.fingerprint, force=force)
     with atomic_folder(out, content="gguf") as staging:
         report = fold_gguf(model, edit, staging / source.gguf_file, reencode=reencode)
+        record = replace(record, cost=measure())
         record = replace(record, dtype=", ".join(report.tensor_types),
                          artifact=gguf_artifact(record, source.gguf_file, report))
         for name, text in card_files(record).items():

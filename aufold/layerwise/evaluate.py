@@ -15,7 +15,8 @@ each edit that has started (in memory, or spilled, see :mod:`aufold.layerwise.hi
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -36,6 +37,8 @@ from aufold.tasks import Item, TaskKind
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from aufold.vectors.caa import VectorEdit
 
 Key = TypeVar("Key", bound=Hashable)
 # Why a math task needs the whole model (said when layer streaming is asked for or needed).
@@ -69,45 +72,16 @@ def evaluate_edits_layerwise(
                                max_length=max_length, batch_size=batch_size)
     cpu = torch.device("cpu")
     batches = [prepared.batch(index, cpu) for index in range(len(prepared.batches))]
-    starts = {key: earliest_layer(edit) for key, edit in edits.items()}
+    inputs = [_inputs(batch, lm.device) for batch, _ in batches]
     keys = list(edits)
-    hidden = lm.config.hidden_size
-    shapes = [(*batch.input_ids.shape, hidden) for batch, _ in batches] * (1 + len(keys))
-
-    def block(config: int, index: int) -> int:  # config 0 is the unsteered model
-        return config * len(batches) + index
-
-    runner = LayerRunner(lm)
     values: list[list[Any]] = [[None] * len(prepared.queries) for _ in range(1 + len(keys))]
     what = f"{len(batches)} batches for the unsteered model and {len(keys)} edit(s)"
-    with open_store(lm, shapes, what) as store, \
-            lm.loaded(OUTSIDE, skip=(lm.head, lm.embeddings)), \
-            progress_bar(total=lm.num_layers + 2, desc=desc, unit="layer", enabled=progress) as bar:
-        with lm.loaded(OUTSIDE, only=(lm.embeddings,)), runner.stage(None):
-            for index, (batch, _) in enumerate(batches):
-                store[block(0, index)].copy_(runner.run(None, *_inputs(batch, lm.device)))
-        bar.update(1)
-        for layer in range(lm.num_layers):
-            with lm.loaded(layer), runner.stage(layer):
-                for index, (batch, _) in enumerate(batches):
-                    inputs = _inputs(batch, lm.device)
-                    base = store[block(0, index)]
-                    for config, key in enumerate(keys, start=1):
-                        if starts[key] > layer:
-                            continue  # still the unsteered hidden states
-                        source = base if starts[key] == layer else store[block(config, index)]
-                        with steer(lm.model, edits[key]):
-                            output = runner.run(source, *inputs)
-                        store[block(config, index)].copy_(output)
-                    base.copy_(runner.run(base, *inputs))
-            bar.update(1)
-        with lm.loaded(OUTSIDE, only=(lm.head_source,)), runner.head_stage():
-            for index, (batch, keep) in enumerate(batches):
-                inputs = _inputs(batch, lm.device)
-                for config in range(1 + len(keys)):
-                    logits = runner.logits(store[block(config, index)], *inputs, keep)
-                    prepared.store(index, logits, values[config])
-        bar.update(1)
+    with swept(lm, inputs, edits, what=what, desc=desc, progress=progress) as (runner, final):
+        for index, (_, keep) in enumerate(batches):
+            for config in range(1 + len(keys)):
+                logits = runner.logits(final(config, index), *inputs[index], keep)
+                prepared.store(index, logits, values[config])
+    starts = {key: earliest_layer(edit) for key, edit in edits.items()}
 
     settings: dict[str, Any] = {"batch_size": batch_size, "chat_template": chat_template,
                                 "max_length": max_length, "truncated_prompts": prepared.truncated}
@@ -117,6 +91,51 @@ def evaluate_edits_layerwise(
                for config, key in enumerate(keys, start=1)}
     # Each edit shared the unsteered hidden states up to its first steered layer: a resume there.
     return EditResults(base_result, steered, starts, dict(starts), time.perf_counter() - started)
+
+
+Inputs = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # ids, mask, positions
+
+
+@contextmanager
+def swept(lm: LayerwiseModel, inputs: Sequence[Inputs], edits: Mapping[Key, Edit | VectorEdit], *,
+          what: str, desc: str, progress: bool
+          ) -> Iterator[tuple[LayerRunner, Callable[[int, int], torch.Tensor]]]:
+    """Run every batch of ``inputs`` through every layer, unsteered and under each edit; then,
+    with the LM head loaded and the runner in its head stage, yield the runner and the final
+    hidden states by (configuration, batch): configuration 0 is the unsteered model, then
+    the edits in order. An edit shares the unsteered states up to its first steered layer."""
+    starts = {key: earliest_layer(edit) for key, edit in edits.items()}
+    keys = list(edits)
+    hidden = lm.config.hidden_size
+    shapes = [(*ids.shape, hidden) for ids, _, _ in inputs] * (1 + len(keys))
+
+    def block(config: int, index: int) -> int:
+        return config * len(inputs) + index
+
+    runner = LayerRunner(lm)
+    with open_store(lm, shapes, what) as store, \
+            lm.loaded(OUTSIDE, skip=(lm.head, lm.embeddings)), \
+            progress_bar(total=lm.num_layers + 2, desc=desc, unit="layer", enabled=progress) as bar:
+        with lm.loaded(OUTSIDE, only=(lm.embeddings,)), runner.stage(None):
+            for index, batch in enumerate(inputs):
+                store[block(0, index)].copy_(runner.run(None, *batch))
+        bar.update(1)
+        for layer in range(lm.num_layers):
+            with lm.loaded(layer), runner.stage(layer):
+                for index, batch in enumerate(inputs):
+                    base = store[block(0, index)]
+                    for config, key in enumerate(keys, start=1):
+                        if starts[key] > layer:
+                            continue  # still the unsteered hidden states
+                        source = base if starts[key] == layer else store[block(config, index)]
+                        with steer(lm.model, edits[key]):
+                            output = runner.run(source, *batch)
+                        store[block(config, index)].copy_(output)
+                    base.copy_(runner.run(base, *batch))
+            bar.update(1)
+        with lm.loaded(OUTSIDE, only=(lm.head_source,)), runner.head_stage():
+            yield runner, lambda config, index: store[block(config, index)]
+        bar.update(1)
 
 
 def _inputs(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

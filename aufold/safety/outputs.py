@@ -46,7 +46,10 @@ from aufold.version import __version__
 MARKER = ".aufold-output"  # inside every folder aufold writes; never uploaded or copied
 MARKER_FORMAT = "aufold-output"
 PNG_SOFTWARE = "aufold"  # the Software text of the PNG figures aufold writes
-REPLACEABLE_REPORTS = frozenset({"aufold-eval"})  # JSON files a file output may replace
+# The formats of files a file output may replace: JSON reports, and vector files whose
+# safetensors metadata names them under SAFETENSORS_MARKER.
+REPLACEABLE_REPORTS = frozenset({"aufold-eval", "aufold-caa-vectors"})
+SAFETENSORS_MARKER = "aufold_format"
 LOCK_SUFFIX = ".aufold-lock"
 PARTIAL_TAG = "aufold-partial-"
 RETIRED_TAG = "aufold-old-"
@@ -188,6 +191,8 @@ def is_aufold_output(path: Path) -> bool:
         return _json_format(path / MARKER) == MARKER_FORMAT
     if path.suffix.lower() == ".png":
         return _png_software(path) == PNG_SOFTWARE
+    if path.suffix.lower() == ".safetensors":
+        return _safetensors_marker(path) in REPLACEABLE_REPORTS
     return _json_format(path) in REPLACEABLE_REPORTS
 
 
@@ -428,6 +433,20 @@ def _png_software(path: Path) -> str | None:
     length = int.from_bytes(head[start - 4:start], "big") - len("Software") - 1
     begin = start + len(b"tEXtSoftware\0")
     return head[begin:begin + length].decode("latin-1")
+
+
+def _safetensors_marker(path: Path) -> str | None:
+    """The aufold format a safetensors file's metadata names, read from its header alone."""
+    try:
+        with path.open("rb") as stream:
+            size = int.from_bytes(stream.read(8), "little")
+            if not 0 < size <= 1 << 24:
+                return None
+            header = json.loads(stream.read(size))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return str(metadata.get(SAFETENSORS_MARKER)) if isinstance(metadata, dict) else None
 
 
 def _json_format(path: Path) -> str | None:

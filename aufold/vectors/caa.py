@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from aufold.encoding import DEFAULT_MAX_LENGTH, pad_id
 from aufold.errors import AufoldError
+from aufold.safety.outputs import SAFETENSORS_MARKER
 from aufold.localize import DEFAULT_BATCH_SIZE, check_options, encode_pairs, last_token_activations
 from aufold.modeling import num_layers
 from aufold.pairs import ContrastivePair, validate_pairs
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 CAA_SITE = "residual"  # the sites table's decoder-layer output, where add_vectors adds
+CAA_VECTORS_FORMAT = "aufold-caa-vectors"  # marks a vector file aufold wrote (and may replace)
 
 
 @dataclass(frozen=True)
@@ -83,4 +85,5 @@ def vectors_bytes(vectors: SteeringVectors) -> bytes:
     """The vectors as ``aufold fold-vector`` reads them: a safetensors file with one tensor per
     layer, named by it."""
     return save({str(layer): vectors.vectors[layer].contiguous() for layer in vectors.layers},
-                metadata={"format": "pt", "source": vectors.source})
+                metadata={"format": "pt", "source": vectors.source,
+                          SAFETENSORS_MARKER: CAA_VECTORS_FORMAT})

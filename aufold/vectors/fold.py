@@ -35,11 +35,12 @@ class VectorFold:
     flags: tuple[str, ...]
 
 
-def check_scale(scale: float, *, allow_extreme: bool = False) -> None:
+def check_scale(scale: float, *, allow_extreme: bool = False, option: str = "--scale") -> None:
+    """A vector multiplier must be finite and, unless allowed, within the scale limit."""
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise AufoldError(f"scale must be a finite number, got {scale!r}")
-    check_scale_factors([("--scale", scale)], allow_extreme=allow_extreme,
-                        what="vector multiplier", fix="lower --scale")
+        raise AufoldError(f"{option} must be a finite number, got {scale!r}")
+    check_scale_factors([(option, scale)], allow_extreme=allow_extreme,
+                        what="vector multiplier", fix=f"lower {option}")
 
 
 @torch.no_grad()
