@@ -100,3 +100,41 @@ def test_tradeoff_plot(tmp_path: Path) -> None:
     path = plot_tradeoff({"austeer": [(0.01, 0.5), (0.0, 0.4)], "block": [(1.0, 0.3)]},
                          tmp_path / "tradeoff.png", title="t", base=0.45, budgets=(0.1,))
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_comparison_report_merges_runs_of_one_setup(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "compare_baselines", Path(__file__).parent.parent / "examples" / "compare_baselines.py")
+    assert spec is not None and spec.loader is not None
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+
+    def run(points: list[tuple[str, str, int, float, float]], **extra: object) -> dict[str, object]:
+        return {"model": "m", "task": "copa", "split": "tune", "scorer": "first-token",
+                "neutral": {"corpus": "c", "tokens": 10}, "unsteered": {"accuracy": 0.5, "n": 100},
+                "site": "mlp", "block_layer": 3, "budgets": [0.05, 0.2], **extra,
+                "points": [{"method": m, "setting": s, "units": u, "accuracy": a, "kl": k,
+                            "perplexity_ratio": 1.0} for m, s, u, a, k in points]}
+
+    first = run([("austeer", "k=8 a=5", 8, 0.55, 0.01), ("block", "L3 a=1", 64, 0.56, 0.1)])
+    second = run([("austeer", "k=8 a=5", 8, 0.55, 0.01), ("caa", "L3 x2", 64, 0.53, 0.04)],
+                 caa_layer=3, caa_pairs="copa pairs split, first 800")
+    files = []
+    for number, data in enumerate((first, second)):
+        files.append(tmp_path / f"run{number}.json")
+        files[-1].write_text(json.dumps(data))
+    merged = report.merged(files)
+    assert {(p["method"], p["setting"]) for p in merged["points"]} == {
+        ("austeer", "k=8 a=5"), ("block", "L3 a=1"), ("caa", "L3 x2")}
+    assert report.best_within(merged["points"], "block", 0.05) is None
+    assert report.best_within(merged["points"], "block", 0.2)["accuracy"] == 0.56
+    lines = report.summary(merged, ["austeer", "block", "caa"], 100)
+    assert lines == ["- KL <= 0.05: AUSteer 55.0%; each baseline's best against it, in items: "
+                     "block has no configuration within it, caa -2.",
+                     "- KL <= 0.2: AUSteer 55.0%; each baseline's best against it, in items: "
+                     "block +1, caa -2."]
+    files[1].write_text(json.dumps(run([("austeer", "k=8 a=5", 8, 0.54, 0.01)])))
+    with pytest.raises(SystemExit, match="differs between runs"):
+        report.merged(files)
