@@ -27,8 +27,10 @@ def matplotlib_available() -> bool:
 
 
 def plot_heatmap(accuracy: Sequence[Sequence[float]], ks: Sequence[int], alphas: Sequence[float],
-                 path: str | Path, *, title: str, base: float | None = None) -> Path:
-    """Write a PNG heatmap: one row per alpha, one column per k, each cell's accuracy printed.
+                 path: str | Path, *, title: str, base: float | None = None,
+                 kl: Sequence[Sequence[float]] | None = None) -> Path:
+    """Write a PNG heatmap: one row per alpha, one column per k, each cell's accuracy printed
+    (and, with ``kl``, the configuration's KL on neutral text beneath it).
 
     ``accuracy[i][j]`` belongs to ``alphas[i]`` and ``ks[j]``. With ``base`` (the
     unsteered accuracy) the colours are centred on it: red is worse, blue better.
@@ -61,7 +63,8 @@ def plot_heatmap(accuracy: Sequence[Sequence[float]], ks: Sequence[int], alphas:
         for j, value in enumerate(row):
             # White text on the darkest cells, where black would be hard to read.
             dark = norm is not None and abs(float(norm(value)) - 0.5) > 0.35
-            axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+            text = f"{value:.2f}" if kl is None else f"{value:.2f}\nKL {kl[i][j]:.2g}"
+            axes.text(j, i, text, ha="center", va="center", fontsize=7,
                       color="white" if dark else "black")
     colorbar = figure.colorbar(image, ax=axes)
     colorbar.set_label("accuracy" + (f" (base {base:.3f} at centre)" if base is not None else ""))

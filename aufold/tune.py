@@ -151,6 +151,13 @@ class Sweep:
         ks, alphas = self.axes(site)
         return [[self.cells[Config(site, k, alpha)].accuracy for k in ks] for alpha in alphas]
 
+    def kl_matrix(self, site: str) -> list[list[float]] | None:
+        """KL on neutral text per [alpha][k] for one site, when the costs were measured."""
+        if not self.costs:
+            return None
+        ks, alphas = self.axes(site)
+        return [[self.costs[Config(site, k, alpha)].kl for k in ks] for alpha in alphas]
+
     def table(self, site: str) -> str:
         """The grid of one site as text: a row per alpha, a column per k."""
         ks, alphas = self.axes(site)
@@ -358,7 +365,8 @@ def tune(
                     ks_axis, alphas_axis = result.axes(site)
                     path = plot_heatmap(result.matrix(site), ks_axis, alphas_axis,
                                         staging / f"heatmap-{site}.png", base=result.base.accuracy,
-                                        title=f"{task} tune accuracy, site {site} "
+                                        kl=result.kl_matrix(site),
+                                        title=f"{task} tune accuracy (and KL), site {site} "
                                               f"(unsteered {result.base.accuracy:.3f})")
                     heatmaps.append(path.name)
             elif plot:

@@ -256,3 +256,30 @@ def test_a_model_larger_than_memory_gets_its_cost_one_layer_at_a_time(
     in_memory, by_layer = (json.loads((tmp_path / name / "aufold.json").read_text())["cost"]
                            for name in ("whole", "big"))
     assert by_layer["measured"] and by_layer["kl"] == pytest.approx(in_memory["kl"], rel=1e-5)
+
+
+def test_the_tune_heatmap_shows_kl_beside_accuracy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import aufold.tune as tune_module
+    from aufold.plotting import matplotlib_available
+
+    if not matplotlib_available():
+        pytest.skip("needs matplotlib")
+    drawn: list[dict[str, object]] = []
+    original = tune_module.plot_heatmap
+
+    def spy(*args: object, **kwargs: object) -> Path:
+        drawn.append(kwargs)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tune_module, "plot_heatmap", spy)
+    model_dir = save_tiny_model("llama", tmp_path / "model")
+    data = write_generic(tmp_path / "data", generic_splits())
+    (tmp_path / "text.txt").write_text(TEXT)
+    result = run_cli("tune", model_dir, "--task", "generic", "--data-dir", data, "--scorer",
+                     "loglik", "--neutral", tmp_path / "text.txt", "--site", "mlp", "--k-grid",
+                     "2,16", "--alpha-grid", "1,50", "--out", tmp_path / "tuned")
+    assert result.exit_code == 0, result.output
+    grid = json.loads((tmp_path / "tuned" / "tune.json").read_text())["tune"]["grid"]
+    kl = {(c["alpha"], c["k"]): c["kl"] for c in grid}
+    assert drawn[0]["kl"] == [[kl[1, 2], kl[1, 16]], [kl[50, 2], kl[50, 16]]]
+    assert (tmp_path / "tuned" / "heatmap-mlp.png").stat().st_size > 0
