@@ -309,8 +309,25 @@ def write_markdown(runs: list[TaskRun], settings: dict[str, Any], path: Path,
                      "`--full` for every split whole.")
     else:
         lines.append("Every split was used whole.")
-    lines += ["", "## Findings", "", *findings(runs, tokenizer), ""]
+    lines += ["", "## Findings", "", *findings(runs, tokenizer), "", *MATCHED_KL_SECTION]
     path.write_text("\n".join(lines))
+
+
+# The paper's claim at matched side effects is tested by `aufold compare`, a separate run per
+# task (it sweeps each method's strengths and prices every configuration in KL on neutral
+# text); examples/compare_baselines.py writes its report.
+MATCHED_KL_SECTION = [
+    "## AUSteer against its baselines at matched KL",
+    "",
+    "Accuracy alone cannot test the paper's claim (steering less achieves more), since a "
+    "stronger edit can buy accuracy with fluency. `aufold compare` scores AUSteer, the same "
+    "units at one fixed strength, random units, a whole block of one layer and CAA on a "
+    "task's tune split, prices every configuration by its KL(base || steered) on neutral "
+    "text, and credits each method with its best accuracy within each KL budget. The "
+    "SmolLM2 runs on COPA and BoolQ, with every configuration and the accuracy-vs-KL plots, "
+    "are in [compare.md](compare.md) (written by `examples/compare_baselines.py`).",
+    "",
+]
 
 
 def findings(runs: list[TaskRun], tokenizer: Any) -> list[str]:
