@@ -46,6 +46,7 @@ from aufold.errors import AufoldError
 from aufold.modeling import (
     check_site_exists,
     fingerprint,
+    fitted_length,
     input_device,
     num_layers,
     site_module,
@@ -81,6 +82,7 @@ def localize(
     pairs = validate_pairs(pairs)
     sites = check_sites(model, sites)
     check_options(batch_size, max_length, tie_tolerance)
+    max_length = fitted_length(model, max_length)
     encoded, truncated = encode_pairs(tokenizer, pairs, max_length=max_length,
                                       chat_template=chat_template)
     device = input_device(model)

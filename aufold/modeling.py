@@ -260,3 +260,11 @@ def fingerprint_of(config: Mapping[str, Any], shapes: Mapping[str, list[int]]) -
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return f"sha256:{digest[:32]}"
+
+
+def fitted_length(model: Any, max_length: int) -> int:
+    """``max_length`` capped at the positions a model with learned absolute position embeddings
+    has (GPT-2's ``n_positions``): a longer text would index past them. Texts are cut from
+    the left, so the answer is kept."""
+    limit = getattr(getattr(model, "config", None), "n_positions", None)
+    return min(max_length, int(limit)) if isinstance(limit, int) and limit > 0 else max_length

@@ -47,6 +47,8 @@ import torch  # noqa: E402
 
 from aufold.ablations import fixed_strength, random_units  # noqa: E402
 from aufold.edit import Edit  # noqa: E402
+from aufold.defaults import NEUTRAL_TOKENS  # noqa: E402
+from aufold.evaluate.cost import EditCost, NeutralText, edit_costs, neutral_text  # noqa: E402
 from aufold.evaluate.edits import evaluate_edits  # noqa: E402
 from aufold.evaluate.report import EvalResult  # noqa: E402
 from aufold.localize import DEFAULT_TIE_TOLERANCE, localize  # noqa: E402
@@ -115,10 +117,13 @@ class TaskRun:
     choices: list[tuple[str, ...]]  # each test item's choices (empty for math)
     seconds: dict[str, float] = field(default_factory=dict)
     figures: list[str] = field(default_factory=list)
+    # Each test edit's KL and perplexity ratio on neutral text (austeer, fixed, random-SEED).
+    costs: dict[str, EditCost] = field(default_factory=dict)
 
 
 def run_task(model: Any, tokenizer: Any, task: str, budget: Budget, *, data_dir: Path,
-             seeds: tuple[int, ...], batch_size: int, figures: Path | None) -> TaskRun:
+             seeds: tuple[int, ...], batch_size: int, figures: Path | None,
+             neutral: NeutralText | None = None) -> TaskRun:
     kind = get_task(task).kind
     clock: dict[str, float] = {}
     full = {split: len(load_split(task, split, data_dir)) for split in ("pairs", "tune", "test")}
@@ -145,6 +150,11 @@ def run_task(model: Any, tokenizer: Any, task: str, budget: Budget, *, data_dir:
     test = evaluate_edits(model, tokenizer, test_items, edits, kind=kind, batch_size=batch_size,
                           max_new_tokens=budget.max_new_tokens, progress=False)
     clock["test"] = time.perf_counter() - started
+    costs: dict[str, EditCost] = {}
+    if neutral is not None:
+        started = time.perf_counter()
+        costs = edit_costs(model, neutral, edits, progress=False)
+        clock["cost"] = time.perf_counter() - started
 
     run = TaskRun(task, {"pairs": len(pairs), "tune": len(tune_items), "test": len(test_items)},
                   full, budget.max_new_tokens, plan, grid, best.site, best.k, best.alpha, steered,
@@ -152,6 +162,7 @@ def run_task(model: Any, tokenizer: Any, task: str, budget: Budget, *, data_dir:
                   [test.steered[f"random-{seed}"] for seed in seeds],
                   1 / len(test_items[0].choices) if kind == "choice" else None,
                   [tuple(item.choices) for item in test_items], clock)
+    run.costs = costs
     if figures is not None:
         run.figures = draw(run, figures)
     return run
@@ -171,6 +182,14 @@ def draw(run: TaskRun, folder: Path) -> list[str]:
                                   base=run.sweep.base.accuracy,
                                   title=f"{run.task} tune accuracy, site {site}").name)
     return names
+
+
+def kl_cell(run: TaskRun, edit: str) -> str:
+    return f"{run.costs[edit].kl:.3g}" if edit in run.costs else "-"
+
+
+def ratio_cell(run: TaskRun, edit: str) -> str:
+    return f"{run.costs[edit].perplexity_ratio:.4f}" if edit in run.costs else "-"
 
 
 def answer_rate(result: EvalResult, choices: list[tuple[str, ...]]) -> float:
@@ -241,9 +260,10 @@ def write_markdown(runs: list[TaskRun], settings: dict[str, Any], path: Path,
         "",
         "## Vanilla vs AUSteer on test",
         "",
-        "| task | test items | vanilla | AUSteer | gain | chosen site | k | alpha | steered units "
+        "| task | test items | vanilla | AUSteer | gain | KL on neutral text | perplexity ratio "
+        "| chosen site | k | alpha | steered units "
         "| earliest layer | tune: vanilla -> chosen | answers given: vanilla -> AUSteer |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         gain = run.test_steered.accuracy - run.test_base.accuracy
@@ -251,7 +271,8 @@ def write_markdown(runs: list[TaskRun], settings: dict[str, Any], path: Path,
         start = min(unit.layer for unit in run.steered.units)
         lines.append(
             f"| {run.task} | {run.test_base.n} | {with_ci(run.test_base)} | "
-            f"{with_ci(run.test_steered)} | {gain * 100:+.1f} | {run.site} | {run.k} | "
+            f"{with_ci(run.test_steered)} | {gain * 100:+.1f} | {kl_cell(run, 'austeer')} | "
+            f"{ratio_cell(run, 'austeer')} | {run.site} | {run.k} | "
             f"{run.alpha:g} | {len(run.steered)} | {start} | "
             f"{percent(run.sweep.base.accuracy)} -> {percent(best_tune)} | "
             f"{percent(answer_rate(run.test_base, run.choices))} -> "
@@ -266,13 +287,17 @@ def write_markdown(runs: list[TaskRun], settings: dict[str, Any], path: Path,
         "- fixed strength: the chosen units in their own directions, all with the same |gamma| "
         "(alpha times their mean score), so only the per-unit strength is removed.",
         "",
-        "| task | vanilla | AUSteer | random units | fixed strength |",
-        "|---|---|---|---|---|",
+        "| task | vanilla | AUSteer | random units | fixed strength | KL: AUSteer / random "
+        "(mean) / fixed |",
+        "|---|---|---|---|---|---|",
     ]
     for run in runs:
+        random_kl = (f"{statistics.mean(run.costs[f'random-{seed}'].kl for seed in SEEDS):.3g}"
+                     if run.costs else "-")
         lines.append(f"| {run.task} | {percent(run.test_base.accuracy)} | "
                      f"{percent(run.test_steered.accuracy)} | {random_summary(run.test_random)} | "
-                     f"{percent(run.test_fixed.accuracy)} |")
+                     f"{percent(run.test_fixed.accuracy)} | {kl_cell(run, 'austeer')} / "
+                     f"{random_kl} / {kl_cell(run, 'fixed')} |")
     lines += ["", "## Tune grids (accuracy %, rows alpha, columns k)", ""]
     for run in runs:
         lines.append(f"**{run.task}** (vanilla {percent(run.sweep.base.accuracy)} on "
@@ -379,6 +404,9 @@ def main() -> None:
                         help="bfloat16 (default: about twice as fast on CPU as float32) or float32")
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument("--neutral-tokens", type=int, default=NEUTRAL_TOKENS,
+                        help="tokens of neutral text (BoolQ test passages) to price each test edit "
+                             "on, in KL; 0 skips it")
     args = parser.parse_args()
 
     data_dir = resolve_data_dir(args.data_dir)
@@ -391,6 +419,8 @@ def main() -> None:
     started = time.perf_counter()
     model, tokenizer, source = load_model(reference, dtype=args.dtype, device=args.device)
     device = str(next(model.parameters()).device)
+    neutral = (neutral_text(tokenizer, data_dir=data_dir, tokens=args.neutral_tokens)
+               if args.neutral_tokens else None)
     print(f"{source.ref} ({args.dtype}) on {device}, {torch.get_num_threads()} threads; "
           f"tasks {', '.join(args.tasks)}", flush=True)
 
@@ -408,7 +438,7 @@ def main() -> None:
             if args.small_grid:
                 budget = replace(budget, ks=(2,), alphas=(5.0,))
             run = run_task(model, tokenizer, task, budget, data_dir=data_dir, seeds=SEEDS,
-                           batch_size=args.batch_size, figures=figures)
+                           batch_size=args.batch_size, figures=figures, neutral=neutral)
             runs.append(run)
             print(f"{task}: vanilla {percent(run.test_base.accuracy)} -> AUSteer "
                   f"{percent(run.test_steered.accuracy)} ({run.site} k={run.k} "
@@ -443,6 +473,7 @@ def record(run: TaskRun) -> dict[str, Any]:
         "test": {"vanilla": run.test_base.summary(), "austeer": run.test_steered.summary(),
                  "fixed_strength": run.test_fixed.summary(),
                  "random_units": [r.summary() for r in run.test_random]},
+        "cost": {name: cost.to_dict() for name, cost in run.costs.items()},
         "seconds": run.seconds,
     }
 

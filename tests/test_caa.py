@@ -174,3 +174,21 @@ def test_caa_replaces_its_own_vector_file_and_compare_checks_its_options(tmp_pat
                           "--caa-multipliers", "lower --caa-multipliers")
     assert_one_line_error(run_cli(*common, "--no-caa", "--caa-layer", 1), "drop the --caa-* options")
     assert not (tmp_path / "cmp").exists()
+
+
+def test_texts_longer_than_learned_positions_are_cut_to_fit(tmp_path: Path) -> None:
+    """GPT-2 has learned positions (256 in the tiny model): longer texts keep their last
+    tokens instead of indexing past the table, in localize, CAA and eval alike."""
+    from aufold.evaluate import evaluate_items
+    from aufold.localize import localize
+    from aufold.tasks import Item
+
+    model, tokenizer = tiny_model("gpt2"), tiny_tokenizer()
+    long = [ContrastivePair("word " * 400 + "The sky is", " blue", " green"), *PAIRS]
+    plan = localize(model, tokenizer, long, ["mlp"], progress=False)
+    assert plan.settings["max_length"] == model.config.n_positions
+    assert plan.settings["truncated_texts"] == 2
+    caa_vectors(model, tokenizer, long, [1], progress=False)
+    item = Item(prompt="word " * 400 + "Pick one:", choices=(" a", " b"), answer=" a",
+                answer_value=None, id="long")
+    assert evaluate_items(model, tokenizer, [item], scorer="loglik", progress=False).n == 1

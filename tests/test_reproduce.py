@@ -23,7 +23,8 @@ def report(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
     # A choice task and a math task, 4 items of each split, one configuration per site.
     subprocess.run([sys.executable, str(REPO / "examples" / "reproduce_paper.py"),
                     "--model", str(smollm2_dir), "--tasks", "copa", "svamp", "--limit", "4",
-                    "--small-grid", "--out", str(out)], check=True, timeout=1800)
+                    "--small-grid", "--neutral-tokens", "256", "--out", str(out)],
+                   check=True, timeout=1800)
     return out
 
 
@@ -48,6 +49,10 @@ def test_the_raw_numbers_agree_with_the_protocol(report: Path) -> None:
         assert len(record["test"]["random_units"]) == 5
         assert all(r["n"] == 4 for r in record["test"]["random_units"])
         assert record["test"]["vanilla"]["n"] == record["test"]["austeer"]["n"] == 4
+        # Every test edit is priced on neutral text: AUSteer, fixed strength, 5 random seeds.
+        assert set(record["cost"]) == {"austeer", "fixed", *(f"random-{s}" for s in range(5))}
+        assert all(c["kl"] >= 0 and c["tokens"] > 200 for c in record["cost"].values())
+    assert "| KL on neutral text | perplexity ratio |" in report.read_text()
 
 
 def test_the_figures_are_written_when_matplotlib_is_installed(report: Path) -> None:

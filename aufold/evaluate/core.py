@@ -21,7 +21,7 @@ from aufold.evaluate.first_token import FirstTokenScorer
 from aufold.evaluate.loglik import LoglikScorer
 from aufold.evaluate.math import DEFAULT_MAX_NEW_TOKENS, score_math
 from aufold.evaluate.report import EvalResult, write_json
-from aufold.modeling import fingerprint, input_device, is_layerwise, resolve_source
+from aufold.modeling import fingerprint, fitted_length, input_device, is_layerwise, resolve_source
 from aufold.safety.outputs import Inputs, OutputKind, claim_output
 from aufold.steer import steer
 from aufold.tasks import Item, TaskKind, get_task, load_split, resolve_data_dir
@@ -96,6 +96,7 @@ def evaluate_items(
     """Score ``items`` with the model, steered by ``edit`` in hook mode when one is given;
     ``desc`` labels the progress bar."""
     name = resolve_scorer(kind, scorer)
+    max_length = fitted_length(model, max_length)
     check_eval_options(items, batch_size=batch_size, max_length=max_length,
                        max_new_tokens=max_new_tokens)
     if is_layerwise(model):
@@ -161,6 +162,7 @@ def evaluate_both(model: Any, tokenizer: PreTrainedTokenizerBase, items: Sequenc
         return (evaluate_items(model, tokenizer, items, **options),
                 evaluate_items(model, tokenizer, items, edit=edit, **options))
     name = resolve_scorer(kind, scorer)
+    max_length = fitted_length(model, max_length)
     check_eval_options(items, batch_size=batch_size, max_length=max_length,
                        max_new_tokens=max_new_tokens)
     base, steered = evaluate_streamed(model, tokenizer, items, edit, kind=kind, scorer=name,

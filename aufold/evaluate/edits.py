@@ -38,7 +38,7 @@ from aufold.evaluate.resume import (
     resume_at,
     resume_points,
 )
-from aufold.modeling import input_device, is_layerwise
+from aufold.modeling import fitted_length, input_device, is_layerwise
 from aufold.progress import bar as progress_bar
 from aufold.steer import steer
 from aufold.tasks import Item, TaskKind
@@ -89,6 +89,7 @@ def evaluate_edits(
     per batch (:func:`~aufold.evaluate.resume.resume_points`).
     """
     name = resolve_scorer(kind, scorer)
+    max_length = fitted_length(model, max_length)
     if is_layerwise(model):
         from aufold.layerwise.evaluate import evaluate_edits_layerwise
 

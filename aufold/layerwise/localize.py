@@ -39,7 +39,7 @@ from aufold.localize import (
     shared_batches,
     shared_inputs,
 )
-from aufold.modeling import site_width
+from aufold.modeling import fitted_length, site_width
 from aufold.pairs import ContrastivePair, validate_pairs
 from aufold.plan import Plan
 from aufold.progress import bar as progress_bar
@@ -79,6 +79,7 @@ def localize_layerwise(
     pairs = validate_pairs(pairs)
     sites = check_sites(lm.model, sites)  # the skeleton has every module, on meta
     check_options(batch_size, max_length, tie_tolerance)
+    max_length = fitted_length(lm, max_length)
     encoded, truncated = encode_pairs(tokenizer, pairs, max_length=max_length,
                                       chat_template=chat_template)
     shared = [pair for pair in encoded if pair.prompt]

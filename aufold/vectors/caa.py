@@ -24,7 +24,7 @@ from aufold.encoding import DEFAULT_MAX_LENGTH, pad_id
 from aufold.errors import AufoldError
 from aufold.safety.outputs import SAFETENSORS_MARKER
 from aufold.localize import DEFAULT_BATCH_SIZE, check_options, encode_pairs, last_token_activations
-from aufold.modeling import num_layers
+from aufold.modeling import fitted_length, num_layers
 from aufold.pairs import ContrastivePair, validate_pairs
 from aufold.vectors.read import SteeringVectors
 
@@ -68,7 +68,8 @@ def caa_vectors(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     if not wanted or wanted[0] < 0 or wanted[-1] >= count:
         raise AufoldError(f"CAA layers must lie in 0..{count - 1} (this model has {count} "
                           f"layers), got {list(layers)}")
-    encoded, _ = encode_pairs(tokenizer, pairs, max_length=max_length, chat_template=chat_template)
+    encoded, _ = encode_pairs(tokenizer, pairs, max_length=fitted_length(model, max_length),
+                              chat_template=chat_template)
     sums: dict[int, torch.Tensor] = {}
     for activations in last_token_activations(model, encoded, (CAA_SITE,), batch_size=batch_size,
                                               padding=pad_id(tokenizer), progress=progress,
