@@ -199,6 +199,36 @@ data_dir_option = click.option("--data-dir", type=click.Path(path_type=Path), de
                                     "repository; for --task generic, the folder of pairs/tune/test.jsonl).")
 
 
+def pairs_options(command: F) -> F:
+    """Where contrastive pairs come from: --pairs FILE, or --task (with --data-dir)."""
+    for option in reversed([
+        click.option("--pairs", "pairs_file", default=None, type=click.Path(path_type=Path),
+                     help="JSONL with prompt, positive and negative per line (or use --task)."),
+        click.option("--task", default=None, type=click.Choice(task_names()),
+                     help="Use this task's pairs split instead of --pairs."),
+        data_dir_option,
+    ]):
+        command = option(command)
+    return command
+
+
+def pair_reading_options(command: F) -> F:
+    """How pairs run through the model: --batch-size, --limit, --max-length, --chat-template."""
+    for option in reversed([
+        click.option("--batch-size", default=LOCALIZE_BATCH_SIZE, show_default=True,
+                     type=click.IntRange(min=1),
+                     help="Pairs per forward pass; lower it if memory runs out."),
+        limit_option,
+        click.option("--max-length", default=LOCALIZE_MAX_LENGTH, show_default=True,
+                     type=click.IntRange(min=2),
+                     help="Longer texts are cut from the left, keeping the answer."),
+        click.option("--chat-template", is_flag=True,
+                     help="Wrap each prompt in the tokenizer's chat template."),
+    ]):
+        command = option(command)
+    return command
+
+
 def eval_options(command: F) -> F:
     """How evaluation runs: --batch-size, --max-length, --max-new-tokens, --chat-template."""
     for option in reversed([
@@ -274,20 +304,11 @@ def main() -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("--pairs", "pairs_file", default=None, type=click.Path(path_type=Path),
-              help="JSONL with prompt, positive and negative per line (or use --task).")
-@click.option("--task", default=None, type=click.Choice(task_names()),
-              help="Localize on this task's pairs split instead of --pairs.")
-@data_dir_option
+@pairs_options
 @click.option("--site", "sites", multiple=True, required=True, type=click.Choice(list(SITES)),
               help="Site to localize; repeat for several.")
 @click.option("--out", required=True, type=OUTPUT_PATH, help="Plan folder to write.")
-@click.option("--batch-size", default=LOCALIZE_BATCH_SIZE, show_default=True, type=click.IntRange(min=1),
-              help="Pairs per forward pass; lower it if memory runs out.")
-@limit_option
-@click.option("--max-length", default=LOCALIZE_MAX_LENGTH, show_default=True, type=click.IntRange(min=2),
-              help="Longer texts are cut from the left, keeping the answer.")
-@click.option("--chat-template", is_flag=True, help="Wrap each prompt in the tokenizer's chat template.")
+@pair_reading_options
 @click.option("--tie-tolerance", default=TIE_TOLERANCE, show_default=True,
               type=click.FloatRange(0, 1, max_open=True),
               help="x_pos - x_neg within this times the activations' RMS counts as a tie (float "
@@ -351,21 +372,12 @@ def localize(model: str, pairs_file: Path | None, task: str | None, data_dir: Pa
 
 @main.command()
 @click.argument("model")
-@click.option("--pairs", "pairs_file", default=None, type=click.Path(path_type=Path),
-              help="JSONL with prompt, positive and negative per line (or use --task).")
-@click.option("--task", default=None, type=click.Choice(task_names()),
-              help="Use this task's pairs split instead of --pairs.")
-@data_dir_option
+@pairs_options
 @click.option("--layer", "layers", multiple=True, required=True, type=int,
               help="Decoder layer whose output (the residual stream) gets a vector; repeatable.")
 @click.option("--out", required=True, type=OUTPUT_PATH,
               help="Vector file to write (.safetensors, one tensor per layer).")
-@click.option("--batch-size", default=LOCALIZE_BATCH_SIZE, show_default=True, type=click.IntRange(min=1),
-              help="Pairs per forward pass; lower it if memory runs out.")
-@limit_option
-@click.option("--max-length", default=LOCALIZE_MAX_LENGTH, show_default=True, type=click.IntRange(min=2),
-              help="Longer texts are cut from the left, keeping the answer.")
-@click.option("--chat-template", is_flag=True, help="Wrap each prompt in the tokenizer's chat template.")
+@pair_reading_options
 @dtype_option
 @device_options
 @overwrite_option

@@ -24,6 +24,7 @@ from aufold.formats import CHECKPOINT, check_format, check_gguf_reencode
 from aufold.hub import check_push_target, push_folder_to_hub
 from aufold.modeling import ModelSource, fingerprint, load_model, resolve_source
 from aufold.plan import Plan
+from aufold.progress import status
 from aufold.recipe import Recipe, as_recipe
 from aufold.safety.outputs import Inputs, atomic_folder, claim_output
 from aufold.sites import check_foldable
@@ -179,7 +180,8 @@ def measure_cost_unloaded(source: ModelSource, recipe: Recipe, request: CostRequ
         reason = _gguf_does_not_fit(source.gguf_path, dtype)
     if reason is not None:
         return MeasuredCost(None, reason)
-    log.info("measuring the edit's cost on neutral text")
+    status("export: measuring the edit's cost on neutral text (KL, perplexity ratio; "
+           "--no-cost skips it)")
     try:
         model, tokenizer, _ = load_for_run(str(folder) if folder else source.ref, dtype=dtype,
                                            allow_pickle=allow_pickle)
