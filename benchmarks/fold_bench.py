@@ -308,8 +308,9 @@ def run_benchmark(tmp: Path, shape: Shape, size: str, repeat: int, check: bool) 
           f"{shape.hidden}, MLP {shape.intermediate}, {shape.layers} layers, vocab {shape.vocab}; "
           f"largest tensor {largest / 2**20:.0f} MiB; written in {setup['seconds']:.1f} s")
     source = tmp / "checkpoint"
+    # --no-cost: the export's own work is timed, not the KL measurement on neutral text.
     cli = [sys.executable, str(REPO / "cli.py"), "export", str(source), "--k", str(UNITS),
-           "--alpha", str(ALPHA)]
+           "--alpha", str(ALPHA), "--no-cost"]
     commands = {
         "a": ("(a) cp -r", ["cp", "-r", str(source), str(tmp / "out")]),
         "b": ("(b) aufold export, 100 units / 40 tensors",

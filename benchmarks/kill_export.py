@@ -82,7 +82,7 @@ def aufold(*args: object) -> list[str]:
 
 
 def export_command(model: Path, plan: Path, out: Path) -> list[str]:
-    return aufold("export", model, "--plan", plan, "--k", 32, "--alpha", 5, "--out", out)
+    return aufold("export", model, "--plan", plan, "--k", 32, "--alpha", 5, "--out", out, "--no-cost")
 
 
 def run_trials(model: Path, trials: int, seed: int, work: Path) -> list[Trial]:

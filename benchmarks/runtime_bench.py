@@ -92,7 +92,7 @@ def main() -> None:
             base.save_pretrained(Path(tmp) / "base")
             tokenizer.save_pretrained(Path(tmp) / "base")
             reference = Path(tmp) / "base"
-        export(reference, plan, k=UNITS, alpha=ALPHA, out=Path(tmp) / "folded")
+        export(reference, plan, k=UNITS, alpha=ALPHA, out=Path(tmp) / "folded", cost=False)
         folded, _, _ = load_model(Path(tmp) / "folded", dtype=args.dtype, device=args.device)
     device = base.get_input_embeddings().weight.device
     inputs = [tokenizer(prompt, return_tensors="pt").to(device) for prompt in DEFAULT_PROMPTS]
