@@ -50,13 +50,14 @@ def best_within(points: list[dict[str, Any]], method: str, budget: float) -> dic
 
 def section(task: str, run: dict[str, Any], figures: Path) -> list[str]:
     from aufold.plotting import plot_tradeoff
+    from aufold.safety.outputs import is_aufold_output
 
     base, n = run["unsteered"]["accuracy"], run["unsteered"]["n"]
     budgets = run["budgets"]
     methods = [m for m in METHODS if any(p["method"] == m for p in run["points"])]
     lines = [f"## {NAMES.get(task, task)} ({n} {run['split']} items, unsteered {100 * base:.1f}%)", "",
-             f"Best accuracy (%) within each KL budget (nats/token). The block is layer "
-             f"{run['block_layer']}, where most top units sit"
+             f"Best accuracy (%) within each KL budget (nats/token). The block steers every "
+             f"unit of {block_layers(run)}, where most top units sit"
              + (f"; CAA steers the residual after layer {run['caa_layer']}, from "
                 f"{run['caa_pairs']}." if run.get("caa_layer") is not None else "."), "",
              "| method | " + " | ".join(f"KL <= {b:g}" for b in budgets) + " |",
@@ -75,9 +76,18 @@ def section(task: str, run: dict[str, Any], figures: Path) -> list[str]:
                      f"{p['kl']:.4f} | {p['perplexity_ratio']:.3f} |")
     per = {m: [(p["kl"], p["accuracy"]) for p in run["points"] if p["method"] == m] for m in methods}
     name = f"compare-{task}-{run['site']}.png"
+    if is_aufold_output(figures / name):
+        (figures / name).unlink()  # the figure of an earlier report, redrawn
     plot_tradeoff(per, figures / name, base=base, budgets=budgets,
                   title=f"{task} {run['split']} (SmolLM2): accuracy vs KL, site {run['site']}")
     return [*lines, "", f"![{task}: accuracy against KL per method](results/{name})", ""]
+
+
+def block_layers(run: dict[str, Any]) -> str:
+    """The layers the block points steer (runs with other k grids may pick other layers)."""
+    layers = sorted({int(p["setting"].split()[0].removeprefix("L"))
+                     for p in run["points"] if p["method"] == "block"} or {run["block_layer"]})
+    return ("layer " if len(layers) == 1 else "layers ") + " and ".join(map(str, layers))
 
 
 def summary(run: dict[str, Any], methods: list[str], n: int) -> list[str]:
