@@ -22,7 +22,7 @@ from aufold.evaluate.cost import CostRequest, MeasuredCost, measure_cost
 from aufold.fold import fold_model
 from aufold.formats import CHECKPOINT, check_format, check_gguf_reencode
 from aufold.hub import check_push_target, push_folder_to_hub
-from aufold.modeling import ModelSource, fingerprint, load_model, resolve_source
+from aufold.modeling import ModelSource, fingerprint, is_layerwise, load_model, resolve_source
 from aufold.plan import Plan
 from aufold.progress import status
 from aufold.recipe import Recipe, as_recipe
@@ -174,6 +174,7 @@ def measure_cost_unloaded(source: ModelSource, recipe: Recipe, request: CostRequ
     memory (:func:`aufold.layerwise.load_for_run`), measured with hooks, and freed before
     anything is written."""
     from aufold.layerwise import load_for_run
+    from aufold.layerwise.hidden import HiddenStatesDoNotFit
 
     reason = request.unmeasured()
     if reason is None and source.gguf_path is not None:
@@ -189,10 +190,14 @@ def measure_cost_unloaded(source: ModelSource, recipe: Recipe, request: CostRequ
         return MeasuredCost(None, f"the model or its tokenizer could not be loaded ({error})")
     try:
         recipe.check_fingerprint(fingerprint(model), force=force)
+        if not is_layerwise(model):
+            return measure_cost(model, tokenizer, recipe.edit(), request)
         try:
             return measure_cost(model, tokenizer, recipe.edit(), request)
-        except AufoldError as error:  # e.g. no room for a streamed model's hidden states
-            return MeasuredCost(None, f"it could not be measured ({error})")
+        except HiddenStatesDoNotFit as error:  # export has no --work-dir to spill them to
+            return MeasuredCost(None, f"the hidden states of layer streaming do not fit in "
+                                      f"memory ({error.needed}); measure it with `aufold eval "
+                                      f"--layer-streaming --work-dir DIR`")
     finally:
         del model
         gc.collect()

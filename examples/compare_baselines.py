@@ -10,7 +10,7 @@ does. The summary under each table is computed from the same numbers.
 
     python examples/compare_baselines.py \\
         --run copa=cmp-copa/compare.json --run copa=caa-copa/compare.json \\
-        --run boolq=cmp-boolq/compare.json --out docs/compare.md
+        --run boolq=cmp-boolq/compare.json --model-name SmolLM2-135M-Instruct --out docs/compare.md
 """
 
 from __future__ import annotations
@@ -31,13 +31,17 @@ def merged(files: list[Path]) -> dict[str, Any]:
     first = runs[0]
     points: dict[tuple[str, str], dict[str, Any]] = {}
     for file, run in zip(files, runs):
-        for key in ("model", "task", "split", "scorer", "neutral", "unsteered"):
+        for key in ("model", "task", "split", "scorer", "neutral", "unsteered", "site", "plan",
+                    "budgets"):
             if run[key] != first[key]:
                 raise SystemExit(f"{file} differs from {files[0]} in {key}; merge runs of one setup")
         for point in run["points"]:
             known = points.setdefault((point["method"], point["setting"]), point)
             if (known["accuracy"], round(known["kl"], 9)) != (point["accuracy"], round(point["kl"], 9)):
                 raise SystemExit(f"{point['method']} {point['setting']} differs between runs")
+    with_caa = {(r.get("caa_layer"), r.get("caa_pairs")) for r in runs if r.get("caa_layer") is not None}
+    if len(with_caa) > 1:
+        raise SystemExit(f"the runs' CAA differ ({sorted(with_caa, key=str)}); merge one CAA setup")
     return {**first, "points": list(points.values()),
             "caa_layer": next((r["caa_layer"] for r in runs if r.get("caa_layer") is not None), None),
             "caa_pairs": next((r["caa_pairs"] for r in runs if r.get("caa_pairs")), None)}
@@ -79,7 +83,8 @@ def section(task: str, run: dict[str, Any], figures: Path) -> list[str]:
     if is_aufold_output(figures / name):
         (figures / name).unlink()  # the figure of an earlier report, redrawn
     plot_tradeoff(per, figures / name, base=base, budgets=budgets,
-                  title=f"{task} {run['split']} (SmolLM2): accuracy vs KL, site {run['site']}")
+                  title=f"{task} {run['split']} ({Path(run['model']).name}): accuracy vs KL, "
+                        f"site {run['site']}")
     return [*lines, "", f"![{task}: accuracy against KL per method](results/{name})", ""]
 
 
@@ -117,6 +122,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="append", required=True, metavar="TASK=COMPARE_JSON")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "compare.md")
+    parser.add_argument("--model-name", default=None,
+                        help="How the title names the model (default: the runs' model folder).")
     parser.add_argument("--intro", type=Path, default=None,
                         help="Markdown to put under the title (the setup and what it shows).")
     args = parser.parse_args()
@@ -126,11 +133,13 @@ def main() -> None:
         by_task.setdefault(task, []).append(Path(file))
     figures = args.out.parent / "results"
     figures.mkdir(parents=True, exist_ok=True)
-    lines = ["# AUSteer against its baselines at matched KL (SmolLM2-135M-Instruct)", ""]
+    runs = {task: merged(files) for task, files in by_task.items()}
+    name = args.model_name or Path(next(iter(runs.values()))["model"]).name
+    lines = [f"# AUSteer against its baselines at matched KL ({name})", ""]
     if args.intro is not None:
         lines += [args.intro.read_text().rstrip(), ""]
-    for task, files in by_task.items():
-        lines += section(task, merged(files), figures)
+    for task, run in runs.items():
+        lines += section(task, run, figures)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 

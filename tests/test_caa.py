@@ -192,3 +192,6 @@ def test_texts_longer_than_learned_positions_are_cut_to_fit(tmp_path: Path) -> N
     item = Item(prompt="word " * 400 + "Pick one:", choices=(" a", " b"), answer=" a",
                 answer_value=None, id="long")
     assert evaluate_items(model, tokenizer, [item], scorer="loglik", progress=False).n == 1
+    math = Item(prompt="word " * 400 + "2 + 2 =", choices=(), answer="4", answer_value=4.0, id="m")
+    result = evaluate_items(model, tokenizer, [math], kind="math", max_new_tokens=8, progress=False)
+    assert result.n == 1  # the prompt leaves room for the generated tokens

@@ -114,7 +114,7 @@ def test_the_comparison_report_merges_runs_of_one_setup(tmp_path: Path) -> None:
     def run(points: list[tuple[str, str, int, float, float]], **extra: object) -> dict[str, object]:
         return {"model": "m", "task": "copa", "split": "tune", "scorer": "first-token",
                 "neutral": {"corpus": "c", "tokens": 10}, "unsteered": {"accuracy": 0.5, "n": 100},
-                "site": "mlp", "block_layer": 3, "budgets": [0.05, 0.2], **extra,
+                "site": "mlp", "plan": "plan", "block_layer": 3, "budgets": [0.05, 0.2], **extra,
                 "points": [{"method": m, "setting": s, "units": u, "accuracy": a, "kl": k,
                             "perplexity_ratio": 1.0} for m, s, u, a, k in points]}
 

@@ -22,7 +22,7 @@ from aufold.encoding import pad_id
 from aufold.evaluate.batches import length_batches, pad_left
 from aufold.evaluate.choices import encode_prompts
 from aufold.evaluate.report import ItemResult
-from aufold.modeling import input_device
+from aufold.modeling import fitted_length, input_device
 from aufold.progress import bar
 from aufold.tasks import Item, format_number
 
@@ -66,6 +66,9 @@ def score_math(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items
                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, progress: bool = True,
                desc: str = "eval") -> tuple[list[ItemResult], int]:
     """Generate for every item in left-padded batches; return the results and the cut prompts."""
+    # With learned positions (GPT-2) the prompt and the generated tokens must fit together.
+    room = fitted_length(model, max_length + max_new_tokens) - max_new_tokens
+    max_length = max(1, min(max_length, room))
     encoded = encode_prompts(tokenizer, items, chat_template=chat_template, max_length=max_length)
     prompts = [ids[-max_length:] for ids in encoded.prompts]
     config = greedy_config(model, tokenizer, max_new_tokens)

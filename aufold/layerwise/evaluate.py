@@ -105,6 +105,10 @@ def swept(lm: LayerwiseModel, inputs: Sequence[Inputs], edits: Mapping[Key, Edit
     hidden states by (configuration, batch): configuration 0 is the unsteered model, then
     the edits in order. An edit shares the unsteered states up to its first steered layer."""
     starts = {key: earliest_layer(edit) for key, edit in edits.items()}
+    beyond = [key for key, start in starts.items() if start >= lm.num_layers]
+    if beyond:
+        raise AufoldError(f"an edit steers layer {starts[beyond[0]]}, but this model has "
+                          f"{lm.num_layers} layers; the plan was made for another model")
     keys = list(edits)
     hidden = lm.config.hidden_size
     shapes = [(*ids.shape, hidden) for ids, _, _ in inputs] * (1 + len(keys))

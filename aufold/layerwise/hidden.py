@@ -108,6 +108,15 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+class HiddenStatesDoNotFit(AufoldError):
+    """The hidden states of layer streaming fit neither in memory nor, without a work
+    folder, anywhere else."""
+
+    def __init__(self, needed: str, message: str) -> None:
+        super().__init__(message)
+        self.needed = needed
+
+
 def choose_spill(needed: int, layer_bytes: int, work_dir: Path | None,
                  spill: bool | None = None) -> Path | None:
     """Where the hidden states go: None for memory, or the work folder to spill to.
@@ -121,7 +130,8 @@ def choose_spill(needed: int, layer_bytes: int, work_dir: Path | None,
     if spill is False or (spill is None and needed + beside <= available):
         return None
     if work_dir is None:
-        raise AufoldError(f"the hidden states of all texts need {size_text(needed)}, and "
+        raise HiddenStatesDoNotFit(size_text(needed),
+                                   f"the hidden states of all texts need {size_text(needed)}, and "
                           f"{size_text(available)} of memory is available, of which the largest "
                           f"part of the model and a margin take {size_text(beside)}; pass "
                           f"--work-dir DIR on a disk with {size_text(needed)} free to keep them "
