@@ -30,7 +30,7 @@ from aufold.evaluate.resume import MAX_RESUME_POINTS
 from aufold.layerwise import load_for_run
 from aufold.layerwise.evaluate import MATH_NEEDS_WHOLE_MODEL
 from aufold.localize import DEFAULT_BATCH_SIZE as LOCALIZE_BATCH_SIZE
-from aufold.modeling import fingerprint, num_layers, resolve_source, site_width
+from aufold.modeling import fingerprint, is_layerwise, num_layers, resolve_source, site_width
 from aufold.plan import Plan, check_alpha
 from aufold.plotting import INSTALL_HINT, matplotlib_available, plot_heatmap
 from aufold.safety.limits import check_scale_factors
@@ -220,6 +220,10 @@ def sweep(
     name = resolve_scorer(kind, scorer)
     edits = {config: plan.select(config.k, config.alpha, [config.site], allow_extreme=allow_extreme)
              for config in grid_configs(sites, ks, alphas)}
+    if neutral is not None and is_layerwise(model):
+        from aufold.layerwise.cost import check_cost_room
+
+        check_cost_room(model, neutral, len(edits))  # before the sweep, not after it
     results = evaluate_edits(model, tokenizer, items, edits, kind=kind, scorer=name, resume=resume,
                              batch_size=batch_size, chat_template=chat_template,
                              max_length=max_length, max_new_tokens=max_new_tokens,

@@ -283,3 +283,28 @@ def test_the_tune_heatmap_shows_kl_beside_accuracy(tmp_path: Path, monkeypatch: 
     kl = {(c["alpha"], c["k"]): c["kl"] for c in grid}
     assert drawn[0]["kl"] == [[kl[1, 2], kl[1, 16]], [kl[50, 2], kl[50, 16]]]
     assert (tmp_path / "tuned" / "heatmap-mlp.png").stat().st_size > 0
+
+
+def test_a_streamed_sweep_checks_room_for_its_cost_before_it_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import aufold.layerwise.cost as layerwise_cost
+    import aufold.layerwise.hidden as hidden
+    import aufold.tune as tune_module
+    from aufold.layerwise import open_layerwise
+    from aufold.layerwise.hidden import HiddenStatesDoNotFit
+
+    model_dir = save_tiny_model("llama", tmp_path / "model")
+    lm, tokenizer = open_layerwise(model_dir)
+    (tmp_path / "text.txt").write_text(TEXT)
+    neutral = neutral_text(tokenizer, file=tmp_path / "text.txt")
+    layerwise_cost.check_cost_room(lm, neutral, 3)  # fits
+    monkeypatch.setattr(hidden, "available_memory", lambda: 10**5)
+    with pytest.raises(HiddenStatesDoNotFit, match="--work-dir"):
+        layerwise_cost.check_cost_room(lm, neutral, 3)
+    swept: list[object] = []
+    monkeypatch.setattr(tune_module, "evaluate_edits", lambda *a, **k: swept.append(1))
+    plan = random_plan(tiny_model("llama"))
+    with pytest.raises(HiddenStatesDoNotFit):
+        tune_module.sweep(lm, tokenizer, plan, generic_splits()["tune"], sites=["mlp"], ks=[2],
+                          alphas=[1.0], scorer="loglik", progress=False, neutral=neutral)
+    assert not swept  # refused before the accuracy sweep ran

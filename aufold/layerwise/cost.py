@@ -21,6 +21,7 @@ from aufold.evaluate.cost import (
     window_batches,
 )
 from aufold.layerwise.evaluate import swept
+from aufold.layerwise.hidden import choose_spill, hidden_bytes
 from aufold.layerwise.skeleton import LayerwiseModel
 
 if TYPE_CHECKING:
@@ -28,6 +29,16 @@ if TYPE_CHECKING:
     from aufold.vectors.caa import VectorEdit
 
 Key = TypeVar("Key", bound=Hashable)
+
+
+def check_cost_room(lm: LayerwiseModel, neutral: NeutralText, edits: int, *,
+                    batch_size: int = 4) -> None:
+    """Refuse, before a long sweep, hidden states of the cost that fit neither in memory nor
+    in the work folder (:func:`aufold.layerwise.hidden.choose_spill`): the same shapes
+    :func:`edit_costs_layerwise` stores, for the unsteered model and ``edits`` edits."""
+    shapes = [(len(batch), max(len(window) for window in batch), lm.config.hidden_size)
+              for batch in window_batches(neutral, batch_size)] * (1 + edits)
+    choose_spill(hidden_bytes(shapes, lm.dtype), lm.largest_part_bytes(), lm.work_dir, lm.spill)
 
 
 @torch.inference_mode()
