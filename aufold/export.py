@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -215,11 +215,13 @@ def _gguf_does_not_fit(path: Path, dtype: str) -> str | None:
             f"file cannot stream layer by layer")
 
 
-def _dequantized_bytes(path: Path, dtype: str) -> tuple[int, str]:
-    """The size of a GGUF file's weights once dequantized to ``dtype`` (float32 for auto)."""
+def _dequantized_bytes(path: Path, dtype: str, tensors: dict[str, Any] | None = None
+                       ) -> tuple[int, str]:
+    """The size of a GGUF file's weights once dequantized to ``dtype`` (float32 for auto), from
+    its tensor table (``tensors``, read here when not given)."""
     from aufold.formats.gguf import gguf_tensors
 
-    tensors = gguf_tensors(path)
+    tensors = gguf_tensors(path) if tensors is None else tensors
     values = sum(int(math.prod(int(n) for n in tensor.shape)) for tensor in tensors.values())
     written = "float32" if dtype == "auto" else dtype
     return values * (4 if written == "float32" else 2), written
@@ -231,7 +233,7 @@ def gguf_dequantization_note(path: Path, dtype: str) -> str:
     from aufold.formats.gguf import gguf_tensors
 
     tensors = gguf_tensors(path)
-    size, written = _dequantized_bytes(path, dtype)
+    size, written = _dequantized_bytes(path, dtype, tensors)
     types = ", ".join(sorted({tensor.tensor_type.name for tensor in tensors.values()}))
     hint = "; pass --dtype bfloat16 to halve it" if written == "float32" else ""
     file_size = path.stat().st_size

@@ -28,21 +28,30 @@ TEXT = ("The river rises in the hills north of the town and runs south through f
         "the old bridge. ") * 6
 
 
-def reference_costs(model, neutral: NeutralText, edit) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    """KL and perplexity ratio from the full logits of the model's forward, one window at a time."""
-    kl, nll_base, nll_steered, count = 0.0, 0.0, 0.0, 0
+def plain_costs(base, other, neutral: NeutralText) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """KL(base || other) and the perplexity ratio other / base from whole logits, one window at a
+    time; ``base`` and ``other`` map input ids to logits."""
+    kl, nll_base, nll_other, count = 0.0, 0.0, 0.0, 0
     for window in neutral.windows:
         ids = torch.tensor([window])
         with torch.no_grad():
-            base = torch.log_softmax(model(input_ids=ids).logits.float()[0, :-1], -1)
-            with steer(model, edit):
-                steered = torch.log_softmax(model(input_ids=ids).logits.float()[0, :-1], -1)
+            base_lp = torch.log_softmax(base(ids).float()[0, :-1], -1)
+            other_lp = torch.log_softmax(other(ids).float()[0, :-1], -1)
         targets = ids[0, 1:, None]
-        kl += float((base.exp() * (base - steered)).sum())
-        nll_base -= float(base.gather(-1, targets).sum())
-        nll_steered -= float(steered.gather(-1, targets).sum())
+        kl += float((base_lp.exp() * (base_lp - other_lp)).sum())
+        nll_base -= float(base_lp.gather(-1, targets).sum())
+        nll_other -= float(other_lp.gather(-1, targets).sum())
         count += len(window) - 1
-    return kl / count, math.exp((nll_steered - nll_base) / count)
+    return kl / count, math.exp((nll_other - nll_base) / count)
+
+
+def reference_costs(model, neutral: NeutralText, edit) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """The edit's KL and perplexity ratio from the full logits of the model's forward."""
+    def steered(ids: torch.Tensor) -> torch.Tensor:
+        with steer(model, edit):
+            return model(input_ids=ids).logits
+
+    return plain_costs(lambda ids: model(input_ids=ids).logits, steered, neutral)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])  # gemma2 soft-caps its logits
@@ -142,22 +151,6 @@ def test_a_missing_neutral_file_is_refused_before_the_model_loads(tmp_path: Path
     assert not loads and not (tmp_path / "tuned").exists()
 
 
-def folded_model_costs(base, folded, neutral: NeutralText) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    """KL and perplexity ratio of an exported (folded) model against its base, from whole logits."""
-    kl, nll_base, nll_folded, count = 0.0, 0.0, 0.0, 0
-    for window in neutral.windows:
-        ids = torch.tensor([window])
-        with torch.no_grad():
-            base_lp = torch.log_softmax(base(input_ids=ids).logits.float()[0, :-1], -1)
-            folded_lp = torch.log_softmax(folded(input_ids=ids).logits.float()[0, :-1], -1)
-        targets = ids[0, 1:, None]
-        kl += float((base_lp.exp() * (base_lp - folded_lp)).sum())
-        nll_base -= float(base_lp.gather(-1, targets).sum())
-        nll_folded -= float(folded_lp.gather(-1, targets).sum())
-        count += len(window) - 1
-    return kl / count, math.exp((nll_folded - nll_base) / count)
-
-
 @pytest.mark.parametrize("output_format", ["checkpoint", "lora", "ia3"])
 def test_every_export_card_states_the_measured_cost(output_format: str, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
@@ -179,8 +172,9 @@ def test_every_export_card_states_the_measured_cost(output_format: str, tmp_path
     assert f"| neutral corpus | {neutral_file}, {cost['tokens']} tokens |" in card
     if output_format == "checkpoint":  # the folded model itself costs what the card says
         neutral = neutral_text(tiny_tokenizer(), file=neutral_file)
-        kl, ratio = folded_model_costs(tiny_model("llama"),
-                                       AutoModelForCausalLM.from_pretrained(out), neutral)
+        base, folded = tiny_model("llama"), AutoModelForCausalLM.from_pretrained(out)
+        kl, ratio = plain_costs(lambda ids: base(input_ids=ids).logits,
+                                lambda ids: folded(input_ids=ids).logits, neutral)
         assert cost["tokens"] == sum(len(w) - 1 for w in neutral.windows)
         assert cost["kl"] == pytest.approx(kl, rel=1e-4)
         assert cost["perplexity_ratio"] == pytest.approx(ratio, rel=1e-5)
