@@ -29,7 +29,13 @@ from aufold.recipe import Recipe, as_recipe
 from aufold.safety.outputs import Inputs, atomic_folder, claim_output
 from aufold.sites import check_foldable
 from aufold.source import hub_cache_repo
-from aufold.streaming import StreamReport, export_streamed, streamable_folder
+from aufold.streaming import (
+    StreamReport,
+    TensorNotStored,
+    checkpoint_architecture,
+    export_streamed,
+    streamable_folder,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -150,10 +156,17 @@ def _write_export(source: ModelSource, recipe: Recipe, out: Path, *, dtype: str,
             return measure_cost_unloaded(source, recipe, cost_request, dtype=dtype, force=force,
                                          allow_pickle=allow_pickle, folder=folder)
 
-        edit, report = export_streamed(folder, recipe, out=out, force=force,
-                                       link_unchanged=link_unchanged, base_model=base_model,
-                                       location=location, dtype=dtype, measure_cost=measure)
-        return ExportResult(out, edit, None, report)
+        try:
+            edit, report = export_streamed(folder, recipe, out=out, force=force,
+                                           link_unchanged=link_unchanged, base_model=base_model,
+                                           location=location, dtype=dtype, measure_cost=measure)
+            return ExportResult(out, edit, None, report)
+        except TensorNotStored as error:
+            if "mlp-out" not in recipe.sites or not checkpoint_architecture(folder)[1].has_experts:
+                raise
+            # The checkpoint stores each expert apart (as save_pretrained writes them), and
+            # the fold scales the stacked tensor transformers builds when loading: load it.
+            log.info("%s; loading the model whole to fold its experts", error)
     if source.gguf_path is not None:
         log.info("%s", gguf_dequantization_note(source.gguf_path, dtype))
     model, tokenizer, _ = load_model(source.ref, dtype=dtype, sites=recipe.sites,

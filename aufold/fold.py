@@ -19,7 +19,7 @@ from aufold.edit import Edit, scaled
 from aufold.errors import AufoldError
 from aufold.modeling import model_architecture
 from aufold.safety.limits import check_finite
-from aufold.sites import Architecture, check_foldable, site_kind
+from aufold.sites import Architecture, check_foldable
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -62,13 +62,9 @@ def weight_edits(edit: Edit, architecture: Architecture) -> dict[str, TensorEdit
     edits: dict[str, TensorEdit] = {}
     for number, step in enumerate(edit.steps()):
         for group in step.groups():
-            module = architecture.module_path(group.site, group.layer)
-            axis = architecture.weight_axis(group.site)
-            weight = edits.setdefault(f"{module}.weight", TensorEdit())
-            weight.step(number)[axis] = (group.index, group.scale)
-            if site_kind(group.site).placement == "output":
-                bias = edits.setdefault(f"{module}.bias", TensorEdit(optional=True))
-                bias.step(number)[0] = (group.index, group.scale)
+            for tensor in architecture.fold_tensors(group.site, group.layer):
+                tensor_edit = edits.setdefault(tensor.name, TensorEdit(optional=tensor.optional))
+                tensor_edit.step(number)[tensor.axis] = (group.index, group.scale)
     return edits
 
 

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from aufold.checkpoint import local_checkpoint
 from aufold.defaults import DTYPE_NAMES
 from aufold.errors import AufoldError, first_line
-from aufold.sites import Architecture, architecture_for, site_kind
+from aufold.sites import Architecture, architecture_for, architecture_of, site_kind
 from aufold.source import (  # noqa: F401  (re-exported: the model-loading API)
     SMOLLM2_CACHE,
     SMOLLM2_GGUF,
@@ -27,7 +27,7 @@ from aufold.source import (  # noqa: F401  (re-exported: the model-loading API)
 )
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
 DTYPES: Mapping[str, torch.dtype | str] = {
     name: "auto" if name == "auto" else getattr(torch, name) for name in DTYPE_NAMES
@@ -86,7 +86,7 @@ def load_model(
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
         check_gguf_file(source)
-    architecture_for(config_model_type(source)).check_sites(sites)  # fail before loading any weights
+    architecture_for(source_config(source)).check_sites(sites)  # fail before loading any weights
     if source.local_dir is not None:  # checked before loading; pickle only when allowed
         kwargs["use_safetensors"] = local_checkpoint(source.local_dir,
                                                      allow_pickle=allow_pickle) is not None
@@ -153,18 +153,18 @@ def check_gguf_file(source: ModelSource) -> None:
     gguf_tensors(source.gguf_path)
 
 
-def config_model_type(source: ModelSource) -> str:
-    """The model type its config names, read before any weight loads."""
+def source_config(source: ModelSource) -> PretrainedConfig:
+    """The model's config, read before any weight loads."""
     if source.local_dir is not None:
         try:
-            return str(json.loads((source.local_dir / "config.json").read_text())["model_type"])
+            json.loads((source.local_dir / "config.json").read_text())["model_type"]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as error:
             raise AufoldError(f"{source.local_dir}/config.json is not a valid model config "
                               f"({type(error).__name__}: {error}); re-save the model with "
                               f"save_pretrained") from None
     try:
-        return str(AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file).model_type)
-    except (OSError, ValueError) as error:
+        return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+    except (OSError, ValueError, KeyError) as error:
         raise AufoldError(f"could not read the config of {source.ref!r}: {first_line(error)}") from None
 
 
@@ -185,7 +185,8 @@ def is_layerwise(model: object) -> bool:
 
 
 def model_architecture(model: PreTrainedModel) -> Architecture:
-    return architecture_for(model.config.model_type)
+    """Where the model's sites are, derived from the model itself (once per model)."""
+    return architecture_of(model)
 
 
 def shaped(model: Any) -> PreTrainedModel:
@@ -209,8 +210,8 @@ def site_width(model: PreTrainedModel, site: str) -> int:
     kind = site_kind(site)
     if kind.projection == "layer":
         return int(model.get_input_embeddings().weight.shape[1])
-    weight = site_module(model, site, 0).weight
-    return int(weight.shape[model_architecture(model).weight_axis(site)])
+    first = model_architecture(model).fold_tensors(site, 0)[0]
+    return int(model.get_parameter(first.name).shape[first.axis])
 
 
 def check_site_exists(model: PreTrainedModel, site: str) -> None:

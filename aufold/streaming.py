@@ -130,7 +130,7 @@ def checkpoint_architecture(folder: Path) -> tuple[dict[str, object], Architectu
     except (OSError, ValueError, KeyError) as error:
         raise AufoldError(f"could not read the config of {folder}: "
                           f"{str(error).splitlines()[0] if str(error) else error!r}") from None
-    return config.to_dict(), architecture_for(config.model_type)
+    return config.to_dict(), architecture_for(config)
 
 
 def checkpoint_fingerprint(checkpoint: Checkpoint, config: Mapping[str, object],
@@ -182,6 +182,11 @@ def export_streamed(
     return edit, report
 
 
+class TensorNotStored(AufoldError):
+    """A tensor the fold scales is not stored under its in-memory name: a plan for another
+    model, or experts that transformers fuses into one [E, ...] tensor only when loading."""
+
+
 def stored_edits(checkpoint: Checkpoint, edits: Mapping[str, TensorEdit]
                  ) -> dict[str, dict[TensorEntry, TensorEdit]]:
     """The edits by shard file and stored tensor, each checked against the stored shape."""
@@ -191,7 +196,7 @@ def stored_edits(checkpoint: Checkpoint, edits: Mapping[str, TensorEdit]
         if stored is None:
             if tensor_edit.optional:
                 continue
-            raise AufoldError(f"the checkpoint has no tensor {name}; the plan does not fit it")
+            raise TensorNotStored(f"the checkpoint has no tensor {name}; the plan does not fit it")
         entry = checkpoint.entry(stored)
         for axis, index in tensor_edit.edited().items():
             if axis >= len(entry.shape) or int(index.max()) >= entry.shape[axis]:

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from tiny_models import ARCHITECTURES, save_tiny_model, tiny_model
 from transformers import AutoModelForCausalLM
 
-from aufold.sites import ARCHITECTURES as TABLE
+from aufold.sites import architecture_for
 from aufold.sites import VECTOR_SITES
 from aufold.vectors import add_vectors, read_vectors
 from aufold.vectors.read import SteeringVectors
@@ -51,7 +51,7 @@ def write_repeng_gguf(vectors: dict[int, torch.Tensor], path: Path, model_type: 
 
 def can_fold(model_type: str, site: str) -> bool:
     """A restatement of the table: a bias switch exists, and for residual vectors no norm."""
-    arch = TABLE[model_type]
+    arch = architecture_for(model_type)
     switch = arch.attention_out_bias if site == "attention-out" else arch.mlp_down_bias
     return switch is not None and not (site == "residual" and arch.norm_after_mlp_down)
 

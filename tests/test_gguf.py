@@ -34,7 +34,7 @@ from aufold.fold import fold_tensor, weight_edits
 from aufold.formats.gguf import GgufModel, fold_gguf, gguf_tensors, read_gguf_model
 from aufold.formats.gguf.blocks import BLOCK_SCALES, scale_rows
 from aufold.safety.outputs import MARKER
-from aufold.sites import ARCHITECTURES as TABLE
+from aufold.sites import architecture_for
 from aufold.source import hub_cache_repo, resolve_source
 from aufold.steer import steer
 
@@ -231,7 +231,7 @@ def test_reencoding_rewrites_only_types_and_offsets_in_the_header(
     source = write_llama_gguf(super_block_model, tmp_path / "in" / "tiny.gguf", Q.Q4_K)
     tensors = gguf_tensors(source)
     edit = Edit.of([SteeredUnit("head", 1, unit, 0.5) for unit in (3, 100)])
-    model = GgufModel.read(source, TABLE["llama"], "unused")
+    model = GgufModel.read(source, architecture_for("llama"), "unused")
     report = fold_gguf(model, edit, tmp_path / "out.gguf")
     assert [(f.name, f.source_type, f.written_type, f.method) for f in report.folds] == [
         ("blk.1.attn_output.weight", "Q4_K", "Q8_0", "re-encoded")]
@@ -251,14 +251,14 @@ def test_reencoding_rewrites_only_types_and_offsets_in_the_header(
     reencoded = {t.name: t for t in new.tensors}["blk.1.attn_output.weight"]
     exact = fold_tensor(torch.from_numpy(dequantize(np.asarray(tensors[reencoded.name].data),
                                                     Q.Q4_K)),
-                        weight_edits(edit, TABLE["llama"].gguf_naming())[reencoded.name])
+                        weight_edits(edit, architecture_for("llama").gguf_naming())[reencoded.name])
     assert np.array_equal(np.asarray(reencoded.data), quantize(exact.numpy(), Q.Q8_0))
 
 
 def test_the_table_names_tensors_as_the_gguf_converters_do() -> None:
     for model_type in ARCHITECTURES:
         names = gguf.get_tensor_name_map(GGUF_ARCHS[model_type], 4)
-        hf, named = TABLE[model_type], TABLE[model_type].gguf_naming()
+        hf, named = architecture_for(model_type), architecture_for(model_type).gguf_naming()
         for site in ("head", "mlp", "mlp-out"):
             module = hf.module_path(site, 3)
             assert names.get_name(module + ".weight", try_suffixes=(".weight",)) == (
@@ -306,7 +306,7 @@ def write_two_layer_gguf(path: Path, kinds: dict[str, Q]) -> Path:
 def test_gguf_refuses_a_column_edit_it_cannot_decode_naming_the_tensor(tmp_path: Path) -> None:
     source = write_two_layer_gguf(tmp_path / "in" / "q1.gguf", {"attn_output": Q.Q1_0})
     edit = Edit.of([SteeredUnit("head", 0, 5, 0.5)])
-    model = GgufModel.read(source, TABLE["llama"], "unused")
+    model = GgufModel.read(source, architecture_for("llama"), "unused")
     with pytest.raises(Exception, match=r"blk\.0\.attn_output\.weight is Q1_0.*mlp-out"):
         fold_gguf(model, edit, tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
@@ -327,7 +327,7 @@ def test_gguf_mlp_of_an_ungated_model_reencodes_its_down_projection(tmp_path: Pa
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    model = GgufModel.read(source, TABLE["gpt2"], "unused")
+    model = GgufModel.read(source, architecture_for("gpt2"), "unused")
     report = fold_gguf(model, Edit.of([SteeredUnit("mlp", 0, 7, 1.0)]), tmp_path / "out.gguf")
     assert [(f.name, f.written_type, f.method) for f in report.folds] == [
         ("blk.0.ffn_down.weight", "Q8_0", "re-encoded")]
@@ -373,9 +373,9 @@ def test_gguf_fold_scales_the_bias_of_a_row_edit(tmp_path: Path) -> None:
     writer.close()
     tensors = gguf_tensors(source)
     edit = Edit.of([SteeredUnit("mlp-out", 0, unit, 0.25 * unit) for unit in (1, 5, 63)])
-    fold_gguf(GgufModel.read(source, TABLE["gpt2"], "unused"), edit, tmp_path / "out.gguf")
+    fold_gguf(GgufModel.read(source, architecture_for("gpt2"), "unused"), edit, tmp_path / "out.gguf")
     after = gguf_tensors(tmp_path / "out.gguf")
-    edits = weight_edits(edit, TABLE["gpt2"].gguf_naming())
+    edits = weight_edits(edit, architecture_for("gpt2").gguf_naming())
     (name, bias_edit), = [(n, e) for n, e in edits.items() if n.endswith("bias")]
     expected = fold_tensor(torch.from_numpy(np.array(tensors[name].data)), bias_edit)
     assert torch.equal(torch.from_numpy(np.array(after[name].data)), expected)
@@ -435,7 +435,7 @@ def test_only_source_metadata_names_the_converted_model(super_block_model: PreTr
 def test_a_rewritten_gguf_pads_its_last_tensor_as_ggml_sizes_it(
         super_block_model: PreTrainedModel, tmp_path: Path) -> None:
     source = write_llama_gguf(super_block_model, tmp_path / "in" / "tiny.gguf", Q.Q4_K)
-    fold_gguf(GgufModel.read(source, TABLE["llama"], "unused"),
+    fold_gguf(GgufModel.read(source, architecture_for("llama"), "unused"),
               Edit.of([SteeredUnit("head", 1, 3, 0.5)]), tmp_path / "out.gguf")
     reader = GGUFReader(tmp_path / "out.gguf")
     padded = sum(-(-int(t.n_bytes) // reader.alignment) * reader.alignment for t in reader.tensors)
@@ -446,7 +446,7 @@ def test_a_rewritten_gguf_pads_its_last_tensor_as_ggml_sizes_it(
 def test_mlp_units_move_to_ffn_up_only_in_a_gated_mlp(gated: bool, tmp_path: Path) -> None:
     kinds = {"ffn_down": Q.Q4_K, "ffn_up": Q.Q4_K, **({"ffn_gate": Q.Q4_K} if gated else {})}
     source = write_two_layer_gguf(tmp_path / "in" / "m.gguf", kinds)
-    report = fold_gguf(GgufModel.read(source, TABLE["llama"], "unused"),
+    report = fold_gguf(GgufModel.read(source, architecture_for("llama"), "unused"),
                        Edit.of([SteeredUnit("mlp", 1, 7, 1.0)]), tmp_path / "out.gguf")
     assert [(f.name, f.method) for f in report.folds] == (
         [("blk.1.ffn_up.weight", "block scales")] if gated

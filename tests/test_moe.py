@@ -1,11 +1,13 @@
-"""Mixture-of-Experts architectures (Mixtral, Qwen2-MoE, Qwen3-MoE): the head site only.
+"""Mixture-of-Experts architectures (Mixtral, Qwen2-MoE, Qwen3-MoE): head and mlp-out.
 
 Their experts' down projections are one fused 3D parameter in memory and
-per-expert 2D tensors on disk, so no single weight holds an ``mlp`` or
-``mlp-out`` unit. The ``head`` site (columns of ``o_proj``) localizes, steers
-and folds in memory and from a streamed checkpoint, whichever way the experts
-are stored, and never touches them; the MLP sites are refused with one line
-that names the architecture, the site and the sites there are.
+per-expert 2D tensors on disk. The ``head`` site (columns of ``o_proj``) localizes,
+steers and folds in memory and from a streamed checkpoint, whichever way the experts
+are stored, and never touches them. The ``mlp-out`` site is the output of the whole
+block, the router-weighted sum of experts plus any shared expert: its unit i folds
+into row i of every expert's and the shared expert's down projection. The ``mlp``
+site is refused with one line that names the architecture, the site and the sites
+there are.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ from aufold.streaming import checkpoint_architecture, checkpoint_fingerprint
 K = 40
 ALPHA = 2.0
 PAIRS = [ContrastivePair(f"{a} plus 2 is", f" {a + 2}", f" {a + 3}") for a in range(6)]
-REFUSED = r"has experts in its MLP, so no single weight holds its '{site}' units; aufold steers " \
-          r"its 'head' and 'residual' sites only \(choose --site head\)"
+REFUSED = r"has experts in the MLP of layer 0, so no single weight holds its '{site}' units; " \
+          r"aufold steers its 'head', 'mlp-out', 'residual' sites \(choose one of them\)"
 
 
 def head_edit(model: PreTrainedModel, seed: int = 0) -> Edit:
@@ -157,7 +159,7 @@ def test_localize_head_and_refuse_the_mlp_sites(arch: str) -> None:
     assert plan.counts["head"].positive.shape == (model.config.num_hidden_layers, 64)
     assert int(plan.counts["head"].positive.sum() + plan.counts["head"].negative.sum()) > 0
 
-    for site in ("mlp", "mlp-out"):
+    for site in ("mlp",):
         message = f"^{arch} " + REFUSED.format(site=site) + "$"
         with pytest.raises(AufoldError, match=message):
             localize(model, tokenizer, PAIRS, ["head", site], progress=False)
@@ -170,12 +172,13 @@ def test_localize_head_and_refuse_the_mlp_sites(arch: str) -> None:
 
 def test_vectors_that_need_the_mlp_bias_are_refused() -> None:
     architecture = architecture_for("mixtral")
-    assert architecture.sites == ("head", "residual")
+    assert architecture.sites == ("head", "mlp-out", "residual")
     assert architecture.vector_module("residual", 2) == "model.layers.2"  # hook mode still works
+    refused = r"needs the MLP down projection, but not every layer of mixtral has one"
     for target in ("residual", "mlp-out"):
-        with pytest.raises(AufoldError, match=r"mixtral has experts in its MLP"):
+        with pytest.raises(AufoldError, match=refused):
             architecture.vector_bias(target, 0)
-    with pytest.raises(AufoldError, match=r"mixtral has experts in its MLP"):
+    with pytest.raises(AufoldError, match=refused):
         architecture.vector_module("mlp-out", 0)
     # Qwen3-MoE's attention_bias flag gives o_proj a bias for an attention-out vector.
     bias = architecture_for("qwen3_moe").vector_bias("attention-out", 0)
@@ -190,12 +193,12 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("site", ["mlp", "mlp-out"])
+@pytest.mark.parametrize("site", ["mlp"])
 def test_cli_refuses_the_mlp_sites_in_one_line(workspace: Path, site: str) -> None:
     out = workspace / f"plan-{site}"
     result = run_cli("localize", workspace / "mixtral", "--pairs", workspace / "pairs.jsonl",
                      "--site", site, "--out", out)
-    assert_one_line_error(result, "mixtral", f"'{site}'", "'head'", "--site head")
+    assert_one_line_error(result, "mixtral", f"'{site}'", "'head'", "'mlp-out'")
     assert not out.exists()
 
 
@@ -208,3 +211,113 @@ def test_cli_localizes_and_exports_the_head_site(workspace: Path) -> None:
                      "--out", workspace / "steered")
     assert result.exit_code == 0, result.output
     assert "streamed" in result.output and "folded 8 units (head)" in result.output
+
+
+# --- mlp-out: the output of the whole experts block ----------------------------------
+
+def mlp_out_edit(model: PreTrainedModel, seed: int = 0) -> Edit:
+    return random_plan(model, seed=seed, sites=("mlp-out",)).select(K, ALPHA)
+
+
+def block_reference(original: dict[str, torch.Tensor], edit: Edit) -> dict[str, torch.Tensor]:
+    """Written from the math alone: the block's output unit i is row i of every expert's down
+    projection ([E, out, in] in memory) and of the shared expert's, each times (1 + gamma)."""
+    expected = dict(original)
+    for unit in edit.units:
+        prefix = f"model.layers.{unit.layer}.mlp."
+        factor = torch.tensor(1.0 + unit.gamma, dtype=torch.float32)
+        for name in (f"{prefix}experts.down_proj", f"{prefix}shared_expert.down_proj.weight"):
+            if name in expected:
+                weight = expected[name].float().clone()
+                rows = weight[:, unit.unit] if weight.dim() == 3 else weight[unit.unit]
+                rows *= factor
+                expected[name] = weight.to(original[name].dtype)
+    return expected
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHITECTURES)
+def test_mlp_out_fold_matches_hooks_and_a_plain_reference(arch: str) -> None:
+    model = tiny_model(arch)
+    edit = mlp_out_edit(model)
+    plain = logits(model)
+    with steer(model, edit):
+        hooked = logits(model)
+    assert relative_diff(hooked, plain) > 1e-2
+    folded = copy.deepcopy(model)
+    fold_model(folded, edit)
+    assert relative_diff(logits(folded), hooked) <= 1e-5
+    original = {name: p.detach() for name, p in model.named_parameters()}
+    got = {name: p.detach() for name, p in folded.named_parameters()}
+    # The reference folds one unit at a time; units are distinct, so each row is scaled once.
+    assert_bitwise(got, block_reference(original, edit))
+    if arch == "qwen2_moe":  # the shared expert is scaled too (its plan does not name it)
+        name = "model.layers.0.mlp.shared_expert.down_proj.weight"
+        assert not torch.equal(got[name], original[name]) or not any(
+            unit.layer == 0 for unit in edit.units)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHITECTURES)
+def test_mlp_out_localizes_at_the_block_output(arch: str) -> None:
+    model, tokenizer = tiny_model(arch), tiny_tokenizer()
+    plan = localize(model, tokenizer, PAIRS, ["mlp-out"], progress=False)
+    assert plan.counts["mlp-out"].positive.shape == (model.config.num_hidden_layers, 64)
+    # The block's output at the last token, read by a plain hook on the block module.
+    reads: dict[int, list[torch.Tensor]] = {}
+    handles = [layer.mlp.register_forward_hook(
+        lambda _m, _a, out, n=n: reads.setdefault(n, []).append(
+            (out[0] if isinstance(out, tuple) else out)[0, -1].clone()))
+        for n, layer in enumerate(model.model.layers)]
+    try:
+        with torch.no_grad():
+            for pair in PAIRS:
+                for answer in (pair.positive, pair.negative):
+                    ids = tokenizer(pair.prompt + answer, return_tensors="pt").input_ids
+                    model(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer, values in reads.items():
+        stacked = torch.stack(values).unflatten(0, (-1, 2))
+        difference = stacked[:, 0] - stacked[:, 1]
+        positive = (difference > 1e-6 * stacked.abs().amax()).sum(0)
+        assert torch.equal(plan.counts["mlp-out"].positive[layer], positive) or \
+            (plan.counts["mlp-out"].positive[layer] - positive).abs().max() <= 1
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_mlp_out_export_of_per_expert_shards_loads_the_model(arch: str, tmp_path: Path) -> None:
+    """save_pretrained stores each expert apart, so the stacked tensor the fold scales exists
+    only once transformers loads it: the export loads the model and saves it whole."""
+    model = tiny_model(arch)
+    source = save_tiny_model(arch, tmp_path / "source")
+    plan = random_plan(model, sites=("mlp-out",))
+    result = export(source, plan, k=K, alpha=ALPHA, out=tmp_path / "out", cost=False)
+    assert result.streamed is None
+    reloaded, _, _ = load_model(result.out)
+    with steer(model, result.edit):
+        hooked = logits(model)
+    assert relative_diff(logits(reloaded), hooked) <= 1e-5
+
+
+def test_mlp_out_export_of_fused_shards_streams_bitwise(tmp_path: Path) -> None:
+    model = tiny_model("qwen2_moe")
+    source = tmp_path / "source"
+    source.mkdir()
+    state = {name: p.detach().contiguous() for name, p in model.named_parameters()}
+    save_file(state, source / "model.safetensors", metadata={"format": "pt"})
+    model.config.save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    plan = random_plan(model, sites=("mlp-out",))
+    result = export(source, plan, k=K, alpha=ALPHA, out=tmp_path / "streamed", cost=False)
+    assert result.streamed is not None
+    assert_bitwise(tensors(result.out), block_reference(state, result.edit))
+
+
+@pytest.mark.parametrize("export_format", ["lora", "ia3"])
+def test_adapters_refuse_the_block_output(export_format: str, tmp_path: Path) -> None:
+    source = save_tiny_model("mixtral", tmp_path / "source")
+    plan = random_plan(tiny_model("mixtral"), sites=("mlp-out",))
+    with pytest.raises(AufoldError, match=r"Mixture-of-Experts block.*--format checkpoint"):
+        export(source, plan, k=K, alpha=ALPHA, out=tmp_path / "out", format=export_format,
+               cost=False)
+    assert not (tmp_path / "out").exists()

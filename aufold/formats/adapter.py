@@ -15,8 +15,11 @@ from peft import PeftConfig
 from safetensors.torch import save_file
 
 from aufold.card import ExportRecord, card_files
+from aufold.edit import Edit
+from aufold.errors import AufoldError
 from aufold.safety.limits import check_finite
 from aufold.safety.outputs import atomic_folder
+from aufold.sites import Architecture
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -34,6 +37,17 @@ class Adapter:
 def adapter_key(module: str, name: str) -> str:
     """The saved name of an adapter tensor: ``base_model.model.<module>.lora_A.weight``, ..."""
     return f"{PEFT_PREFIX}{module}.{name}"
+
+
+def check_adapter_targets(architecture: Architecture, edit: Edit, format_name: str) -> None:
+    """Refuse units of a Mixture-of-Experts block's output: PEFT adapts a Linear module,
+    and no single one produces that output (every expert's down projection does)."""
+    for group in edit.groups():
+        if group.site == "mlp-out" and architecture.layer_sites[group.layer].mlp_down is None:
+            raise AufoldError(
+                f"an {format_name} adapter cannot hold 'mlp-out' units of layer {group.layer}: "
+                f"that is the output of a Mixture-of-Experts block, which no single Linear "
+                f"module produces for PEFT to adapt; export --format checkpoint instead")
 
 
 def write_adapter(adapter: Adapter, record: ExportRecord, out: Path) -> None:

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from aufold.card import Artifact, ExportRecord, units_sentence
 from aufold.edit import Edit
 from aufold.errors import AufoldError
-from aufold.formats.adapter import Adapter, adapter_key
+from aufold.formats.adapter import Adapter, adapter_key, check_adapter_targets
 from aufold.modeling import check_site_exists, model_architecture
 from aufold.sites import check_foldable, site_kind
 
@@ -32,6 +32,7 @@ def ia3_adapter(model: PreTrainedModel, edit: Edit, *, base_model: str) -> Adapt
     for site in edit.sites:
         check_site_exists(model, site)
     architecture = model_architecture(model)
+    check_adapter_targets(architecture, edit, "IA3")
     vectors: dict[str, torch.Tensor] = {}
     feedforward: list[str] = []
     for group in edit.groups():

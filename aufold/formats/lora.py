@@ -33,7 +33,7 @@ from transformers import PreTrainedModel
 from aufold.card import Artifact, ExportRecord, units_sentence
 from aufold.edit import Edit, UnitGroup
 from aufold.errors import AufoldError
-from aufold.formats.adapter import Adapter, adapter_key
+from aufold.formats.adapter import Adapter, adapter_key, check_adapter_targets
 from aufold.modeling import check_site_exists, model_architecture
 from aufold.sites import Architecture, check_foldable, site_kind
 
@@ -61,6 +61,7 @@ def lora_factors(model: PreTrainedModel, edit: Edit) -> list[LoraFactors]:
     for site in edit.sites:
         check_site_exists(model, site)
     architecture = model_architecture(model)
+    check_adapter_targets(architecture, edit, "LoRA")
     by_module: dict[str, dict[str, UnitGroup]] = {}
     for group in edit.groups():
         module = architecture.module_path(group.site, group.layer)

@@ -30,7 +30,7 @@ from aufold.checkpoint import (
 from aufold.errors import AufoldError
 from aufold.layerwise.hidden import MARGIN_BYTES, available_memory, size_text
 from aufold.layerwise.skeleton import LayerwiseModel
-from aufold.modeling import DTYPES, config_model_type, load_tokenizer, resolve_source
+from aufold.modeling import DTYPES, load_tokenizer, resolve_source, source_config
 from aufold.sites import architecture_for
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def streaming_choice(ref: str, *, requested: bool, dtype: str = "auto",
             raise AufoldError(f"layer streaming reads a local safetensors checkpoint, and {ref} is "
                               f"neither a folder nor complete in the hub cache; download it first "
                               f"(huggingface-cli download {ref})")
-        architecture_for(config_model_type(source))  # the same order of refusals as loading whole
+        architecture_for(source_config(source))  # the same order of refusals as loading whole
         open_checkpoint(folder)  # refuses damaged checkpoints
         return StreamingChoice(folder, "layer streaming, as asked (--layer-streaming)")
     if device_map or source.gguf_file:

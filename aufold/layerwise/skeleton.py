@@ -24,7 +24,7 @@ from torch import nn
 from aufold.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint, read_tensor
 from aufold.errors import AufoldError, first_line
 from aufold.modeling import DTYPES, fingerprint_from
-from aufold.sites import Architecture, architecture_for
+from aufold.sites import Architecture, architecture_of
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -51,10 +51,10 @@ class LayerwiseModel:
             self.config: PretrainedConfig = AutoConfig.from_pretrained(folder)
         except (OSError, ValueError, KeyError) as error:
             raise AufoldError(f"could not read the config of {folder}: {first_line(error)}") from None
-        self.architecture: Architecture = architecture_for(self.config.model_type)
         self.dtype: torch.dtype = _resolve_dtype(dtype, self.config, checkpoint)
         self.device = torch.device(device or "cpu")
         self.model: PreTrainedModel = _skeleton(self.config, self.dtype)
+        self.architecture: Architecture = architecture_of(self.model)
         self.layers: nn.ModuleList = self.model.get_submodule(self.architecture.layers)
         self._parts = _tensors_by_part(checkpoint, self.architecture.layers, len(self.layers))
         self._check_layers()

@@ -50,7 +50,7 @@ def fold_vector_checkpoint(
         config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
     except (OSError, ValueError, KeyError) as error:
         raise AufoldError(f"could not read the config of {source.ref!r}: {error}") from None
-    architecture_for(config.model_type).vector_bias(site, 0)  # refuses before loading weights
+    architecture_for(config).vector_bias(site, 0)  # refuses before loading weights
     inputs = Inputs.of([*source.input_paths(), vector_path])
     with claim_output(out, overwrite=overwrite, inputs=inputs) as out_dir:
         model, tokenizer, _ = load_model(model_ref, dtype=dtype, allow_pickle=allow_pickle)

@@ -111,7 +111,7 @@ def read_gguf_model(path: Path) -> GgufModel:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError) as error:
         raise AufoldError(f"could not read the GGUF file {path}: {first_line(error)}") from None
-    architecture = architecture_for(config.model_type)
+    architecture = architecture_for(config)
     named = architecture.gguf_naming()
     shapes = {name: [int(n) for n in reversed(t.shape)] for name, t in tensors.items()}
     weights: dict[str, list[int]] = {}

@@ -1,0 +1,242 @@
+"""Where the sites of one model live, as name templates relative to its decoder layers.
+
+An :class:`Architecture` is derived from the model itself (:mod:`aufold.sites.derive`)
+and answers every question the rest of aufold asks about a site: which module to hook,
+which stored tensors and axes a fold scales, what the export formats need. No other
+module branches on the model type.
+
+"Columns" and "rows" are of the mathematical weight of ``y = W x``. A
+``torch.nn.Linear`` stores ``W`` as ``[out, in]``; GPT-2's ``Conv1D`` stores it
+transposed as ``[in, out]``, so the stored axis that a unit occupies depends on the
+layout, and this class is where that fact lives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Literal
+
+from aufold.errors import AufoldError
+from aufold.sites.kinds import (
+    SITES,
+    VectorSite,
+    not_foldable_message,
+    site_kind,
+    vector_target,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+WeightLayout = Literal["linear", "conv1d"]
+
+BUILT_IN_BIAS = "built-in"  # the projection always has a bias (GPT-2's Conv1D)
+GGUF_LAYERS = "blk"  # GGUF names decoder-layer tensors blk.{layer}.<name>
+
+
+@dataclass(frozen=True)
+class FoldTensor:
+    """A stored tensor that a fold scales: its name relative to a decoder layer, the axis
+    that indexes the site's units, and whether it may be missing (a bias)."""
+
+    name: str
+    axis: int
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class VectorBias:
+    """The bias that folds a vector: its module, and the config flag to switch on (if any)."""
+
+    module: str
+    config_flag: str | None
+
+
+@dataclass(frozen=True)
+class LayerSites:
+    """Where the sites of one decoder layer live, relative to the layer."""
+
+    attention_out: str | None  # the attention output projection; None: the layer has none
+    mlp_down: str | None  # a dense MLP's down projection; None: experts, or no MLP
+    # A Mixture-of-Experts block: its output is the mlp-out site, and ``expert_outputs``
+    # are the tensors whose slices are that output's units (every expert's down
+    # projection, stacked [E, ...], their biases, a shared expert's down projection).
+    moe_block: str | None = None
+    expert_outputs: tuple[FoldTensor, ...] = ()
+
+    def module(self, projection: str) -> str | None:
+        """The module of a site's projection in this layer, None where it has none."""
+        if projection == "attention_out":
+            return self.attention_out
+        return self.mlp_down if self.mlp_down is not None else self.moe_block
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where the foldable projections of one model live, layer by layer."""
+
+    model_type: str
+    layers: str  # the ModuleList of decoder layers, from the model's root
+    layer_sites: tuple[LayerSites, ...]
+    layout: WeightLayout = "linear"
+    # Why a site is missing, in one sentence, for the refusal.
+    absent: Mapping[str, str] = field(default_factory=dict)
+    # What gives each projection a bias: a config flag (which also adds zero biases to
+    # its sibling projections), BUILT_IN_BIAS, or None when aufold knows no way to.
+    attention_out_bias: str | None = None
+    mlp_down_bias: str | None = None
+    # A norm between the MLP down projection and the residual add, if the layer has one.
+    norm_after_mlp_down: str | None = None
+    # The same projections inside a GGUF file, ``blk.{layer}.<name>.weight``: llama.cpp's
+    # converters store every one as [out, in] (GPT-2's Conv1D weights are transposed).
+    gguf_attention_out: str = "attn_output"
+    gguf_mlp_down: str = "ffn_down"
+    # The GGUF tensor whose rows scale the MLP neurons one by one: the up projection of a
+    # gated MLP (neuron = act(gate x) * (up x)). None where no such tensor exists: an
+    # ungated MLP (GPT-2), or gate and up fused in one tensor (Phi-3's ffn_up).
+    gguf_mlp_up: str | None = "ffn_up"
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_sites)
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """The sites this model has in every layer, in the order of :data:`SITES`."""
+        return tuple(name for name in SITES if name not in self.absent)
+
+    @property
+    def attention_out(self) -> str | None:
+        """The attention output projection, where every layer has it at one path."""
+        return _uniform(layer.attention_out for layer in self.layer_sites)
+
+    @property
+    def mlp_down(self) -> str | None:
+        """The dense MLP down projection, where every layer has it at one path."""
+        return _uniform(layer.mlp_down for layer in self.layer_sites)
+
+    @property
+    def has_experts(self) -> bool:
+        """Whether some layer's MLP is a Mixture-of-Experts block."""
+        return any(layer.moe_block is not None for layer in self.layer_sites)
+
+    def check_sites(self, sites: Sequence[str]) -> None:
+        """Refuse a site this model lacks, saying why and which it has."""
+        for site in sites:
+            reason = self.absent.get(site_kind(site).name)
+            if reason is not None:
+                raise AufoldError(f"{reason}; aufold steers its "
+                                  f"{', '.join(map(repr, self.sites))} sites (choose one of them)")
+
+    def module_path(self, site: str, layer: int) -> str:
+        """The dotted module path of a site in a layer, e.g. ``model.layers.3.mlp.down_proj``."""
+        self.check_sites((site,))
+        projection = site_kind(site).projection
+        base = f"{self.layers}.{layer}"
+        if projection == "layer":
+            return base
+        return f"{base}.{self._layer(layer).module(projection)}"
+
+    def _layer(self, layer: int) -> LayerSites:
+        if not 0 <= layer < len(self.layer_sites):
+            raise AufoldError(f"layer {layer} is beyond this {self.model_type} model's "
+                              f"{len(self.layer_sites)} layers; the plan was made for another "
+                              f"model")
+        return self.layer_sites[layer]
+
+    def fold_tensors(self, site: str, layer: int) -> tuple[FoldTensor, ...]:
+        """The stored tensors (by state-dict name) that scaling the site's units scales, and
+        the axis of each that indexes the units."""
+        kind = site_kind(site)
+        if not kind.foldable:
+            raise AufoldError(not_foldable_message(site))
+        module = self.module_path(site, layer)
+        sites = self._layer(layer)
+        if kind.projection == "mlp_down" and sites.mlp_down is None:  # mlp-out of experts
+            return tuple(replace(tensor, name=f"{module}.{tensor.name}")
+                         for tensor in sites.expert_outputs)
+        weight = FoldTensor(f"{module}.weight", self.weight_axis(site))
+        if kind.placement == "input":
+            return (weight,)
+        return (weight, FoldTensor(f"{module}.bias", 0, optional=True))
+
+    def weight_axis(self, site: str) -> int:
+        """The axis of a dense projection's stored weight that indexes the units of a site."""
+        kind = site_kind(site)
+        if not kind.foldable:
+            raise AufoldError(not_foldable_message(site))
+        input_axis, output_axis = (1, 0) if self.layout == "linear" else (0, 1)
+        return input_axis if kind.placement == "input" else output_axis
+
+    def out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        """A stored weight as the [out, in] matrix ``W`` of ``y = W x`` (a view, no copy)."""
+        return weight if self.layout == "linear" else weight.T
+
+    def gguf_naming(self) -> Architecture:
+        """This architecture as its tensors are named and laid out in a GGUF file.
+
+        ``module_path`` then gives ``blk.{layer}.attn_output`` and ``weight_axis`` the
+        axis of the [out, in] array, so :func:`aufold.fold.weight_edits` maps an
+        Edit to GGUF tensors as it does to state-dict tensors.
+        """
+        absent = dict(self.absent)
+        if self.has_experts and "mlp-out" not in absent:
+            absent["mlp-out"] = (f"aufold does not fold the experts of a GGUF "
+                                 f"{self.model_type} file")
+        named = tuple(LayerSites(self.gguf_attention_out if layer.attention_out else None,
+                                 self.gguf_mlp_down if layer.mlp_down else None)
+                      for layer in self.layer_sites)
+        return replace(self, layers=GGUF_LAYERS, layer_sites=named, layout="linear",
+                       absent=absent)
+
+    def vector_module(self, target: str, layer: int) -> str:
+        """The module whose output a vector at ``target`` of ``layer`` is added to (hook mode)."""
+        vector_site = vector_target(target)
+        base = f"{self.layers}.{layer}"
+        if vector_site.residual:
+            return base
+        return f"{base}.{self._vector_projection(target, vector_site)}"
+
+    def vector_bias(self, target: str, layer: int) -> VectorBias:
+        """Where an additive vector at ``target`` of ``layer`` folds: a bias, and its switch.
+
+        Refuses, with the reason, a target that no bias of this architecture can hold
+        exactly: no config flag adds that bias, or a norm sits between the bias and
+        the residual stream that the vector was meant for.
+        """
+        vector_site = vector_target(target)
+        projection = vector_site.projection
+        module = f"{self.layers}.{layer}.{self._vector_projection(target, vector_site)}"
+        if vector_site.residual and self.norm_after_mlp_down:
+            raise AufoldError(
+                f"a residual-stream vector cannot be folded into {self.model_type}: its layers "
+                f"apply {self.norm_after_mlp_down} between {self.mlp_down} and the residual add, "
+                f"so no bias adds the vector to the residual stream; apply it with hooks instead "
+                f"(aufold.vectors.add_vectors)")
+        switch = getattr(self, f"{projection}_bias")
+        if switch is None:
+            raise AufoldError(
+                f"a vector at {target!r} folds into a bias of {getattr(self, projection)}, but "
+                f"aufold knows no config flag of {self.model_type} that adds one, so the result "
+                f"would not load as the same class; apply the vector with hooks instead "
+                f"(aufold.vectors.add_vectors)")
+        return VectorBias(module=module, config_flag=None if switch == BUILT_IN_BIAS else switch)
+
+    def _vector_projection(self, target: str, vector_site: VectorSite) -> str:
+        """The projection a vector at ``target`` is added to, or why this architecture has none."""
+        path = getattr(self, vector_site.projection)
+        if path is None:
+            what = ("attention output projection" if vector_site.projection == "attention_out"
+                    else "MLP down projection")
+            raise AufoldError(
+                f"a vector at {target!r} needs the {what}, but not every layer of "
+                f"{self.model_type} has one at the same place (experts, or a hybrid layer), so "
+                f"no single projection holds it; add a residual vector with hooks instead "
+                f"(aufold.vectors.add_vectors)")
+        return str(path)
+
+
+def _uniform(paths: Iterable[str | None]) -> str | None:
+    found = set(paths)
+    return found.pop() if len(found) == 1 else None

@@ -1,0 +1,325 @@
+"""Find a model's sites from what transformers says about it, checked against its modules.
+
+Each transformers config class states a tensor-parallel plan (``base_model_tp_plan``)
+that marks as ``rowwise`` exactly the projections whose *input* is split across
+devices: the attention output projection (it reads the concatenated head outputs) and
+the MLP down projection (it reads the MLP neurons), or the experts' down projections
+of a Mixture-of-Experts block. These are the projections the sites fold into. The plan
+is relative to the text decoder, so a multimodal wrapper's vision tower is never
+mistaken for it. :mod:`aufold.sites.overrides` supplies the plan where transformers
+gives none, and the facts no plan states.
+
+Every entry is checked against the real modules of each decoder layer: a Linear (or
+GPT-2's Conv1D) whose output is the model's hidden size, or a stacked [E, ...]
+experts tensor one of whose axes is. A layer where a site's module is missing makes
+that site absent, with the reason, rather than half-steered.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from aufold.errors import AufoldError
+from aufold.sites.architecture import (
+    BUILT_IN_BIAS,
+    Architecture,
+    FoldTensor,
+    LayerSites,
+)
+from aufold.sites.overrides import BUILT_IN, Override, Role, override_for
+
+# Tensor-parallel styles that split a projection's input (the others split its output,
+# an embedding's rows, or a fused gate and up projection).
+_INPUT_SPLIT = ("rowwise", "rowwise_split_input")
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, Architecture] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One plan entry: the ModuleList of layers it names, the path inside a layer, its role."""
+
+    layers: str
+    path: str
+    role: Role
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    """The sites of a loaded (or meta-device) transformers model, derived once per model."""
+    found = _CACHE.get(model)
+    if found is None:
+        found = _derive(model)
+        _CACHE[model] = found
+    return found
+
+
+def architecture_for(config: Any) -> Architecture:
+    """The sites of a model built from ``config`` (a transformers config, or a model type),
+    derived from an empty model on the meta device: no weight is allocated or read."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(config, str):
+        try:
+            config = AutoConfig.for_model(config)
+        except ValueError:
+            raise AufoldError(f"unsupported architecture {config!r}: transformers does not "
+                              f"know this model type") from None
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(f"expected a transformers config or a model type, got {type(config)}")
+    return _architecture_for_json(type(config), config.to_json_string(use_diff=False))
+
+
+@functools.lru_cache(maxsize=16)
+def _architecture_for_json(config_class: type, config_json: str) -> Architecture:
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    config = config_class.from_dict(json.loads(config_json))
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as error:  # no causal-LM class for this config
+        raise AufoldError(f"unsupported architecture {config.model_type!r}: transformers has "
+                          f"no causal language model class for it ({first_sentence(error)})"
+                          ) from None
+    return _derive(model)
+
+
+def first_sentence(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _derive(model: nn.Module) -> Architecture:
+    config = model.config  # type: ignore[attr-defined]
+    text = config.get_text_config(decoder=True)
+    model_type = str(config.model_type)
+    override = _override(text, config)
+    entries = _entries(text, override, model_type)
+    layers_path = _find_layers(model, text, entries, model_type)
+    layers = model.get_submodule(layers_path)
+    hidden = _hidden_size(text, model)
+    layer_sites = tuple(_layer_sites(layer, entries, hidden) for layer in layers)
+    if not layer_sites:
+        raise AufoldError(f"unsupported architecture {model_type!r}: its decoder "
+                          f"({layers_path}) has no layers")
+    return Architecture(
+        model_type=model_type, layers=layers_path, layer_sites=layer_sites,
+        layout=_layout(layers, layer_sites, model_type),
+        absent=_absent(layer_sites, model_type),
+        attention_out_bias=_bias_flag(override.attention_out_bias),
+        mlp_down_bias=_bias_flag(override.mlp_down_bias),
+        norm_after_mlp_down=override.norm_after_mlp_down,
+        gguf_mlp_up=override.gguf_mlp_up)
+
+
+def _override(text: Any, config: Any) -> Override:
+    for model_type in (text.model_type, config.model_type):
+        found = override_for(model_type)
+        if found != Override():
+            return found
+    return Override()
+
+
+def _bias_flag(flag: str | None) -> str | None:
+    return BUILT_IN_BIAS if flag == BUILT_IN else flag
+
+
+def _entries(text: Any, override: Override, model_type: str) -> list[_Entry]:
+    """The plan's input-split entries with one ``*`` (the layer index), classified."""
+    plan: Mapping[str, Any] = override.plan or (getattr(text, "base_model_tp_plan", None) or {})
+    entries = []
+    for pattern, style in plan.items():
+        if not override.plan and style not in _INPUT_SPLIT:
+            continue
+        layers, star, path = pattern.partition(".*.")
+        if not star or "*" in path:
+            continue
+        role = style if override.plan else _role(path)
+        entries.append(_Entry(layers, path, role))
+    if not entries:
+        raise AufoldError(
+            f"unsupported architecture {model_type!r}: transformers states no tensor-parallel "
+            f"plan for its decoder layers and aufold has no override for it, so aufold cannot "
+            f"tell which projection reads the attention heads or the MLP neurons")
+    return entries
+
+
+def _role(path: str) -> Role:
+    parts = path.split(".")
+    if "experts" in parts:
+        return "experts_down"
+    if any(part.startswith("shared_expert") for part in parts):
+        return "shared_expert_down"
+    if "attn" in parts[0] or "attention" in parts[0]:
+        return "attention_out"
+    return "mlp_down"
+
+
+def _find_layers(model: nn.Module, text: Any, entries: list[_Entry], model_type: str) -> str:
+    """The path of the text decoder's layer list: the plan is relative to the module that
+    owns the text config (``model``, ``transformer``, ``model.language_model``, ...)."""
+    stacks = {entry.layers for entry in entries}
+    if len(stacks) != 1:
+        raise AufoldError(f"unsupported architecture {model_type!r}: its plan names more than "
+                          f"one stack of decoder layers ({', '.join(sorted(stacks))})")
+    stack = stacks.pop()
+    owners = [name for name, module in model.named_modules()
+              if getattr(module, "config", None) is text]
+    owners += [name for name, module in model.named_modules()
+               if type(getattr(module, "config", None)) is type(text) and name not in owners]
+    for owner in owners:
+        path = f"{owner}.{stack}" if owner else stack
+        try:
+            found = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(found, nn.ModuleList):
+            return path
+    raise AufoldError(f"unsupported architecture {model_type!r}: no list of decoder layers "
+                      f"named {stack!r} found in the text model")
+
+
+def _hidden_size(text: Any, model: nn.Module) -> int:
+    size = getattr(text, "hidden_size", None)
+    if isinstance(size, int):
+        return size
+    return int(model.get_input_embeddings().weight.shape[1])  # type: ignore[operator]
+
+
+def _projection(layer: nn.Module, path: str, hidden: int) -> bool:
+    """Whether ``path`` in the layer is a projection that writes the hidden size."""
+    from transformers.pytorch_utils import Conv1D
+
+    module = _submodule(layer, path)
+    if isinstance(module, nn.Linear):
+        return module.out_features == hidden
+    if isinstance(module, Conv1D):
+        return module.nf == hidden
+    return False
+
+
+def _submodule(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _layer_sites(layer: nn.Module, entries: list[_Entry], hidden: int) -> LayerSites:
+    def first(role: Role) -> str | None:
+        return next((e.path for e in entries if e.role == role and _projection(layer, e.path, hidden)),
+                    None)
+
+    attention_out, mlp_down = first("attention_out"), first("mlp_down")
+    if mlp_down is not None:
+        return LayerSites(attention_out, mlp_down)
+    for entry in entries:
+        if entry.role == "experts_down":
+            experts = _experts(layer, entry.path, entries, hidden)
+            if experts is not None:
+                return LayerSites(attention_out, None, *experts)
+    return LayerSites(attention_out, None)
+
+
+def _experts(layer: nn.Module, path: str, entries: list[_Entry], hidden: int
+             ) -> tuple[str, tuple[FoldTensor, ...]] | None:
+    """A Mixture-of-Experts block and the tensors whose slices are its output units.
+
+    ``path`` is the experts' down projection, ``<block>.<experts>.<down>``: a stacked
+    [E, out, in] (or, transposed, [E, in, out]) parameter as transformers 5 keeps them,
+    or a list of per-expert projections.
+    """
+    experts_path, _, down = path.rpartition(".")
+    block, _, experts_name = experts_path.rpartition(".")
+    experts = _submodule(layer, experts_path)
+    if experts is None or not block:
+        return None
+    tensors: list[FoldTensor] = []
+    stacked = getattr(experts, down, None)
+    if isinstance(stacked, nn.Parameter) and stacked.dim() == 3:
+        axis = _expert_axis(experts, stacked, hidden)
+        if axis is None:
+            return None
+        tensors.append(FoldTensor(f"{experts_name}.{down}", axis))
+        bias = getattr(experts, f"{down}_bias", None)
+        if isinstance(bias, nn.Parameter):
+            tensors.append(FoldTensor(f"{experts_name}.{down}_bias", 1))
+    elif isinstance(experts, nn.ModuleList):
+        for number, expert in enumerate(experts):
+            if not _projection(expert, down, hidden):
+                return None
+            tensors += _dense_output(expert, f"{experts_name}.{number}.{down}", down)
+    else:
+        return None
+    # A shared expert, always on, adds to the same output; some plans name it, others
+    # (Qwen2-MoE's) do not, so look for a projection named like the experts' down one.
+    shared_names = {entry.path.rpartition(".")[2] for entry in entries
+                    if entry.role == "shared_expert_down"} | {down}
+    block_module = layer.get_submodule(block)
+    for name, module in block_module.named_modules():
+        if name.split(".")[0] == experts_name or name.rpartition(".")[2] not in shared_names:
+            continue
+        if _projection(block_module, name, hidden):
+            tensors += _dense_output(block_module, name, name)
+    return block, tuple(tensors)
+
+
+def _dense_output(owner: nn.Module, name: str, path: str, prefix: str = "") -> list[FoldTensor]:
+    """The weight rows and bias of a dense projection (output units), named by ``name``."""
+    from transformers.pytorch_utils import Conv1D
+
+    module = owner.get_submodule(f"{prefix}.{name}" if prefix else path)
+    axis = 1 if isinstance(module, Conv1D) else 0
+    tensors = [FoldTensor(f"{name}.weight", axis)]
+    if getattr(module, "bias", None) is not None:
+        tensors.append(FoldTensor(f"{name}.bias", 0))
+    return tensors
+
+
+def _expert_axis(experts: nn.Module, stacked: torch.Tensor, hidden: int) -> int | None:
+    transposed = getattr(experts, "is_transposed", None)
+    if isinstance(transposed, bool):
+        axis = 2 if transposed else 1
+        return axis if stacked.shape[axis] == hidden else None
+    axes = [axis for axis in (1, 2) if stacked.shape[axis] == hidden]
+    return axes[0] if len(axes) == 1 else None
+
+
+def _layout(layers: nn.ModuleList, layer_sites: tuple[LayerSites, ...], model_type: str) -> str:
+    from transformers.pytorch_utils import Conv1D
+
+    kinds = set()
+    for layer, sites in zip(layers, layer_sites):
+        for path in (sites.attention_out, sites.mlp_down):
+            if path is not None:
+                kinds.add("conv1d" if isinstance(layer.get_submodule(path), Conv1D) else "linear")
+    if len(kinds) > 1:
+        raise AufoldError(f"unsupported architecture {model_type!r}: it mixes Linear and "
+                          f"Conv1D projections")
+    return kinds.pop() if kinds else "linear"
+
+
+def _absent(layer_sites: tuple[LayerSites, ...], model_type: str) -> dict[str, str]:
+    absent: dict[str, str] = {}
+    for number, sites in enumerate(layer_sites):
+        if sites.attention_out is None and "head" not in absent:
+            absent["head"] = (f"layer {number} of {model_type} has no attention output "
+                              f"projection that transformers' plan names")
+        if sites.mlp_down is None and "mlp" not in absent:
+            absent["mlp"] = (f"{model_type} has experts in the MLP of layer {number}, so no "
+                             f"single weight holds its 'mlp' units" if sites.moe_block else
+                             f"layer {number} of {model_type} has no MLP down projection that "
+                             f"transformers' plan names")
+        if sites.mlp_down is None and sites.moe_block is None and "mlp-out" not in absent:
+            absent["mlp-out"] = (f"layer {number} of {model_type} has no MLP down projection "
+                                 f"or experts block that aufold can fold")
+    return absent

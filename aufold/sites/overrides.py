@@ -1,0 +1,92 @@
+"""The few facts about architectures that transformers does not state, or states otherwise.
+
+Everything else comes from the model itself (:mod:`aufold.sites.derive`): transformers'
+tensor-parallel plan marks the projections that read the head outputs and the MLP
+neurons as ``rowwise``, and the modules confirm it. This table only adds:
+
+- ``plan``: the input-split projections of a model type whose plan lacks them or says
+  something else, as tensor-parallel-plan entries (``layers.*.self_attn.o_proj``)
+  mapped to their role;
+- the config flags that give a projection a bias and the norm after the MLP, which
+  folding an additive vector needs (a model type absent here folds vectors in hook
+  mode only);
+- the GGUF tensor names that differ from llama.cpp's usual ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["attention_out", "mlp_down", "experts_down", "shared_expert_down"]
+
+BUILT_IN = "built-in"  # the projection always has a bias (GPT-2's Conv1D)
+
+
+@dataclass(frozen=True)
+class Override:
+    """What aufold adds to, or corrects in, what transformers states about one model type."""
+
+    plan: Mapping[str, Role] = field(default_factory=dict)  # replaces transformers' plan
+    attention_out_bias: str | None = None
+    mlp_down_bias: str | None = None
+    norm_after_mlp_down: str | None = None
+    gguf_mlp_up: str | None = "ffn_up"
+
+
+def _plan(layers: str, attention_out: str, mlp_down: str) -> Mapping[str, Role]:
+    return {f"{layers}.*.{attention_out}": "attention_out", f"{layers}.*.{mlp_down}": "mlp_down"}
+
+
+# The BERT family's causal-LM decoders: the attention output dense reads the heads, the
+# output dense the intermediate neurons.
+_BERT = Override(plan=_plan("encoder.layer", "attention.output.dense", "output.dense"))
+_LLAMA_NAMES = _plan("layers", "self_attn.o_proj", "mlp.down_proj")
+_FC2 = _plan("layers", "self_attn.out_proj", "fc2")
+_BLOOM = _plan("h", "self_attention.dense", "mlp.dense_4h_to_h")
+_GPT2 = Override(plan=_plan("h", "attn.c_proj", "mlp.c_proj"), attention_out_bias=BUILT_IN,
+                 mlp_down_bias=BUILT_IN, gguf_mlp_up=None)
+
+OVERRIDES: Mapping[str, Override] = {
+    # Bias flags and norms for folding additive vectors (checked by tests/test_fold_vector.py).
+    "llama": Override(attention_out_bias="attention_bias", mlp_down_bias="mlp_bias"),
+    "qwen3": Override(attention_out_bias="attention_bias"),
+    "qwen3_moe": Override(attention_out_bias="attention_bias"),
+    "gemma2": Override(attention_out_bias="attention_bias",
+                       norm_after_mlp_down="post_feedforward_layernorm"),
+    "gemma3_text": Override(attention_out_bias="attention_bias",
+                            norm_after_mlp_down="post_feedforward_layernorm"),
+    "phi3": Override(gguf_mlp_up=None),  # gate and up are one fused tensor
+    # No tensor-parallel plan in transformers (or one that lists only embeddings).
+    "gpt2": _GPT2,
+    "gpt-sw3": _GPT2,
+    "openai-gpt": Override(plan=_plan("h", "attn.c_proj", "mlp.c_proj")),
+    "gpt_neo": Override(plan=_plan("h", "attn.attention.out_proj", "mlp.c_proj")),
+    "gpt_bigcode": Override(plan=_plan("h", "attn.c_proj", "mlp.c_proj")),
+    "bloom": Override(plan=_BLOOM),
+    "falcon": Override(plan=_BLOOM),
+    "opt": Override(plan=_FC2),
+    "biogpt": Override(plan=_FC2),
+    "xglm": Override(plan=_FC2),
+    "persimmon": Override(plan=_plan("layers", "self_attn.dense", "mlp.dense_4h_to_h")),
+    "mpt": Override(plan=_plan("blocks", "attn.out_proj", "ffn.down_proj")),
+    "ctrl": Override(plan=_plan("h", "multi_head_attention.dense", "ffn.2")),
+    "stablelm": Override(plan=_LLAMA_NAMES),
+    "bitnet": Override(plan=_LLAMA_NAMES),
+    "diffllama": Override(plan=_LLAMA_NAMES),
+    "hunyuan_v1_dense": Override(plan=_LLAMA_NAMES),
+    "gpt_oss": Override(plan={"layers.*.self_attn.o_proj": "attention_out",
+                              "layers.*.mlp.experts.down_proj": "experts_down"}),
+    "hunyuan_v1_moe": Override(plan={"layers.*.self_attn.o_proj": "attention_out",
+                                     "layers.*.mlp.experts.down_proj": "experts_down",
+                                     "layers.*.mlp.shared_mlp.down_proj": "shared_expert_down"}),
+    **{model_type: _BERT for model_type in (
+        "bert", "bert-generation", "roberta", "roberta-prelayernorm", "camembert",
+        "xlm-roberta", "data2vec-text", "electra", "ernie", "rembert", "roc_bert",
+        "megatron-bert", "big_bird", "xmod")},
+}
+
+
+def override_for(model_type: str) -> Override:
+    return OVERRIDES.get(model_type, Override())
