@@ -19,7 +19,7 @@ from typing import Any
 
 # Public name -> the module that defines it.
 _API: dict[str, str] = {
-    "ARCHITECTURES": "aufold.sites", "SITES": "aufold.sites", "AufoldError": "aufold.errors",
+    "architecture_of": "aufold.sites", "SITES": "aufold.sites", "AufoldError": "aufold.errors",
     "ContrastivePair": "aufold.pairs", "read_pairs": "aufold.pairs", "Edit": "aufold.edit",
     "SteeredUnit": "aufold.edit", "Plan": "aufold.plan", "Recipe": "aufold.recipe",
     "Component": "aufold.recipe",

@@ -32,7 +32,6 @@ from aufold.source import hub_cache_repo
 from aufold.streaming import (
     StreamReport,
     TensorNotStored,
-    checkpoint_architecture,
     export_streamed,
     streamable_folder,
 )
@@ -162,11 +161,11 @@ def _write_export(source: ModelSource, recipe: Recipe, out: Path, *, dtype: str,
                                            location=location, dtype=dtype, measure_cost=measure)
             return ExportResult(out, edit, None, report)
         except TensorNotStored as error:
-            if "mlp-out" not in recipe.sites or not checkpoint_architecture(folder)[1].has_experts:
-                raise
-            # The checkpoint stores each expert apart (as save_pretrained writes them), and
-            # the fold scales the stacked tensor transformers builds when loading: load it.
-            log.info("%s; loading the model whole to fold its experts", error)
+            # The checkpoint names or shapes some tensor otherwise than the loaded model: the
+            # experts that transformers stacks into one tensor only when loading, or a family
+            # whose files transformers renames on load. Loading it whole folds it exactly;
+            # a checkpoint that is really incomplete is refused by loading.
+            log.info("%s; loading the model whole to fold it", error)
     if source.gguf_path is not None:
         log.info("%s", gguf_dequantization_note(source.gguf_path, dtype))
     model, tokenizer, _ = load_model(source.ref, dtype=dtype, sites=recipe.sites,

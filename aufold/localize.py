@@ -25,6 +25,7 @@ The forward passes do the least work the method needs:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,7 @@ from aufold.modeling import (
     fingerprint,
     fitted_length,
     input_device,
+    model_architecture,
     num_layers,
     site_module,
     site_width,
@@ -172,6 +174,9 @@ def last_token_activations(model: PreTrainedModel, encoded: Sequence[EncodedPair
     stream; contrastive activation addition (:mod:`aufold.vectors.caa`) averages it."""
     device = input_device(model)
     window = getattr(model.config, "sliding_window", None)
+    if not prompt_cache_works(model):  # every text runs whole: slower, the same counts
+        encoded = [EncodedPair([], pair.prompt + pair.positive, pair.prompt + pair.negative)
+                   for pair in encoded]
     shared = [pair for pair in encoded if pair.prompt]
     full = [pair for pair in encoded if not pair.prompt]
     with _LastTokenReader(model, sites, num_layers(model)) as reader, \
@@ -184,6 +189,48 @@ def last_token_activations(model: PreTrainedModel, encoded: Sequence[EncodedPair
             _run_full(model, reader, chunk, padding, device)
             yield {site: list(rows) for site, rows in reader.activations.items()}
             bar.update(len(chunk))
+
+
+_PROMPT_CACHE_WORKS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+_PROBE = (1, 2, 3, 4)  # token ids every vocabulary has
+
+
+@torch.no_grad()
+def prompt_cache_works(model: PreTrainedModel) -> bool:
+    """Whether this model reads answers on a cache of their prompt exactly as it reads the
+    whole text: probed once per model on four tokens, three cached, the cache repeated for
+    two rows (as for a pair's two answers), and the last token read on it.
+
+    Models whose cache is not a key-value cache (linear attention, state spaces), that
+    cannot take a cache at all, or that place positions their own way fail the probe;
+    their pairs then run as whole texts.
+    """
+    if model in _PROMPT_CACHE_WORKS:
+        return _PROMPT_CACHE_WORKS[model]
+    device = input_device(model)
+    ids = torch.tensor([_PROBE], device=device)
+    mask = torch.ones_like(ids)
+    try:
+        whole = _hidden(model.base_model(input_ids=ids, attention_mask=mask, use_cache=False))[0, -1]
+        cache = DynamicCache(config=model.config)
+        model.base_model(input_ids=ids[:, :3], attention_mask=mask[:, :3], cache=cache,
+                         use_cache=True)
+        check_cache_filled(cache, 3)
+        cache.batch_repeat_interleave(2)
+        part = model.base_model(input_ids=ids[:, 3:].repeat(2, 1), attention_mask=mask.repeat(2, 1),
+                                cache=cache, use_cache=True,
+                                position_ids=torch.tensor([[3], [3]], device=device))
+        works = all(bool(torch.allclose(row.float(), whole.float(), rtol=0.05,
+                                        atol=0.05 * float(whole.float().abs().max())))
+                    for row in _hidden(part)[:, -1])
+    except Exception:  # noqa: BLE001 - any failure means: do not share prompts
+        works = False
+    _PROMPT_CACHE_WORKS[model] = works
+    return works
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
 
 def shared_batches(pairs: list[EncodedPair], batch_size: int,
@@ -314,6 +361,15 @@ def check_sites(model: PreTrainedModel, sites: Sequence[str]) -> tuple[str, ...]
     return unique
 
 
+def at_last_token(hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Each row's activation at its last real token: [batch, width] from [batch, tokens, width],
+    or from [batch * tokens, width] where a block flattens them (OPT's MLP, Llama 4's experts)."""
+    if hidden.dim() == 2:
+        hidden = hidden.view(len(last), -1, hidden.shape[-1])
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, last.to(hidden.device)]
+
+
 class _Stop(Exception):
     """Raised by a hook once a forward pass has computed everything that will be read."""
 
@@ -343,8 +399,13 @@ class _LastTokenReader:
             for layer in range(self.layers):
                 module = site_module(self.model, site, layer)
                 self._handles.append(self._hook(module, site, layer))
-        attention_out = site_module(self.model, "head", self.layers - 1)
-        self._handles.append(attention_out.register_forward_pre_hook(self._stop_filling))
+        if "head" in model_architecture(self.model).sites:
+            attention_out = site_module(self.model, "head", self.layers - 1)
+            self._handles.append(attention_out.register_forward_pre_hook(self._stop_filling))
+        else:  # a layer without one (a hybrid model's): stop once the last layer has run
+            last = site_module(self.model, "residual", self.layers - 1)
+            self._handles.append(last.register_forward_hook(
+                lambda module, args, _output: self._stop_filling(module, args)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -383,8 +444,7 @@ class _LastTokenReader:
             if not self.capture:
                 return
             assert self.last is not None
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            self.activations[site][layer] = hidden[rows, self.last.to(hidden.device)]
+            self.activations[site][layer] = at_last_token(hidden, self.last)
             if final:
                 raise _Stop
         return store

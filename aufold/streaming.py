@@ -133,18 +133,23 @@ def checkpoint_architecture(folder: Path) -> tuple[dict[str, object], Architectu
     return config.to_dict(), architecture_for(config)
 
 
+class TensorNotStored(AufoldError):
+    """A tensor the fold scales is not stored under its in-memory name: a plan for another
+    model, or experts that transformers fuses into one [E, ...] tensor only when loading."""
+
+
 def checkpoint_fingerprint(checkpoint: Checkpoint, config: Mapping[str, object],
                            architecture: Architecture) -> str:
     """The fingerprint that :func:`aufold.modeling.fingerprint` gives the loaded model."""
     def shape_of(name: str) -> tuple[int, ...]:
         stored = stored_name(name, checkpoint.weight_map)
         if stored is None:
-            raise AufoldError(f"{checkpoint.folder} has no tensor {name}; it is not a complete "
-                              f"{config.get('model_type')} checkpoint")
+            raise TensorNotStored(f"{checkpoint.folder} has no tensor {name}; it is not a "
+                                  f"complete {config.get('model_type')} checkpoint, or it names "
+                                  f"its tensors otherwise than the loaded model does")
         return checkpoint.entry(stored).shape
 
-    layers = int(config.get("num_hidden_layers", config.get("n_layer", 0)))  # type: ignore[arg-type]
-    return fingerprint_from(config, architecture, layers, shape_of)
+    return fingerprint_from(config, architecture, architecture.num_layers, shape_of)
 
 
 def export_streamed(
@@ -180,11 +185,6 @@ def export_streamed(
     report = fold_checkpoint(checkpoint, edits, out, link_unchanged=link_unchanged, texts=texts,
                              dtype=convert)
     return edit, report
-
-
-class TensorNotStored(AufoldError):
-    """A tensor the fold scales is not stored under its in-memory name: a plan for another
-    model, or experts that transformers fuses into one [E, ...] tensor only when loading."""
 
 
 def stored_edits(checkpoint: Checkpoint, edits: Mapping[str, TensorEdit]

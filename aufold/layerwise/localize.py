@@ -27,6 +27,7 @@ from aufold.localize import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_TIE_TOLERANCE,
     SharedInputs,
+    at_last_token,
     check_cache_filled,
     check_options,
     check_sites,
@@ -206,18 +207,14 @@ class _SiteReader:
 
     def _store(self, site: str, hidden: torch.Tensor) -> None:
         if self.last is not None:
-            self._read[site] = _at_last(hidden, self.last)
+            self._read[site] = at_last_token(hidden, self.last)
 
     def take(self) -> dict[str, torch.Tensor]:
         """This pass's last-token activations per site, once."""
         read, self._read = self._read, {}
         if any(site_kind(site).projection == "layer" for site in self.sites):
             assert self.output is not None and self.last is not None
-            read.update({site: _at_last(self.output, self.last) for site in self.sites
+            read.update({site: at_last_token(self.output, self.last) for site in self.sites
                          if site_kind(site).projection == "layer"})
         return read
 
-
-def _at_last(hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return hidden[rows, last.to(hidden.device)]

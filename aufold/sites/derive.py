@@ -39,6 +39,9 @@ from aufold.sites.overrides import BUILT_IN, Override, Role, override_for
 # an embedding's rows, or a fused gate and up projection).
 _INPUT_SPLIT = ("rowwise", "rowwise_split_input")
 
+# The Llama names, tried where a plan names no projection of a role.
+_CONVENTION: Mapping[Role, str] = {"attention_out": "self_attn.o_proj", "mlp_down": "mlp.down_proj"}
+
 _CACHE: weakref.WeakKeyDictionary[nn.Module, Architecture] = weakref.WeakKeyDictionary()
 
 
@@ -82,10 +85,18 @@ def _architecture_for_json(config_class: type, config_json: str) -> Architecture
 
     from transformers import AutoModelForCausalLM
 
+    import transformers
+
     config = config_class.from_dict(json.loads(config_json))
+    # The class the checkpoint was saved from, where transformers has it (a text decoder
+    # saved alone, such as MllamaForCausalLM, has a config that the Auto class does not map).
+    named = getattr(transformers, next(iter(config.architectures or []), ""), None)
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            if isinstance(named, type) and issubclass(named, transformers.PreTrainedModel):
+                model = named._from_config(config)
+            else:
+                model = AutoModelForCausalLM.from_config(config)
     except ValueError as error:  # no causal-LM class for this config
         raise AufoldError(f"unsupported architecture {config.model_type!r}: transformers has "
                           f"no causal language model class for it ({first_sentence(error)})"
@@ -145,6 +156,12 @@ def _entries(text: Any, override: Override, model_type: str) -> list[_Entry]:
             continue
         role = style if override.plan else _role(path)
         entries.append(_Entry(layers, path, role))
+    # Some plans name the experts but not the attention (Granite-MoE, Phi-MoE, ...): the
+    # Llama name is tried there too, and kept only where the modules confirm it.
+    roles = {entry.role for entry in entries}
+    for role, path in _CONVENTION.items():
+        if entries and role not in roles:
+            entries.append(_Entry(entries[0].layers, path, role))
     if not entries:
         raise AufoldError(
             f"unsupported architecture {model_type!r}: transformers states no tensor-parallel "
@@ -266,9 +283,15 @@ def _experts(layer: nn.Module, path: str, entries: list[_Entry], hidden: int
                     if entry.role == "shared_expert_down"} | {down}
     block_module = layer.get_submodule(block)
     for name, module in block_module.named_modules():
-        if name.split(".")[0] == experts_name or name.rpartition(".")[2] not in shared_names:
+        if not name or name.split(".")[0] == experts_name:
             continue
-        if _projection(block_module, name, hidden):
+        stacked = getattr(module, down, None)
+        if name.rpartition(".")[2].startswith("shared_expert") and isinstance(
+                stacked, nn.Parameter) and stacked.dim() == 3:  # shared experts stacked too
+            axis = _expert_axis(module, stacked, hidden)
+            if axis is not None:
+                tensors.append(FoldTensor(f"{name}.{down}", axis))
+        elif name.rpartition(".")[2] in shared_names and _projection(block_module, name, hidden):
             tensors += _dense_output(block_module, name, name)
     return block, tuple(tensors)
 

@@ -76,6 +76,17 @@ OVERRIDES: Mapping[str, Override] = {
     "bitnet": Override(plan=_LLAMA_NAMES),
     "diffllama": Override(plan=_LLAMA_NAMES),
     "hunyuan_v1_dense": Override(plan=_LLAMA_NAMES),
+    "mllama_text_model": Override(plan=_LLAMA_NAMES),
+    "emu3_text_model": Override(plan=_LLAMA_NAMES),
+    # Plans that name the experts' fused gate-up projection but not their down projection.
+    "llama4_text": Override(plan={"layers.*.self_attn.o_proj": "attention_out",
+                                  "layers.*.feed_forward.down_proj": "mlp_down",
+                                  "layers.*.feed_forward.experts.down_proj": "experts_down",
+                                  "layers.*.feed_forward.shared_expert.down_proj":
+                                      "shared_expert_down"}),
+    "aria_text": Override(plan={"layers.*.self_attn.o_proj": "attention_out",
+                                "layers.*.mlp.experts.down_proj": "experts_down",
+                                "layers.*.mlp.shared_experts.down_proj": "shared_expert_down"}),
     "gpt_oss": Override(plan={"layers.*.self_attn.o_proj": "attention_out",
                               "layers.*.mlp.experts.down_proj": "experts_down"}),
     "hunyuan_v1_moe": Override(plan={"layers.*.self_attn.o_proj": "attention_out",
