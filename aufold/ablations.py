@@ -37,14 +37,13 @@ def random_units(plan: Plan, k: int, alpha: float, sites: Sequence[str], seed: i
                           f"{', '.join(sites)}")
     generator = torch.Generator().manual_seed(seed)
     drawn = torch.randperm(sum(sizes), generator=generator)[:k].tolist()
+    # The units that exist, flat in (site, layer, unit) order: a layer without the site has none.
+    present = [(site, int(layer), int(unit)) for site in sites
+               for layer, unit in plan.has_unit(site).nonzero().tolist()]
     units = []
     for flat in sorted(drawn):
-        for site, size in zip(sites, sizes):
-            if flat < size:
-                break
-            flat -= size
-        width = plan.counts[site].positive.shape[1]
-        ranked = plan.unit(site, flat // width, flat % width)
+        site, layer, unit = present[flat]
+        ranked = plan.unit(site, layer, unit)
         units.append(SteeredUnit(site, ranked.layer, ranked.unit, ranked.gamma(alpha)))
     return Edit.of(units)
 
@@ -66,6 +65,9 @@ def block_units(plan: Plan, site: str, layer: int, alpha: float, *,
     if not 0 <= layer < layers:
         raise AufoldError(f"the plan has no layer {layer} of site {site!r}; it has "
                           f"{layers} layers of sites {', '.join(plan.sites)}")
+    if layer in plan.layers_without(site):
+        raise AufoldError(f"layer {layer} of the model has no {site!r} site (the plan skipped "
+                          f"it); choose another layer")
     units = [plan.unit(site, layer, unit) for unit in range(width)]
     check_scale_factors(((f"{site} layer {layer} unit {u.unit}", 1.0 + u.gamma(alpha))
                          for u in units), allow_extreme=allow_extreme,

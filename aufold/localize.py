@@ -55,9 +55,9 @@ from aufold.modeling import (
     site_width,
 )
 from aufold.pairs import ContrastivePair, validate_pairs
-from aufold.plan import Plan, SiteCounts
+from aufold.plan import LAYERS_WITHOUT, Plan, SiteCounts
 from aufold.progress import bar as progress_bar
-from aufold.sites import SITE_ORDER, site_kind
+from aufold.sites import SITE_ORDER, Architecture, site_kind
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -93,14 +93,17 @@ def localize(
                                               padding=pad_id(tokenizer), progress=progress):
         for site, per_layer in activations.items():
             for layer, rows in enumerate(per_layer):
-                count_layer(counts[site], layer, rows.to(device), tie_tolerance)
+                if rows.numel():  # empty: a layer without the site
+                    count_layer(counts[site], layer, rows.to(device), tie_tolerance)
 
     return counted_plan(model_id or str(getattr(model.config, "_name_or_path", "")),
                         fingerprint(model), len(pairs), counts,
                         {"max_length": max_length, "chat_template": chat_template,
                          "tie_tolerance": tie_tolerance, "truncated_texts": truncated,
                          "dtype": str(model.dtype).removeprefix("torch."),
-                         "full_text_pairs": sum(1 for pair in encoded if not pair.prompt)})
+                         "full_text_pairs": sum(1 for pair in encoded if not pair.prompt)
+                         if prompt_cache_works(model) else len(encoded),
+                         **layers_without(model_architecture(model), sites)})
 
 
 def check_options(batch_size: int, max_length: int, tie_tolerance: float) -> None:
@@ -117,6 +120,13 @@ def new_counts(sites: Sequence[str], layers: int, width: Callable[[str], int],
     return {site: SiteCounts(torch.zeros(layers, width(site), dtype=torch.long, device=device),
                              torch.zeros(layers, width(site), dtype=torch.long, device=device))
             for site in sites}
+
+
+def layers_without(architecture: Architecture, sites: Sequence[str]) -> dict[str, Any]:
+    """The plan's record of layers that lack a site it counts (none: nothing recorded)."""
+    skipped = {site: list(architecture.skipped[site]) for site in sites
+               if site in architecture.skipped}
+    return {LAYERS_WITHOUT: skipped} if skipped else {}
 
 
 def counted_plan(model_id: str, model_fingerprint: str, num_pairs: int,
@@ -390,17 +400,25 @@ class _LastTokenReader:
         self.last: torch.Tensor | None = None
         self.capture = True
         self.activations: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
-        self._final = max(sites, key=SITE_ORDER.__getitem__)
+        self._architecture = model_architecture(model)
+        # A hybrid model's layers may lack a site: those stay empty. The pass stops at the
+        # last read, the last layer that has some site, at its last site in layer order.
+        self._layers_of = {site: self._architecture.site_layers(site) for site in sites}
+        self._final_layer = max(max(layers) for layers in self._layers_of.values())
+        self._final = max((site for site in sites if self._final_layer in self._layers_of[site]),
+                          key=SITE_ORDER.__getitem__)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> _LastTokenReader:
         for site in self.sites:
             self.activations[site] = [torch.empty(0)] * self.layers
-            for layer in range(self.layers):
+            for layer in self._layers_of[site]:
                 module = site_module(self.model, site, layer)
                 self._handles.append(self._hook(module, site, layer))
-        if "head" in model_architecture(self.model).sites:
-            attention_out = site_module(self.model, "head", self.layers - 1)
+        last_layer = self.layers - 1
+        if "head" in self._architecture.sites \
+                and last_layer in self._architecture.site_layers("head"):
+            attention_out = site_module(self.model, "head", last_layer)
             self._handles.append(attention_out.register_forward_pre_hook(self._stop_filling))
         else:  # a layer without one (a hybrid model's): stop once the last layer has run
             last = site_module(self.model, "residual", self.layers - 1)
@@ -438,7 +456,7 @@ class _LastTokenReader:
             lambda _m, _args, output: store(output[0] if isinstance(output, tuple) else output))
 
     def _store(self, site: str, layer: int) -> Callable[[torch.Tensor], Any]:
-        final = site == self._final and layer == self.layers - 1
+        final = site == self._final and layer == self._final_layer
 
         def store(hidden: torch.Tensor) -> None:
             if not self.capture:

@@ -210,13 +210,15 @@ def site_width(model: PreTrainedModel, site: str) -> int:
     kind = site_kind(site)
     if kind.projection == "layer":
         return int(model.get_input_embeddings().weight.shape[1])
-    first = model_architecture(model).fold_tensors(site, 0)[0]
+    architecture = model_architecture(model)
+    first = architecture.fold_tensors(site, architecture.site_layers(site)[0])[0]
     return int(model.get_parameter(first.name).shape[first.axis])
 
 
 def check_site_exists(model: PreTrainedModel, site: str) -> None:
     """Refuse a site whose module this model lacks, naming the module looked for."""
-    path = model_architecture(model).module_path(site, 0)
+    architecture = model_architecture(model)
+    path = architecture.module_path(site, architecture.site_layers(site)[0])
     try:
         model.get_submodule(path)
     except AttributeError:
@@ -248,9 +250,10 @@ def fingerprint_from(config: Mapping[str, Any], architecture: Architecture, laye
 
 
 def fingerprint_sites(architecture: Architecture) -> tuple[str, ...]:
-    """The sites whose weights the fingerprint hashes: head and mlp, or head alone for a
-    Mixture-of-Experts architecture, which has no single MLP down projection."""
-    return tuple(site for site in _FINGERPRINT_SITES if site in architecture.sites)
+    """The sites whose weights the fingerprint hashes: head and mlp where every layer has
+    them (a Mixture-of-Experts model has no single MLP down projection)."""
+    return tuple(site for site in _FINGERPRINT_SITES
+                 if site in architecture.sites and site not in architecture.skipped)
 
 
 def fingerprint_of(config: Mapping[str, Any], shapes: Mapping[str, list[int]]) -> str:

@@ -30,6 +30,9 @@ from aufold.version import __version__
 PLAN_JSON = "plan.json"
 COUNTS_FILE = "counts.safetensors"
 SUMMARY_TOP = 100  # how many ranked units plan.json lists; the counts hold all of them
+# The settings key of the layers that lack a site the plan counts (a hybrid model's linear
+# attention layers have no head site): their counts stay zero and they are never ranked.
+LAYERS_WITHOUT = "layers_without_site"
 MAX_PAIRS = 2**40  # far above any localization; keeps every count sum inside int64
 
 
@@ -102,7 +105,17 @@ class Plan:
         return tuple(sorted(self.counts, key=SITE_ORDER.__getitem__))
 
     def num_units(self, sites: Sequence[str] | None = None) -> int:
-        return sum(self.counts[site].positive.numel() for site in self._sites(sites))
+        return sum(int(self.has_unit(site).sum()) for site in self._sites(sites))
+
+    def layers_without(self, site: str) -> tuple[int, ...]:
+        """The layers of the model that lack ``site`` (skipped when localizing)."""
+        return tuple(self.settings.get(LAYERS_WITHOUT, {}).get(site, ()))
+
+    def has_unit(self, site: str) -> torch.Tensor:
+        """bool [layers, width]: which units of ``site`` exist (all but the skipped layers')."""
+        present = torch.ones(self.counts[site].positive.shape, dtype=torch.bool)
+        present[list(self.layers_without(site))] = False
+        return present
 
     def ranking(self, sites: Sequence[str] | None = None, k: int | None = None) -> list[RankedUnit]:
         """Units ranked by score, descending; ties broken by (layer, site, unit) ascending."""
@@ -113,7 +126,9 @@ class Plan:
             n_layers, width = counts.positive.shape
             positive = counts.positive.numpy().ravel()
             negative = counts.negative.numpy().ravel()
-            scores.append(np.maximum(positive, negative))
+            # A unit of a layer without the site ranks below every real one, and is cut below.
+            scores.append(np.where(self.has_unit(site).numpy().ravel(),
+                                   np.maximum(positive, negative), -1))
             layers.append(np.repeat(np.arange(n_layers), width))
             units.append(np.tile(np.arange(width), n_layers))
             orders.append(np.full(n_layers * width, SITE_ORDER[site]))
@@ -122,6 +137,7 @@ class Plan:
         score, layer, order, unit = (np.concatenate(a) for a in (scores, layers, orders, units))
         # np.lexsort sorts by the last key first: score descending, then layer, site, unit.
         ranked = np.lexsort((unit, order, layer, -score))
+        ranked = ranked[score[ranked] >= 0]
         if k is not None:
             ranked = ranked[:k]
         positive, negative = np.concatenate(positives), np.concatenate(negatives)

@@ -75,7 +75,9 @@ SIZES: dict[str, Any] = dict(
     moe_intermediate_size=32, shared_expert_intermediate_size=48, n_shared_experts=1,
     first_k_dense_replace=1, sliding_window=32, kv_lora_rank=16, q_lora_rank=16,
     qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1,
-    rotary_dim=8, n_positions=256)
+    rotary_dim=8, n_positions=256,
+    # Hybrid models: a full-attention layer among the first two, so both kinds are there.
+    full_attention_interval=2, attn_layer_period=2, attn_layer_offset=1)
 TOKEN_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 # Model types that build and whose sites resolve, but where a check fails: what fails.
@@ -99,6 +101,7 @@ class Outcome:
     experts: bool = False
     sites: dict[str, str] = field(default_factory=dict)  # site -> PASS or why not
     absent: set[str] = field(default_factory=set)  # sites the model does not have (said why)
+    skipped: dict[str, tuple[int, ...]] = field(default_factory=dict)  # layers without a site
     reloads: str = ""  # PASS or why not
     reason: str = ""  # why the model type is not supported at all
     seconds: float = 0.0
@@ -141,11 +144,17 @@ def _small(config: PretrainedConfig) -> dict[str, Any]:
         if current is None or (key in TOKEN_IDS and not isinstance(current, int)):
             continue
         kwargs[key] = value
+    kinds = getattr(config, "layer_types", None)
+    if isinstance(kinds, list) and len(kinds) >= SIZES["num_hidden_layers"] and "layer_types" in config.to_dict():
+        # The default pattern's last layers (which end with a full-attention one), so that
+        # a hybrid model's small version still has both kinds of layer.
+        kwargs["layer_types"] = kinds[-SIZES["num_hidden_layers"]:]
     for key in getattr(config, "sub_configs", {}):
         sub = getattr(config, key, None)
         if isinstance(sub, PretrainedConfig):
             kwargs[key] = {**sub.to_dict(), **_small(sub)}
-            kwargs[key].pop("layer_types", None)  # derived again from the small layer count
+            if "layer_types" not in _small(sub):
+                kwargs[key].pop("layer_types", None)  # derived again from the small layer count
     return kwargs
 
 
@@ -197,6 +206,7 @@ def check(model_type: str) -> Outcome:
         outcome.reason = str(error)
         return _timed(outcome, started)
     outcome.experts = architecture.has_experts
+    outcome.skipped = dict(architecture.skipped)
     sites = [site for site in FOLD_SITES if site in architecture.sites]
     for site in FOLD_SITES:
         if site not in sites:
@@ -211,6 +221,11 @@ def check(model_type: str) -> Outcome:
         for site in sites:
             outcome.sites[site] = f"localize failed ({first_line(error)})"
         return _timed(outcome, started)
+    for site in list(sites):  # the plan says which layers it skipped, and ranks none of theirs
+        if plan.layers_without(site) != architecture.skipped.get(site, ()) or any(
+                unit.layer in plan.layers_without(site) for unit in plan.ranking([site])):
+            outcome.sites[site] = "the plan does not skip exactly the layers without the site"
+            sites.remove(site)
     low = tiny(model_type, torch.bfloat16)
     noise = relative(logits(low), plain)
     for site in sites:
@@ -333,11 +348,19 @@ def markdown(outcomes: list[Outcome]) -> str:
             lines.append(f"| {outcome.model_type} | {outcome.model_class or '-'} | | "
                          f"not supported: {_cell(outcome.reason)} | | | |")
             continue
-        cells = [_cell(outcome.sites.get(site, "")) for site in FOLD_SITES]
+        cells = [_cell(outcome.sites.get(site, "")) + _skipped(outcome, site)
+                 for site in FOLD_SITES]
         lines.append(f"| {outcome.model_type} | {outcome.model_class} | "
                      f"{'yes' if outcome.experts else ''} | {' | '.join(cells)} | "
                      f"{_cell(outcome.reloads)} |")
     return "\n".join(lines) + "\n"
+
+
+def _skipped(outcome: Outcome, site: str) -> str:
+    layers = outcome.skipped.get(site)
+    if not layers or not outcome.passes(site):
+        return ""
+    return f" (layers {', '.join(map(str, layers))} have none)"
 
 
 def _cell(text: str) -> str:

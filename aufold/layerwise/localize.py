@@ -28,6 +28,7 @@ from aufold.localize import (
     DEFAULT_TIE_TOLERANCE,
     SharedInputs,
     at_last_token,
+    layers_without,
     check_cache_filled,
     check_options,
     check_sites,
@@ -120,7 +121,8 @@ def localize_layerwise(
                         {"max_length": max_length, "chat_template": chat_template,
                          "tie_tolerance": tie_tolerance, "truncated_texts": truncated,
                          "dtype": str(lm.dtype).removeprefix("torch."),
-                         "full_text_pairs": len(full)})
+                         "full_text_pairs": len(full),
+                         **layers_without(lm.architecture, sites)})
 
 
 def _embed(runner: LayerRunner, group: _Group, store: HiddenStore) -> None:
@@ -190,6 +192,8 @@ class _SiteReader:
         for site in self.sites:
             if site_kind(site).projection == "layer":
                 continue  # the layer's output, which the runner returns
+            if self.layer not in self.lm.architecture.site_layers(site):
+                continue  # a hybrid model's layer without this site
             module = self.lm.model.get_submodule(self.lm.architecture.module_path(site, self.layer))
             if site_kind(site).placement == "input":
                 self._handles.append(module.register_forward_pre_hook(

@@ -80,8 +80,11 @@ class Architecture:
     layers: str  # the ModuleList of decoder layers, from the model's root
     layer_sites: tuple[LayerSites, ...]
     layout: WeightLayout = "linear"
-    # Why a site is missing, in one sentence, for the refusal.
+    # Why a site is missing from every layer, in one sentence, for the refusal.
     absent: Mapping[str, str] = field(default_factory=dict)
+    # The layers without a site that other layers have (a hybrid model's linear-attention
+    # layers have no head site): localization skips them, and a plan says so.
+    skipped: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     # What gives each projection a bias: a config flag (which also adds zero biases to
     # its sibling projections), BUILT_IN_BIAS, or None when aufold knows no way to.
     attention_out_bias: str | None = None
@@ -103,8 +106,14 @@ class Architecture:
 
     @property
     def sites(self) -> tuple[str, ...]:
-        """The sites this model has in every layer, in the order of :data:`SITES`."""
+        """The sites this model has (in every layer, or in some), in the order of :data:`SITES`."""
         return tuple(name for name in SITES if name not in self.absent)
+
+    def site_layers(self, site: str) -> tuple[int, ...]:
+        """The layers that have ``site``."""
+        self.check_sites((site,))
+        missing = set(self.skipped.get(site_kind(site).name, ()))
+        return tuple(layer for layer in range(self.num_layers) if layer not in missing)
 
     @property
     def attention_out(self) -> str | None:
@@ -136,7 +145,12 @@ class Architecture:
         base = f"{self.layers}.{layer}"
         if projection == "layer":
             return base
-        return f"{base}.{self._layer(layer).module(projection)}"
+        module = self._layer(layer).module(projection)
+        if module is None:
+            raise AufoldError(f"layer {layer} of this {self.model_type} model has no {site!r} "
+                              f"site (it has it in layers {_ranges(self.site_layers(site))}); "
+                              f"the plan or edit was made for another model")
+        return f"{base}.{module}"
 
     def _layer(self, layer: int) -> LayerSites:
         if not 0 <= layer < len(self.layer_sites):
@@ -240,3 +254,15 @@ class Architecture:
 def _uniform(paths: Iterable[str | None]) -> str | None:
     found = set(paths)
     return found.pop() if len(found) == 1 else None
+
+
+def _ranges(layers: Sequence[int]) -> str:
+    """0-3, 5, 7-9: a short list of layer numbers."""
+    parts, start = [], None
+    for index, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if index + 1 == len(layers) or layers[index + 1] != layer + 1:
+            parts.append(str(start) if start == layer else f"{start}-{layer}")
+            start = None
+    return ", ".join(parts)

@@ -11,8 +11,10 @@ gives none, and the facts no plan states.
 
 Every entry is checked against the real modules of each decoder layer: a Linear (or
 GPT-2's Conv1D) whose output is the model's hidden size, or a stacked [E, ...]
-experts tensor one of whose axes is. A layer where a site's module is missing makes
-that site absent, with the reason, rather than half-steered.
+experts tensor one of whose axes is. A layer where a site's module is missing (a hybrid
+model's linear-attention layer, a dense layer among experts) is skipped for that site:
+the site lives in the layers that have it, and a site no layer has is absent, with
+the reason.
 """
 
 from __future__ import annotations
@@ -122,10 +124,11 @@ def _derive(model: nn.Module) -> Architecture:
     if not layer_sites:
         raise AufoldError(f"unsupported architecture {model_type!r}: its decoder "
                           f"({layers_path}) has no layers")
+    absent, skipped = _missing(layer_sites, model_type)
     return Architecture(
         model_type=model_type, layers=layers_path, layer_sites=layer_sites,
         layout=_layout(layers, layer_sites, model_type),
-        absent=_absent(layer_sites, model_type),
+        absent=absent, skipped=skipped,
         attention_out_bias=_bias_flag(override.attention_out_bias),
         mlp_down_bias=_bias_flag(override.mlp_down_bias),
         norm_after_mlp_down=override.norm_after_mlp_down,
@@ -331,18 +334,28 @@ def _layout(layers: nn.ModuleList, layer_sites: tuple[LayerSites, ...], model_ty
     return kinds.pop() if kinds else "linear"
 
 
-def _absent(layer_sites: tuple[LayerSites, ...], model_type: str) -> dict[str, str]:
-    absent: dict[str, str] = {}
+def _missing(layer_sites: tuple[LayerSites, ...], model_type: str
+             ) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """Why each site is missing: from every layer (absent), or from some (those are skipped)."""
+    reasons: dict[str, str] = {}
+    without: dict[str, list[int]] = {}
     for number, sites in enumerate(layer_sites):
-        if sites.attention_out is None and "head" not in absent:
-            absent["head"] = (f"layer {number} of {model_type} has no attention output "
-                              f"projection that transformers' plan names")
-        if sites.mlp_down is None and "mlp" not in absent:
-            absent["mlp"] = (f"{model_type} has experts in the MLP of layer {number}, so no "
-                             f"single weight holds its 'mlp' units" if sites.moe_block else
-                             f"layer {number} of {model_type} has no MLP down projection that "
-                             f"transformers' plan names")
-        if sites.mlp_down is None and sites.moe_block is None and "mlp-out" not in absent:
-            absent["mlp-out"] = (f"layer {number} of {model_type} has no MLP down projection "
-                                 f"or experts block that aufold can fold")
-    return absent
+        missing = {}
+        if sites.attention_out is None:
+            missing["head"] = (f"layer {number} of {model_type} has no attention output "
+                               f"projection that transformers' plan names")
+        if sites.mlp_down is None:
+            missing["mlp"] = (f"{model_type} has experts in the MLP of layer {number}, so no "
+                              f"single weight holds its 'mlp' units" if sites.moe_block else
+                              f"layer {number} of {model_type} has no MLP down projection that "
+                              f"transformers' plan names")
+        if sites.mlp_down is None and sites.moe_block is None:
+            missing["mlp-out"] = (f"layer {number} of {model_type} has no MLP down projection "
+                                  f"or experts block that aufold can fold")
+        for site, reason in missing.items():
+            reasons.setdefault(site, reason)
+            without.setdefault(site, []).append(number)
+    absent = {site: reasons[site] for site, layers in without.items()
+              if len(layers) == len(layer_sites)}
+    skipped = {site: tuple(layers) for site, layers in without.items() if site not in absent}
+    return absent, skipped
