@@ -164,7 +164,7 @@ def source_config(source: ModelSource) -> PretrainedConfig:
                               f"save_pretrained") from None
     try:
         return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
         raise AufoldError(f"could not read the config of {source.ref!r}: {first_line(error)}") from None
 
 

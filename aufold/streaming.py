@@ -122,7 +122,7 @@ def conversion_dtype(checkpoint: Checkpoint, dtype: str) -> torch.dtype | None:
 
 
 def checkpoint_architecture(folder: Path) -> tuple[dict[str, object], Architecture]:
-    """The config (as transformers completes it) and the sites table entry of a folder."""
+    """The config (as transformers completes it) and where the sites of a folder's model are (aufold.sites)."""
     from transformers import AutoConfig
 
     try:

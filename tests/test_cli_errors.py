@@ -101,18 +101,30 @@ def test_unknown_site_and_missing_option_are_one_line(workspace: Path) -> None:
 
 
 def test_unsupported_architecture(workspace: Path) -> None:
+    # Mamba has no attention heads and no MLP: transformers states no plan for its layers.
+    folder = workspace / "mamba"
+    folder.mkdir(exist_ok=True)
+    config = json.loads((workspace / "base" / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
+    fails_cleanly(workspace, ["localize", "{root}/mamba", "--pairs", "{root}/pairs.jsonl", "--site",
+                              "mlp", "--out", "{root}/p"],
+                  "unsupported architecture 'mamba': transformers states no tensor-parallel plan")
+
+
+def test_a_config_transformers_cannot_read(workspace: Path) -> None:
     folder = workspace / "falcon"
     folder.mkdir(exist_ok=True)
     config = json.loads((workspace / "base" / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "falcon"}))
-    fails_cleanly(workspace, ["localize", "{root}/falcon", "--pairs", "{root}/pairs.jsonl", "--site", "mlp",
-                              "--out", "{root}/p"], "unsupported architecture 'falcon'; supported: gemma2, ")
+    fails_cleanly(workspace, ["localize", "{root}/falcon", "--pairs", "{root}/pairs.jsonl", "--site",
+                              "mlp", "--out", "{root}/p"], "could not read the config of")
 
 
 def test_a_site_the_model_lacks_is_named() -> None:
     model = tiny_model("llama")
     for layer in model.model.layers:
         del layer.mlp.down_proj  # a model without the module the site reads
-    with pytest.raises(AufoldError, match=r"site 'mlp' is not in this llama model \(no module "
-                                          r"model\.layers\.0\.mlp\.down_proj\)"):
+    with pytest.raises(AufoldError, match=r"layer 0 of llama has no MLP down projection that "
+                                          r"transformers' plan names; aufold steers its 'head', "
+                                          r"'residual' sites"):
         localize(model, tiny_tokenizer(), PAIRS, ["mlp"], progress=False)

@@ -247,7 +247,7 @@ def test_work_dir_checked_before_the_first_layer(tmp_path: Path, monkeypatch: py
 
 
 def test_architecture_from_the_sites_table(tmp_path: Path) -> None:
-    # Which tensors form a layer comes from the sites table's layer path, for GPT-2's
+    # Which tensors form a layer comes from the layer path aufold.sites finds, for GPT-2's
     # ``transformer.h`` as for ``model.layers``.
     folder = save_tiny_model("gpt2", tmp_path / "model")
     lm = LayerwiseModel(folder)

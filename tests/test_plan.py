@@ -99,3 +99,43 @@ def test_fingerprint_mismatch_is_refused_unless_forced() -> None:
     with pytest.raises(AufoldError, match="the plan was made for another model"):
         plan.check_fingerprint("sha256:other")
     plan.check_fingerprint("sha256:other", force=True)
+
+
+# --- layers without a site (hybrid models) -------------------------------------------
+
+def _skipping_plan() -> Plan:
+    """Head units in layers 0 and 2 only (layer 1 is linear attention), with the highest
+    counts in the skipped layer, so ranking it would show."""
+    plan = _plan()
+    plan.counts["head"].positive[1] = plan.num_pairs
+    plan.counts["head"].negative[1] = 0
+    plan.settings["layers_without_site"] = {"head": [1]}
+    return plan
+
+
+def test_a_skipped_layer_is_never_ranked_selected_or_drawn() -> None:
+    from aufold.ablations import block_units, random_units
+
+    plan = _skipping_plan()
+    width = plan.counts["head"].positive.shape[1]
+    assert plan.num_units(["head"]) == 2 * width
+    ranked = plan.ranking(["head"])
+    assert len(ranked) == 2 * width and all(unit.layer != 1 for unit in ranked)
+    expected = [u for u in _reference_ranking(plan) if u[0] == "head" and u[1] != 1]
+    assert [(u.site, u.layer, u.unit) for u in ranked] == [u[:3] for u in expected]
+    assert all(unit.layer != 1 for unit in plan.select(2 * width, 1.0, ["head"]).units)
+    with pytest.raises(AufoldError, match=rf"k={2 * width + 1} is larger than the {2 * width}"):
+        plan.select(2 * width + 1, 1.0, ["head"])
+    for seed in range(5):
+        assert all(u.layer != 1 for u in random_units(plan, 2 * width, 1.0, ["head"], seed).units)
+    with pytest.raises(AufoldError, match=r"layer 1 of the model has no 'head' site"):
+        block_units(plan, "head", 1, 1.0)
+    assert len(block_units(plan, "mlp", 1, 1.0).units) == plan.counts["mlp"].positive.shape[1]
+
+
+def test_skipped_layers_survive_saving(tmp_path: Path) -> None:
+    plan = _skipping_plan()
+    loaded = Plan.load(plan.save(tmp_path / "plan"))
+    assert loaded.layers_without("head") == (1,) and loaded.layers_without("mlp") == ()
+    assert [(u.site, u.layer, u.unit) for u in loaded.ranking()] == \
+        [(u.site, u.layer, u.unit) for u in plan.ranking()]

@@ -7,7 +7,7 @@ then loaded from the safetensors checkpoint by transformers' own loading code, w
 applies the same renamings and conversions as ``from_pretrained`` (per-expert tensors
 on disk fused into one expert tensor in memory, for example), and unloaded back to
 meta when done. No architecture is described here: which tensors belong to a layer
-comes from the sites table's path of the decoder layers.
+comes from the path of the decoder layers that aufold.sites finds.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class LayerwiseModel:
     """A causal LM whose weights stay on disk until :meth:`loaded` brings in a part.
 
     ``model`` is a real transformers model (its class, config, buffers and forward), so
-    hooks and the sites table work on it as on a loaded model; only the parameters of
+    hooks and aufold.sites work on it as on a loaded model; only the parameters of
     the parts not loaded are on the meta device.
     """
 

@@ -103,6 +103,10 @@ def _architecture_for_json(config_class: type, config_json: str) -> Architecture
         raise AufoldError(f"unsupported architecture {config.model_type!r}: transformers has "
                           f"no causal language model class for it ({first_sentence(error)})"
                           ) from None
+    except Exception as error:  # noqa: BLE001 - transformers' own failure on this config
+        raise AufoldError(f"unsupported architecture {config.model_type!r}: transformers could "
+                          f"not build the model from this config ({type(error).__name__}: "
+                          f"{first_sentence(error)}); check config.json") from None
     return _derive(model)
 
 

@@ -31,7 +31,7 @@ from aufold.vectors.read import SteeringVectors
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-CAA_SITE = "residual"  # the sites table's decoder-layer output, where add_vectors adds
+CAA_SITE = "residual"  # the decoder-layer output (aufold.sites), where add_vectors adds
 CAA_VECTORS_FORMAT = "aufold-caa-vectors"  # marks a vector file aufold wrote (and may replace)
 
 

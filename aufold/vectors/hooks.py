@@ -1,7 +1,7 @@
 """Hook mode for additive steering: ``with add_vectors(model, vectors, "residual", 4.0): ...``.
 
 Each layer's vector, times ``scale``, is added at every token position to the
-output of the module the sites table names for the target: the decoder layer
+output of the module aufold.sites names for the target: the decoder layer
 itself for ``residual`` (as repeng's ControlModel does), the attention output
 projection for ``attention-out``, the MLP down projection for ``mlp-out``.
 Works on every architecture, including those whose biases cannot hold a vector.

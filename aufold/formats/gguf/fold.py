@@ -1,6 +1,6 @@
 """Folding an edit into a copy of a GGUF file, keeping each tensor's quantized codes where it can.
 
-The sites table names the tensors (:meth:`Architecture.gguf_naming`), so
+aufold.sites names the tensors (:meth:`Architecture.gguf_naming`), so
 :func:`aufold.fold.weight_edits` gives the scalings as for a checkpoint. Each edited
 tensor then takes the most exact way its type allows:
 
