@@ -165,7 +165,7 @@ def _write_export(source: ModelSource, recipe: Recipe, out: Path, *, dtype: str,
             # experts that transformers stacks into one tensor only when loading, or a family
             # whose files transformers renames on load. Loading it whole folds it exactly;
             # a checkpoint that is really incomplete is refused by loading.
-            log.info("%s; loading the model whole to fold it", error)
+            log.warning("%s; loading the model whole to fold it (it must fit in memory)", error)
     if source.gguf_path is not None:
         log.info("%s", gguf_dequantization_note(source.gguf_path, dtype))
     model, tokenizer, _ = load_model(source.ref, dtype=dtype, sites=recipe.sites,

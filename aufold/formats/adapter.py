@@ -43,7 +43,8 @@ def check_adapter_targets(architecture: Architecture, edit: Edit, format_name: s
     """Refuse units of a Mixture-of-Experts block's output: PEFT adapts a Linear module,
     and no single one produces that output (every expert's down projection does)."""
     for group in edit.groups():
-        if group.site == "mlp-out" and architecture.layer_sites[group.layer].mlp_down is None:
+        if group.site == "mlp-out" and 0 <= group.layer < architecture.num_layers \
+                and architecture.layer_sites[group.layer].mlp_down is None:
             raise AufoldError(
                 f"an {format_name} adapter cannot hold 'mlp-out' units of layer {group.layer}: "
                 f"that is the output of a Mixture-of-Experts block, which no single Linear "

@@ -22,7 +22,8 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -85,20 +86,23 @@ def architecture_for(config: Any) -> Architecture:
 def _architecture_for_json(config_class: type, config_json: str) -> Architecture:
     import json
 
-    from transformers import AutoModelForCausalLM
-
     import transformers
+    from transformers import AutoModelForCausalLM
 
     config = config_class.from_dict(json.loads(config_json))
     # The class the checkpoint was saved from, where transformers has it (a text decoder
     # saved alone, such as MllamaForCausalLM, has a config that the Auto class does not map).
+    # aufold loads models with AutoModelForCausalLM; only a config it does not map (a text
+    # decoder saved alone, such as MllamaForCausalLM's) is built as the class it names.
     named = getattr(transformers, next(iter(config.architectures or []), ""), None)
     try:
         with torch.device("meta"):
-            if isinstance(named, type) and issubclass(named, transformers.PreTrainedModel):
-                model = named._from_config(config)
-            else:
+            try:
                 model = AutoModelForCausalLM.from_config(config)
+            except ValueError:
+                if not (isinstance(named, type) and issubclass(named, transformers.PreTrainedModel)):
+                    raise
+                model = named._from_config(config)
     except ValueError as error:  # no causal-LM class for this config
         raise AufoldError(f"unsupported architecture {config.model_type!r}: transformers has "
                           f"no causal language model class for it ({first_sentence(error)})"
@@ -119,7 +123,11 @@ def _derive(model: nn.Module) -> Architecture:
     config = model.config  # type: ignore[attr-defined]
     text = config.get_text_config(decoder=True)
     model_type = str(config.model_type)
-    override = _override(text, config)
+    override = override_for(str(text.model_type))
+    if text is not config:
+        # A multimodal wrapper: the text decoder's bias flags live on its text config, which
+        # vector folding does not switch, so additive vectors are folded in hook mode only.
+        override = replace(override, attention_out_bias=None, mlp_down_bias=None)
     entries = _entries(text, override, model_type)
     layers_path = _find_layers(model, text, entries, model_type)
     layers = model.get_submodule(layers_path)
@@ -132,19 +140,11 @@ def _derive(model: nn.Module) -> Architecture:
     return Architecture(
         model_type=model_type, layers=layers_path, layer_sites=layer_sites,
         layout=_layout(layers, layer_sites, model_type),
-        absent=absent, skipped=skipped,
+        absent=MappingProxyType(absent), skipped=MappingProxyType(skipped),
         attention_out_bias=_bias_flag(override.attention_out_bias),
         mlp_down_bias=_bias_flag(override.mlp_down_bias),
         norm_after_mlp_down=override.norm_after_mlp_down,
         gguf_mlp_up=override.gguf_mlp_up)
-
-
-def _override(text: Any, config: Any) -> Override:
-    for model_type in (text.model_type, config.model_type):
-        found = override_for(model_type)
-        if found != Override():
-            return found
-    return Override()
 
 
 def _bias_flag(flag: str | None) -> str | None:
@@ -163,11 +163,11 @@ def _entries(text: Any, override: Override, model_type: str) -> list[_Entry]:
             continue
         role = style if override.plan else _role(path)
         entries.append(_Entry(layers, path, role))
-    # Some plans name the experts but not the attention (Granite-MoE, Phi-MoE, ...): the
-    # Llama name is tried there too, and kept only where the modules confirm it.
-    roles = {entry.role for entry in entries}
+    # Some plans name the experts but not the attention (Granite-MoE, Phi-MoE, ...), or name
+    # something else first: the Llama names are tried last, kept where the modules confirm.
+    known = {(entry.role, entry.path) for entry in entries}
     for role, path in _CONVENTION.items():
-        if entries and role not in roles:
+        if entries and (role, path) not in known:
             entries.append(_Entry(entries[0].layers, path, role))
     if not entries:
         raise AufoldError(
@@ -267,6 +267,8 @@ def _experts(layer: nn.Module, path: str, entries: list[_Entry], hidden: int
     experts = _submodule(layer, experts_path)
     if experts is None or not block:
         return None
+    if _has_weightless_experts(layer.get_submodule(block)):
+        return None
     tensors: list[FoldTensor] = []
     stacked = getattr(experts, down, None)
     if isinstance(stacked, nn.Parameter) and stacked.dim() == 3:
@@ -301,6 +303,18 @@ def _experts(layer: nn.Module, path: str, entries: list[_Entry], hidden: int
         elif name.rpartition(".")[2] in shared_names and _projection(block_module, name, hidden):
             tensors += _dense_output(block_module, name, name)
     return block, tuple(tensors)
+
+
+def _has_weightless_experts(block: nn.Module) -> bool:
+    """Experts that add their input without a weight (LongCat-Flash's zero-compute, identity
+    experts) contribute to the block's output with nothing to scale: no fold is exact."""
+    for module in block.modules():
+        if int(getattr(module, "zero_expert_num", 0) or 0) > 0:
+            return True
+        if any("identity" in name or "zero_expert" in name for name, _ in module.named_children()):
+            return True
+    config = getattr(block, "config", None)
+    return int(getattr(config, "zero_expert_num", 0) or 0) > 0
 
 
 def _dense_output(owner: nn.Module, name: str, path: str, prefix: str = "") -> list[FoldTensor]:
