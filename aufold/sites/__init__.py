@@ -18,7 +18,6 @@ from aufold.sites.architecture import (
     VectorBias,
     WeightLayout,
 )
-from aufold.sites.derive import architecture_for, architecture_of
 from aufold.sites.kinds import (
     SITE_ORDER,
     SITES,
@@ -31,6 +30,18 @@ from aufold.sites.kinds import (
     vector_target,
 )
 from aufold.sites.overrides import OVERRIDES
+
+
+
+def __getattr__(name: str) -> object:
+    # The derivation imports torch; the option tables of the command line need only the
+    # site kinds, so it loads on first use.
+    if name in ("architecture_for", "architecture_of"):
+        from aufold.sites import derive
+
+        return getattr(derive, name)
+    raise AttributeError(f"module 'aufold.sites' has no attribute {name!r}")
+
 
 __all__ = [
     "BUILT_IN_BIAS", "GGUF_LAYERS", "OVERRIDES", "SITES", "SITE_ORDER", "VECTOR_SITES",
