@@ -85,6 +85,16 @@ TOKEN_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 KNOWN_FAILURES: dict[str, str] = {
     "granitemoehybrid": "its tiny config does not survive save_pretrained and from_pretrained "
                         "in transformers (time_step_limit fails validation on reload)",
+    "nemotron_h": "its tiny config does not survive save_pretrained and from_pretrained in "
+                  "transformers (time_step_limit fails validation on reload)",
+    "inkling_text": "localize fails inside its shared experts on whole-text batches (a shape "
+                    "mismatch, 8192 against 64); not yet understood",
+    "mimo_v2_flash": "bfloat16 only: fold and hooks round differently, which flips the "
+                     "router's top-k choice for some token, so mlp-out logits differ beyond 3x "
+                     "the noise floor; float32 is exact",
+    "sarvam_moe": "bfloat16 only: fold and hooks round differently, which flips the router's "
+                  "top-k choice for some token, so mlp-out logits differ beyond 3x the noise "
+                  "floor; float32 is exact",
     "inkling2_text": "transformers cannot reload its tiny saved checkpoint (a negative "
                      "tensor dimension on from_pretrained)",
     "inkling2_loop_text": "transformers cannot reload its tiny saved checkpoint (a negative "
@@ -184,8 +194,6 @@ def first_line(error: BaseException) -> str:
 
 def check(model_type: str) -> Outcome:
     """Run the whole suite on one model type; never raises."""
-    from aufold.localize import localize
-
     started = time.perf_counter()
     outcome = Outcome(model_type)
     try:
@@ -200,11 +208,33 @@ def check(model_type: str) -> Outcome:
     except Exception as error:  # noqa: BLE001 - a model type that cannot be built tiny
         outcome.reason = f"cannot be built tiny here ({first_line(error)})"
         return _timed(outcome, started)
+    check_sites(outcome, model, lambda: tiny(model_type, torch.bfloat16), tiny_tokenizer())
+    return _timed(outcome, started)
+
+
+def check_real(name: str, folder: Path) -> Outcome:
+    """The same checks on a real checkpoint folder, exported from that folder itself."""
+    from aufold.modeling import load_model
+
+    started = time.perf_counter()
+    model, tokenizer, _ = load_model(folder, dtype="float32")
+    outcome = Outcome(name, type(model).__name__)
+    check_sites(outcome, model, lambda: load_model(folder, dtype="bfloat16")[0], tokenizer,
+                source=folder)
+    return _timed(outcome, started)
+
+
+def check_sites(outcome: Outcome, model: PreTrainedModel, low_model: Any, tokenizer: Any,
+                source: Path | None = None) -> None:
+    """Resolve the sites, localize, check each site and the export; fills ``outcome``."""
+    from aufold.localize import localize
+
+    plain = logits(model)
     try:
         architecture = architecture_of(model)
     except AufoldError as error:
         outcome.reason = str(error)
-        return _timed(outcome, started)
+        return
     outcome.experts = architecture.has_experts
     outcome.skipped = dict(architecture.skipped)
     sites = [site for site in FOLD_SITES if site in architecture.sites]
@@ -213,20 +243,19 @@ def check(model_type: str) -> Outcome:
             outcome.sites[site] = architecture.absent[site]
             outcome.absent.add(site)
     if not sites:
-        return _timed(outcome, started)
-    tokenizer = tiny_tokenizer()
+        return
     try:
         plan = localize(model, tokenizer, PAIRS, sites, progress=False)
     except Exception as error:  # noqa: BLE001
         for site in sites:
             outcome.sites[site] = f"localize failed ({first_line(error)})"
-        return _timed(outcome, started)
+        return
     for site in list(sites):  # the plan says which layers it skipped, and ranks none of theirs
         if plan.layers_without(site) != architecture.skipped.get(site, ()) or any(
                 unit.layer in plan.layers_without(site) for unit in plan.ranking([site])):
             outcome.sites[site] = "the plan does not skip exactly the layers without the site"
             sites.remove(site)
-    low = tiny(model_type, torch.bfloat16)
+    low = low_model()
     noise = relative(logits(low), plain)
     for site in sites:
         try:
@@ -237,10 +266,9 @@ def check(model_type: str) -> Outcome:
     passing = [site for site in sites if outcome.passes(site)]
     if passing:
         try:
-            outcome.reloads = _check_export(model, tokenizer, plan, passing)
+            outcome.reloads = _check_export(model, tokenizer, plan, passing, source)
         except Exception as error:  # noqa: BLE001
             outcome.reloads = first_line(error)
-    return _timed(outcome, started)
 
 
 def _timed(outcome: Outcome, started: float) -> Outcome:
@@ -275,13 +303,15 @@ def _check_site(model: PreTrainedModel, low: PreTrainedModel, edit: Any, plain: 
     return PASS
 
 
-def _check_export(model: PreTrainedModel, tokenizer: Any, plan: Any, sites: list[str]) -> str:
+def _check_export(model: PreTrainedModel, tokenizer: Any, plan: Any, sites: list[str],
+                  source: Path | None = None) -> str:
     from aufold.export import export
 
     with tempfile.TemporaryDirectory() as folder:
-        source = Path(folder) / "source"
-        model.save_pretrained(source)
-        tokenizer.save_pretrained(source)
+        if source is None:
+            source = Path(folder) / "source"
+            model.save_pretrained(source)
+            tokenizer.save_pretrained(source)
         result = export(source, plan, k=K, alpha=ALPHA, sites=sites, out=Path(folder) / "out",
                         cost=False)
         with steer(model, result.edit):
@@ -333,6 +363,10 @@ def markdown(outcomes: list[Outcome]) -> str:
         f"{sum(o.passes('mlp-out') for o in outcomes)}",
         f"- Mixture-of-Experts model types built: {len(moe)}; pass head: "
         f"{sum(o.passes('head') for o in moe)}, mlp-out: {sum(o.passes('mlp-out') for o in moe)}",
+        "",
+        "Real weights: SmolLM2-135M-Instruct (Llama) and Gemma 3 270M, dequantized from their "
+        "GGUF files, pass the same checks for head, mlp and mlp-out "
+        "(`test_real_weights_pass_the_same_checks`).",
         "",
         "Sites come from transformers' tensor-parallel plan (`base_model_tp_plan`), checked "
         "against each decoder layer's modules, plus a small override table "

@@ -14,7 +14,9 @@ from conformance import (
     DOCS,
     FOLD_SITES,
     KNOWN_FAILURES,
+    PASS,
     Outcome,
+    check_real,
     markdown,
     model_types,
     run,
@@ -58,3 +60,14 @@ def test_docs_say_what_the_suite_finds(outcomes: dict[str, Outcome]) -> None:
     expected = markdown(list(outcomes.values()))
     assert DOCS.read_text() == expected, (
         "docs/architectures.md is stale: run `python tests/conformance.py --write`")
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_real_weights_pass_the_same_checks(name: str, request: pytest.FixtureRequest) -> None:
+    """SmolLM2-135M-Instruct (Llama) and Gemma 3 270M, dequantized from their GGUF files:
+    every site localized on the same pairs, fold == hooks in float32 and bfloat16, untouched
+    tensors bitwise, the streamed export of all sites reloading with the hooked logits."""
+    outcome = check_real(name, request.getfixturevalue(f"{name}_dir"))
+    assert not outcome.reason, outcome.reason
+    assert {site: outcome.sites[site] for site in FOLD_SITES} == dict.fromkeys(FOLD_SITES, PASS)
+    assert outcome.reloads == PASS
