@@ -12,7 +12,7 @@ import torch
 from test_localize import _assert_close_counts, _varied_pairs, reference_counts
 from tiny_models import tiny_model, tiny_tokenizer
 
-from aufold.localize import encode_pairs, localize
+from aufold.localize import encode_pairs, localize, prompt_cache_works
 from aufold.modeling import site_module
 from aufold.pairs import ContrastivePair
 
@@ -73,6 +73,8 @@ def test_sliding_window_with_prompts_longer_than_the_window(arch: str) -> None:
 def test_prompt_runs_once_and_passes_stop_after_the_last_site_read() -> None:
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     pairs = _varied_pairs(8, seed=1)
+    # The once-per-model probe that prompt sharing is exact for this model runs first.
+    assert prompt_cache_works(model)
     rows: list[int] = []
     calls = {"last_mlp": 0, "norm": 0, "lm_head": 0}
     layers = model.config.num_hidden_layers
@@ -136,3 +138,21 @@ def test_localization_emits_no_deprecation_warning() -> None:
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", DeprecationWarning)
         localize(model, tokenizer, _varied_pairs(4, seed=1), SITES, batch_size=2, progress=False)
+
+
+def test_prompt_sharing_is_probed_and_refused_where_it_differs() -> None:
+    """A model whose cached answers do not match whole texts (here: positions ignored, as a
+    model that places them its own way would) runs its pairs as whole texts, with the same
+    counts as a plain reference."""
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    original = model.model.forward
+
+    def forward(*args: object, position_ids: object = None, **kwargs: object) -> object:
+        return original(*args, **kwargs)  # drops the answers' true positions
+
+    model.model.forward = forward  # type: ignore[method-assign]
+    assert not prompt_cache_works(model)
+    pairs = _varied_pairs(8, seed=1)
+    plan = localize(model, tokenizer, pairs, SITES, batch_size=8, progress=False)
+    assert plan.settings["full_text_pairs"] == len(pairs)
+    _assert_close_counts(plan, reference_counts(model, tokenizer, pairs, SITES), tolerance=1)
