@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from aufold.errors import AufoldError
+from aufold.errors import AufoldError, first_line
 from aufold.sites.architecture import (
     BUILT_IN_BIAS,
     Architecture,
@@ -105,18 +105,13 @@ def _architecture_for_json(config_class: type, config_json: str) -> Architecture
                 model = named._from_config(config)
     except ValueError as error:  # no causal-LM class for this config
         raise AufoldError(f"unsupported architecture {config.model_type!r}: transformers has "
-                          f"no causal language model class for it ({first_sentence(error)})"
+                          f"no causal language model class for it ({first_line(error)})"
                           ) from None
     except Exception as error:  # noqa: BLE001 - transformers' own failure on this config
         raise AufoldError(f"unsupported architecture {config.model_type!r}: transformers could "
                           f"not build the model from this config ({type(error).__name__}: "
-                          f"{first_sentence(error)}); check config.json") from None
+                          f"{first_line(error)}); check config.json") from None
     return _derive(model)
-
-
-def first_sentence(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def _derive(model: nn.Module) -> Architecture:
@@ -283,7 +278,7 @@ def _experts(layer: nn.Module, path: str, entries: list[_Entry], hidden: int
         for number, expert in enumerate(experts):
             if not _projection(expert, down, hidden):
                 return None
-            tensors += _dense_output(expert, f"{experts_name}.{number}.{down}", down)
+            tensors += _dense_output(expert.get_submodule(down), f"{experts_name}.{number}.{down}")
     else:
         return None
     # A shared expert, always on, adds to the same output; some plans name it, others
@@ -301,7 +296,7 @@ def _experts(layer: nn.Module, path: str, entries: list[_Entry], hidden: int
             if axis is not None:
                 tensors.append(FoldTensor(f"{name}.{down}", axis))
         elif name.rpartition(".")[2] in shared_names and _projection(block_module, name, hidden):
-            tensors += _dense_output(block_module, name, name)
+            tensors += _dense_output(module, name)
     return block, tuple(tensors)
 
 
@@ -317,11 +312,10 @@ def _has_weightless_experts(block: nn.Module) -> bool:
     return int(getattr(config, "zero_expert_num", 0) or 0) > 0
 
 
-def _dense_output(owner: nn.Module, name: str, path: str, prefix: str = "") -> list[FoldTensor]:
-    """The weight rows and bias of a dense projection (output units), named by ``name``."""
+def _dense_output(module: nn.Module, name: str) -> list[FoldTensor]:
+    """The weight rows and bias of a dense projection (its output units), named ``name``."""
     from transformers.pytorch_utils import Conv1D
 
-    module = owner.get_submodule(f"{prefix}.{name}" if prefix else path)
     axis = 1 if isinstance(module, Conv1D) else 0
     tensors = [FoldTensor(f"{name}.weight", axis)]
     if getattr(module, "bias", None) is not None:
