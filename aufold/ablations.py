@@ -61,14 +61,14 @@ def block_units(plan: Plan, site: str, layer: int, alpha: float, *,
     """Every unit of ``site`` in ``layer``, each with its own AUSteer gamma (``alpha`` times its
     signed score); scale factors beyond the safety limit are refused as by ``plan.select``."""
     check_alpha(alpha)
-    layers, width = plan.counts[site].positive.shape if site in plan.counts else (0, 0)
+    layers = plan.counts[site].positive.shape[0] if site in plan.counts else 0
     if not 0 <= layer < layers:
         raise AufoldError(f"the plan has no layer {layer} of site {site!r}; it has "
                           f"{layers} layers of sites {', '.join(plan.sites)}")
     if layer in plan.layers_without(site):
         raise AufoldError(f"layer {layer} of the model has no {site!r} site (the plan skipped "
                           f"it); choose another layer")
-    units = [plan.unit(site, layer, unit) for unit in range(width)]
+    units = [plan.unit(site, layer, int(unit)) for unit in plan.has_unit(site)[layer].nonzero()]
     check_scale_factors(((f"{site} layer {layer} unit {u.unit}", 1.0 + u.gamma(alpha))
                          for u in units), allow_extreme=allow_extreme,
                         fix="lower the block alphas")

@@ -25,7 +25,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-Scaling = dict[int, tuple[torch.Tensor, torch.Tensor]]  # axis -> (unit indices, factors)
+# Where a scaling applies -> (unit indices, factors). An int is a stored axis; a pair
+# (expert axis, axis) indexes the neurons of stacked experts, unit u being slice u % n of
+# ``axis`` in expert u // n (n the size of ``axis``).
+UnitAxis = int | tuple[int, int]
+Scaling = dict[UnitAxis, tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -47,9 +51,9 @@ class TensorEdit:
             self.steps.append({})
         return self.steps[number]
 
-    def edited(self) -> dict[int, torch.Tensor]:
+    def edited(self) -> dict[UnitAxis, torch.Tensor]:
         """Every unit index any step scales, by axis."""
-        indices: dict[int, list[torch.Tensor]] = {}
+        indices: dict[UnitAxis, list[torch.Tensor]] = {}
         for axes in self.steps:
             for axis, (index, _) in axes.items():
                 indices.setdefault(axis, []).append(index)
@@ -64,16 +68,23 @@ def weight_edits(edit: Edit, architecture: Architecture) -> dict[str, TensorEdit
         for group in step.groups():
             for tensor in architecture.fold_tensors(group.site, group.layer):
                 tensor_edit = edits.setdefault(tensor.name, TensorEdit(optional=tensor.optional))
-                tensor_edit.step(number)[tensor.axis] = (group.index, group.scale)
+                axis = tensor.axis if tensor.expert_axis is None else (tensor.expert_axis,
+                                                                       tensor.axis)
+                tensor_edit.step(number)[axis] = (group.index, group.scale)
     return edits
 
 
-def check_edit_fits(shape: tuple[int, ...], tensor_edit: TensorEdit) -> None:
+def check_edit_fits(shape: tuple[int, ...], tensor_edit: TensorEdit,
+                    name: str = "a tensor") -> None:
     """Refuse an edit whose units lie beyond a tensor of ``shape``."""
     for axis, index in tensor_edit.edited().items():
-        if axis >= len(shape) or int(index.max()) >= shape[axis]:
-            raise AufoldError(f"edit does not fit a tensor of shape {list(shape)} "
-                              f"(axis {axis}, unit {int(index.max())}); the plan was made for "
+        axes = (axis,) if isinstance(axis, int) else axis
+        units = 1
+        for each in axes:
+            units = units * shape[each] if each < len(shape) else 0
+        if int(index.max()) >= units:
+            raise AufoldError(f"{name} has shape {list(shape)}, which has no unit "
+                              f"{int(index.max())} on axis {axis}; the plan was made for "
                               f"another model")
 
 
@@ -100,7 +111,7 @@ def fold_tensor_(tensor: torch.Tensor, tensor_edit: TensorEdit, name: str = "a f
     tensor changes. The steps of a composed edit apply in order, each as alone; a slice
     refused in a later step leaves the earlier steps written, on a tensor the caller discards.
     """
-    check_edit_fits(tuple(tensor.shape), tensor_edit)
+    check_edit_fits(tuple(tensor.shape), tensor_edit, name)
     for axes in tensor_edit.steps:
         _scale_slices_(tensor, axes, name)
     return tensor
@@ -109,23 +120,65 @@ def fold_tensor_(tensor: torch.Tensor, tensor_edit: TensorEdit, name: str = "a f
 def _scale_slices_(tensor: torch.Tensor, axes: Scaling, name: str) -> None:
     """One step of :func:`fold_tensor_`: every edited slice read, scaled and checked, then
     all written."""
-    full = {}
-    for axis, (index, scale) in axes.items():
-        full[axis] = torch.ones(tensor.shape[axis]).index_copy(0, index, scale)
+    factors = [_factor(tensor.shape, axis, index, scale) for axis, (index, scale) in axes.items()]
     blocks = []
     for axis, (index, _) in axes.items():
-        factor = torch.ones(())
-        for other_axis, vector in full.items():
-            shape = [1] * tensor.dim()
-            shape[other_axis] = -1
-            part = vector.index_select(0, index) if other_axis == axis else vector
-            factor = factor * part.view(shape)
-        index = index.to(tensor.device)
-        block = scaled(tensor.index_select(axis, index), factor)
-        check_finite(name, block)
-        blocks.append((axis, index, block))
+        if isinstance(axis, int):
+            factor = torch.ones(())
+            for full in factors:
+                factor = factor * (full.index_select(axis, index) if full.shape[axis] > 1 else full)
+            device_index = index.to(tensor.device)
+            block = scaled(tensor.index_select(axis, device_index), factor)
+            check_finite(name, block)
+            blocks.append((axis, device_index, block))
+        else:
+            experts, slices = _expert_slices(tensor.shape, axis, index)
+            factor = torch.ones(())
+            for full in factors:
+                factor = factor * _pick(full, axis, experts, slices)
+            selected = _pick(tensor, axis, experts.to(tensor.device), slices.to(tensor.device))
+            block = scaled(selected, factor)
+            check_finite(name, block)
+            blocks.append((axis, (experts.to(tensor.device), slices.to(tensor.device)), block))
     for axis, index, block in blocks:
-        tensor.index_copy_(axis, index, block)
+        if isinstance(axis, int):
+            tensor.index_copy_(axis, index, block)
+        else:
+            tensor.movedim(axis, (0, 1))[index] = block
+
+
+def _factor(shape: torch.Size, axis: UnitAxis, index: torch.Tensor, scale: torch.Tensor
+            ) -> torch.Tensor:
+    """One scaling's factor for every element, as a tensor that broadcasts to ``shape``:
+    ones except the scaled units, sized only along the axes that index them."""
+    axes = (axis,) if isinstance(axis, int) else axis
+    sizes = [shape[each] for each in axes]
+    flat = torch.ones(sizes[0] * (sizes[1] if len(sizes) > 1 else 1)).index_copy(0, index, scale)
+    factor = flat.view(sizes)
+    if len(axes) == 2 and axes[0] > axes[1]:
+        factor = factor.T
+    broadcast = [1] * len(shape)
+    for each in axes:
+        broadcast[each] = shape[each]
+    return factor.reshape(broadcast)
+
+
+def _expert_slices(shape: torch.Size, axis: tuple[int, int], index: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert neuron units as (expert, slice) index pairs."""
+    width = shape[axis[1]]
+    return index // width, index % width
+
+
+def _pick(tensor: torch.Tensor, axis: tuple[int, int], experts: torch.Tensor,
+          slices: torch.Tensor) -> torch.Tensor:
+    """The (expert, slice) units of ``tensor`` (or of a factor that broadcasts to it):
+    [units, the other axes...]."""
+    moved = tensor.movedim(axis, (0, 1))
+    if moved.shape[0] == 1 or moved.shape[1] == 1:  # a factor sized along one of the two
+        experts = experts if moved.shape[0] > 1 else torch.zeros_like(experts)
+        slices = slices if moved.shape[1] > 1 else torch.zeros_like(slices)
+    return moved[experts, slices]
 
 
 @torch.no_grad()

@@ -44,20 +44,23 @@ from aufold.encoding import (
     pad_right,
 )
 from aufold.errors import AufoldError
+from aufold.experts import ExpertNeurons, register_expert_hook
 from aufold.modeling import (
     check_site_exists,
     fingerprint,
     fitted_length,
     input_device,
+    layer_widths,
     model_architecture,
     num_layers,
+    shaped,
     site_module,
     site_width,
 )
 from aufold.pairs import ContrastivePair, validate_pairs
-from aufold.plan import LAYERS_WITHOUT, Plan, SiteCounts
+from aufold.plan import LAYERS_WITHOUT, UNITS_PER_LAYER, Plan, SiteCounts
 from aufold.progress import bar as progress_bar
-from aufold.sites import SITE_ORDER, Architecture, site_kind
+from aufold.sites import SITE_ORDER, FoldTensor, site_kind
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -103,7 +106,7 @@ def localize(
                          "dtype": str(model.dtype).removeprefix("torch."),
                          "full_text_pairs": sum(1 for pair in encoded if not pair.prompt)
                          if prompt_cache_works(model) else len(encoded),
-                         **layers_without(model_architecture(model), sites)})
+                         **layers_without(model, sites)})
 
 
 def check_options(batch_size: int, max_length: int, tie_tolerance: float) -> None:
@@ -122,11 +125,21 @@ def new_counts(sites: Sequence[str], layers: int, width: Callable[[str], int],
             for site in sites}
 
 
-def layers_without(architecture: Architecture, sites: Sequence[str]) -> dict[str, Any]:
-    """The plan's record of layers that lack a site it counts (none: nothing recorded)."""
+def layers_without(model: PreTrainedModel, sites: Sequence[str]) -> dict[str, Any]:
+    """The plan's record of layers that lack a site it counts, and of the units per layer of a
+    site whose layers differ in width (nothing where every layer has the site alike)."""
+    architecture = model_architecture(shaped(model))
+    record: dict[str, Any] = {}
     skipped = {site: list(architecture.skipped[site]) for site in sites
                if site in architecture.skipped}
-    return {LAYERS_WITHOUT: skipped} if skipped else {}
+    if skipped:
+        record[LAYERS_WITHOUT] = skipped
+    widths = {site: layer_widths(model, site) for site in sites}
+    uneven = {site: units for site, units in widths.items()
+              if len({units[layer] for layer in architecture.site_layers(site)}) > 1}
+    if uneven:
+        record[UNITS_PER_LAYER] = uneven
+    return record
 
 
 def counted_plan(model_id: str, model_fingerprint: str, num_pairs: int,
@@ -205,7 +218,7 @@ _PROMPT_CACHE_WORKS: weakref.WeakKeyDictionary[nn.Module, tuple[torch.dtype, boo
     weakref.WeakKeyDictionary()
 # Two pairs with prompts of different lengths, right-padded in one batch as real ones are;
 # token ids every vocabulary has.
-_PROBE = (EncodedPair([1, 2], [3], [4, 5]), EncodedPair([1, 2, 3, 4], [5, 6], [7]))
+PROBE = (EncodedPair([1, 2], [3], [4, 5]), EncodedPair([1, 2, 3, 4], [5, 6], [7]))
 
 
 @torch.no_grad()
@@ -222,19 +235,25 @@ def prompt_cache_works(model: PreTrainedModel) -> bool:
     if known is not None and known[0] == model.dtype:
         return known[1]
     device = input_device(model)
-    whole = [EncodedPair([], p.prompt + p.positive, p.prompt + p.negative) for p in _PROBE]
+    whole = [EncodedPair([], p.prompt + p.positive, p.prompt + p.negative) for p in PROBE]
     try:
         with _LastTokenReader(model, ["residual"], num_layers(model)) as reader:
-            _run_shared(model, reader, list(_PROBE), 0, device)
+            _run_shared(model, reader, list(PROBE), 0, device)
             shared = reader.activations["residual"][-1].float().clone()
             _run_full(model, reader, whole, 0, device)
             full = reader.activations["residual"][-1].float()
-        tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2
-        works = bool((shared - full).abs().max() <= tolerance * full.abs().max())
+        works = same_reading(shared, full, model.dtype)
     except Exception:  # noqa: BLE001 - any failure means: do not share prompts
         works = False
     _PROMPT_CACHE_WORKS[model] = (model.dtype, works)
     return works
+
+
+def same_reading(shared: torch.Tensor, whole: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the probe's last-layer outputs read with a shared prompt and as whole texts
+    agree, to within what the dtype's rounding in two kernels explains."""
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    return bool((shared.float() - whole.float()).abs().max() <= tolerance * whole.float().abs().max())
 
 
 def shared_batches(pairs: list[EncodedPair], batch_size: int,
@@ -334,24 +353,28 @@ def signs(x_pos: torch.Tensor, x_neg: torch.Tensor,
     |m| up to ``tie_tolerance`` times the larger root-mean-square of the two rows
     is a tie (neither). The scale is the whole row's, not the unit's own value, because
     rounding error comes from the sums that made the row, so a unit near zero is as
-    noisy as any other.
+    noisy as any other. A unit that reads NaN in either text (an expert the router did
+    not pick there) is a tie, and the scale is over the units that were read.
     """
     x_pos, x_neg = x_pos.float(), x_neg.float()
     m = x_pos - x_neg
     if tie_tolerance == 0:
         return m > 0, m < 0
-    rms = torch.maximum(x_pos.square().mean(-1, keepdim=True), x_neg.square().mean(-1, keepdim=True)).sqrt()
+    rms = torch.maximum(x_pos.square().nanmean(-1, keepdim=True),
+                        x_neg.square().nanmean(-1, keepdim=True)).sqrt()
     tie = tie_tolerance * rms
     return m > tie, m < -tie
 
 
 def count_layer(counts: SiteCounts, layer: int, activations: torch.Tensor,
                 tie_tolerance: float) -> None:
-    """Add one layer's signs for a batch whose rows are (positive, negative) pairs."""
+    """Add one layer's signs for a batch whose rows are (positive, negative) pairs; a layer
+    narrower than the site's widest (dense beside experts) fills its first units."""
     pairs = activations.unflatten(0, (-1, 2))
     above, below = signs(pairs[:, 0], pairs[:, 1], tie_tolerance)
-    counts.positive[layer] += above.sum(0)
-    counts.negative[layer] += below.sum(0)
+    width = above.shape[-1]
+    counts.positive[layer, :width] += above.sum(0)
+    counts.negative[layer, :width] += below.sum(0)
 
 
 def check_sites(model: PreTrainedModel, sites: Sequence[str]) -> tuple[str, ...]:
@@ -372,6 +395,79 @@ def at_last_token(hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         hidden = hidden.view(len(last), -1, hidden.shape[-1])
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return hidden[rows, last.to(hidden.device)]
+
+
+Handle = Any  # a hook's handle: anything with remove()
+
+
+def last_token_hooks(model: PreTrainedModel, site: str, layer: int,
+                     last: Callable[[], torch.Tensor | None],
+                     store: Callable[[torch.Tensor], Any]) -> list[Handle]:
+    """Hooks that pass ``store`` a site's activations in ``layer`` at each row's last real
+    token, [rows, units], in every forward pass where ``last()`` gives those tokens.
+
+    The neurons of stacked experts are read inside their experts (:mod:`aufold.experts`):
+    a unit whose expert the router did not pick for a row's last token has no activation
+    there and reads NaN, so every pair where either text lacks it is a tie (:func:`signs`).
+    """
+    neurons = model_architecture(model).expert_neurons(site, layer)
+    if neurons is not None:
+        return _expert_neuron_hooks(model, neurons, last, store)
+    module = site_module(model, site, layer)
+
+    def read(hidden: torch.Tensor) -> None:
+        rows = last()
+        if rows is not None:
+            store(at_last_token(hidden, rows))
+
+    if site_kind(site).placement == "input":
+        return [module.register_forward_pre_hook(
+            lambda _m, args, kwargs: read(args[0] if args else next(iter(kwargs.values()))),
+            with_kwargs=True)]
+    return [module.register_forward_hook(
+        lambda _m, _args, output: read(output[0] if isinstance(output, tuple) else output))]
+
+
+def _expert_neuron_hooks(model: PreTrainedModel, neurons: FoldTensor,
+                         last: Callable[[], torch.Tensor | None],
+                         store: Callable[[torch.Tensor], Any]) -> list[Handle]:
+    """Read every expert's neurons at the last tokens: NaN where the expert did not run."""
+    path, _, down = neurons.name.rpartition(".")
+    experts = model.get_submodule(path)
+    shape = model.get_parameter(neurons.name).shape
+    per_expert = shape[neurons.axis]
+    state: dict[str, torch.Tensor] = {}
+
+    def start(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        state.clear()
+        rows = last()
+        if rows is None:
+            return
+        hidden = args[0] if args else next(iter(kwargs.values()))
+        if hidden.shape[0] % len(rows):
+            raise AufoldError(f"the experts of {path} take {hidden.shape[0]} rows, not a whole "
+                              f"number of tokens for each of {len(rows)} texts")
+        tokens = hidden.shape[0] // len(rows)
+        state["flat"] = torch.arange(len(rows), device=hidden.device) * tokens \
+            + rows.to(hidden.device)
+        state["read"] = torch.full((len(rows), neurons.units(shape)), float("nan"),
+                                   dtype=hidden.dtype, device=hidden.device)
+
+    def collect(call: ExpertNeurons) -> None:
+        if "flat" not in state:
+            return
+        row, text = (call.tokens.to(state["flat"].device)[:, None] == state["flat"]).nonzero(
+            as_tuple=True)
+        first = call.expert * per_expert
+        state["read"][text, first:first + per_expert] = call.neurons[row].to(state["read"].dtype)
+
+    def finish(_module: nn.Module, _args: Any, _output: Any) -> None:
+        if "read" in state:
+            store(state.pop("read"))
+
+    return [experts.register_forward_pre_hook(start, with_kwargs=True),
+            register_expert_hook(experts, down, collect),
+            experts.register_forward_hook(finish)]
 
 
 class _Stop(Exception):
@@ -401,14 +497,14 @@ class _LastTokenReader:
         self._final_layer = max(max(layers) for layers in self._layers_of.values())
         self._final = max((site for site in sites if self._final_layer in self._layers_of[site]),
                           key=SITE_ORDER.__getitem__)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._handles: list[Handle] = []
 
     def __enter__(self) -> _LastTokenReader:
         for site in self.sites:
             self.activations[site] = [torch.empty(0)] * self.layers
             for layer in self._layers_of[site]:
-                module = site_module(self.model, site, layer)
-                self._handles.append(self._hook(module, site, layer))
+                self._handles += last_token_hooks(self.model, site, layer, self._last,
+                                                  self._store(site, layer))
         last_layer = self.layers - 1
         if "head" in self._architecture.sites \
                 and last_layer in self._architecture.site_layers("head"):
@@ -440,23 +536,14 @@ class _LastTokenReader:
         if not self.capture:
             raise _Stop
 
-    def _hook(self, module: nn.Module, site: str, layer: int) -> torch.utils.hooks.RemovableHandle:
-        store = self._store(site, layer)
-        if site_kind(site).placement == "input":
-            return module.register_forward_pre_hook(
-                lambda _m, args, kwargs: store(args[0] if args else next(iter(kwargs.values()))),
-                with_kwargs=True)
-        return module.register_forward_hook(
-            lambda _m, _args, output: store(output[0] if isinstance(output, tuple) else output))
-
     def _store(self, site: str, layer: int) -> Callable[[torch.Tensor], Any]:
         final = site == self._final and layer == self._final_layer
 
-        def store(hidden: torch.Tensor) -> None:
-            if not self.capture:
-                return
-            assert self.last is not None
-            self.activations[site][layer] = at_last_token(hidden, self.last)
+        def store(activations: torch.Tensor) -> None:
+            self.activations[site][layer] = activations
             if final:
                 raise _Stop
         return store
+
+    def _last(self) -> torch.Tensor | None:
+        return self.last if self.capture else None

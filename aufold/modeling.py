@@ -205,14 +205,23 @@ def site_module(model: PreTrainedModel, site: str, layer: int) -> nn.Module:
 
 
 def site_width(model: PreTrainedModel, site: str) -> int:
-    """How many units a site has in each layer, read from the weights themselves."""
+    """How many units a site has in its widest layer, read from the weights themselves."""
+    return max(layer_widths(model, site))
+
+
+def layer_widths(model: PreTrainedModel, site: str) -> list[int]:
+    """How many units a site has in each layer: 0 where a layer lacks it, and more in an
+    experts layer (E x neurons) than in a dense one where a model mixes them."""
     model = shaped(model)
     kind = site_kind(site)
-    if kind.projection == "layer":
-        return int(model.get_input_embeddings().weight.shape[1])
     architecture = model_architecture(model)
-    first = architecture.fold_tensors(site, architecture.site_layers(site)[0])[0]
-    return int(model.get_parameter(first.name).shape[first.axis])
+    if kind.projection == "layer":
+        return [int(model.get_input_embeddings().weight.shape[1])] * num_layers(model)
+    widths = [0] * architecture.num_layers
+    for layer in architecture.site_layers(site):
+        first = architecture.fold_tensors(site, layer)[0]
+        widths[layer] = first.units(model.get_parameter(first.name).shape)
+    return widths
 
 
 def check_site_exists(model: PreTrainedModel, site: str) -> None:
@@ -251,9 +260,11 @@ def fingerprint_from(config: Mapping[str, Any], architecture: Architecture, laye
 
 def fingerprint_sites(architecture: Architecture) -> tuple[str, ...]:
     """The sites whose weights the fingerprint hashes: head and mlp where every layer has
-    them (a Mixture-of-Experts model has no single MLP down projection)."""
+    them in one projection (a Mixture-of-Experts model has no single MLP down projection)."""
     return tuple(site for site in _FINGERPRINT_SITES
-                 if site in architecture.sites and site not in architecture.skipped)
+                 if site in architecture.sites and site not in architecture.skipped
+                 and not any(architecture.expert_neurons(site, layer)
+                             for layer in range(architecture.num_layers)))
 
 
 def fingerprint_of(config: Mapping[str, Any], shapes: Mapping[str, list[int]]) -> str:

@@ -33,6 +33,10 @@ SUMMARY_TOP = 100  # how many ranked units plan.json lists; the counts hold all 
 # The settings key of the layers that lack a site the plan counts (a hybrid model's linear
 # attention layers have no head site): their counts stay zero and they are never ranked.
 LAYERS_WITHOUT = "layers_without_site"
+# The settings key of the units per layer of a site whose layers differ in width (experts
+# layers, E x neurons, beside dense ones): a narrower layer's units beyond its width do not
+# exist, are never counted and never ranked.
+UNITS_PER_LAYER = "units_per_layer"
 MAX_PAIRS = 2**40  # far above any localization; keeps every count sum inside int64
 
 
@@ -112,9 +116,12 @@ class Plan:
         return tuple(self.settings.get(LAYERS_WITHOUT, {}).get(site, ()))
 
     def has_unit(self, site: str) -> torch.Tensor:
-        """bool [layers, width]: which units of ``site`` exist (all but the skipped layers')."""
+        """bool [layers, width]: which units of ``site`` exist (all but the skipped layers'
+        and those beyond a narrower layer's width)."""
         present = torch.ones(self.counts[site].positive.shape, dtype=torch.bool)
         present[list(self.layers_without(site))] = False
+        for layer, units in enumerate(self.settings.get(UNITS_PER_LAYER, {}).get(site, ())):
+            present[layer, units:] = False
         return present
 
     def ranking(self, sites: Sequence[str] | None = None, k: int | None = None) -> list[RankedUnit]:

@@ -2,7 +2,9 @@
 
 Each selected unit's activation is multiplied by ``1 + gamma`` at every token
 position. Input sites use forward pre-hooks on their projection, output sites
-forward hooks; the hooks are removed on exit, also when the block raises.
+forward hooks, and the neurons of stacked experts an expert hook
+(:mod:`aufold.experts`), which steers a neuron only where its expert computes; the
+hooks are removed on exit, also when the block raises.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ from torch import nn
 
 from aufold.edit import Edit, UnitGroup, scaled
 from aufold.errors import AufoldError
-from aufold.modeling import check_site_exists, num_layers, site_module, site_width
+from aufold.experts import ExpertHook, ExpertNeurons, register_expert_hook
+from aufold.modeling import (
+    check_site_exists,
+    layer_widths,
+    model_architecture,
+    num_layers,
+    site_module,
+)
 from aufold.sites import site_kind
 
 if TYPE_CHECKING:
@@ -39,17 +48,26 @@ def steer(model: PreTrainedModel, edit: Edit | VectorEdit) -> Iterator[PreTraine
     for site in edit.sites:
         check_site_exists(model, site)
     layers = num_layers(model)
+    widths = {site: layer_widths(model, site) for site in edit.sites}
     for group in edit.groups():
-        width = site_width(model, group.site)
+        width = widths[group.site][group.layer] if group.layer < layers else 0
         if group.layer >= layers or int(group.index.max()) >= width:
             raise AufoldError(f"the edit steers layer {group.layer} unit {int(group.index.max())} "
-                              f"of site {group.site}, but this model has {layers} layers of "
+                              f"of site {group.site}, but this model has {layers} layers and "
                               f"{width} units there; the plan was made for another model")
-    handles = []
+    handles: list[Any] = []
+    architecture = model_architecture(model)
     try:
         # Hooks on one module run in the order they were registered: the parts in order.
         for step in edit.steps():
             for group in step.groups():
+                neurons = architecture.expert_neurons(group.site, group.layer)
+                if neurons is not None:
+                    experts, _, down = neurons.name.rpartition(".")
+                    per_expert = model.get_parameter(neurons.name).shape[neurons.axis]
+                    handles.append(register_expert_hook(model.get_submodule(experts), down,
+                                                        _scale_expert_units(group, per_expert)))
+                    continue
                 module = site_module(model, group.site, group.layer)
                 handles.append(_register(module, group))
         yield model
@@ -74,6 +92,20 @@ def _register(module: nn.Module, group: UnitGroup) -> torch.utils.hooks.Removabl
         return _scale_units(output, group)
 
     return module.register_forward_hook(scale_output)
+
+
+def _scale_expert_units(group: UnitGroup, per_expert: int) -> ExpertHook:
+    """Scale the group's units (expert * per_expert + neuron) inside their own experts."""
+    experts = group.index // per_expert
+
+    def scale(call: ExpertNeurons) -> torch.Tensor | None:
+        mine = experts == call.expert
+        if not bool(mine.any()):
+            return None
+        return _scale_units(call.neurons, UnitGroup(group.site, group.layer,
+                                                     group.index[mine] % per_expert,
+                                                     group.scale[mine]))
+    return scale
 
 
 def _scale_units(hidden: torch.Tensor, group: UnitGroup) -> torch.Tensor:

@@ -47,7 +47,8 @@ from aufold.checkpoint import (
 from aufold.edit import Edit
 from aufold.errors import AufoldError
 from aufold.evaluate.cost import MeasuredCost
-from aufold.fold import TensorEdit, fold_tensor_, weight_edits
+from aufold.fold import TensorEdit, check_edit_fits, fold_tensor_, weight_edits
+from aufold.stored_experts import per_expert_names, split_by_expert
 from aufold.modeling import DTYPES, ModelSource, fingerprint_from
 from aufold.recipe import Recipe
 from aufold.progress import bar as progress_bar
@@ -172,7 +173,7 @@ def export_streamed(
     architecture.check_sites(recipe.sites)
     recipe.check_fingerprint(checkpoint_fingerprint(checkpoint, config, architecture), force=force)
     edit = recipe.edit()
-    edits = stored_edits(checkpoint, weight_edits(edit, architecture))
+    edits = stored_edits(checkpoint, weight_edits(edit, architecture), str(config["model_type"]))
     # Measured once the edit is known to fit the stored tensors, before anything is written.
     cost = measure_cost() if measure_cost is not None else None
     convert = conversion_dtype(checkpoint, dtype)
@@ -187,22 +188,28 @@ def export_streamed(
     return edit, report
 
 
-def stored_edits(checkpoint: Checkpoint, edits: Mapping[str, TensorEdit]
+def stored_edits(checkpoint: Checkpoint, edits: Mapping[str, TensorEdit], model_type: str
                  ) -> dict[str, dict[TensorEntry, TensorEdit]]:
-    """The edits by shard file and stored tensor, each checked against the stored shape."""
-    by_shard: dict[str, dict[TensorEntry, TensorEdit]] = {}
+    """The edits by shard file and stored tensor, each checked against the stored shape. A
+    stacked experts tensor that the checkpoint stores one expert at a time is edited in its
+    stored experts (:mod:`aufold.stored_experts`)."""
+    by_stored: dict[str, TensorEdit] = {}
     for name, tensor_edit in edits.items():
         stored = stored_name(name, checkpoint.weight_map)
-        if stored is None:
-            if tensor_edit.optional:
-                continue
+        if stored is not None:
+            by_stored[stored] = tensor_edit
+            continue
+        experts = per_expert_names(name, model_type, checkpoint.weight_map)
+        if experts is not None:
+            split = split_by_expert(tensor_edit, len(experts),
+                                    lambda number: checkpoint.entry(experts[number]).shape)
+            by_stored.update({experts[number]: part for number, part in split.items()})
+        elif not tensor_edit.optional:
             raise TensorNotStored(f"the checkpoint has no tensor {name}; the plan does not fit it")
+    by_shard: dict[str, dict[TensorEntry, TensorEdit]] = {}
+    for stored, tensor_edit in by_stored.items():
         entry = checkpoint.entry(stored)
-        for axis, index in tensor_edit.edited().items():
-            if axis >= len(entry.shape) or int(index.max()) >= entry.shape[axis]:
-                raise AufoldError(f"tensor {stored} has shape {list(entry.shape)}, which has no "
-                                  f"unit {int(index.max())} on axis {axis}; the plan was made for "
-                                  f"another model")
+        check_edit_fits(tuple(entry.shape), tensor_edit, f"tensor {stored}")
         if entry.dtype not in FLOAT_DTYPES:
             raise AufoldError(f"tensor {stored} is stored as {entry.dtype}; aufold folds "
                               f"floating-point weights only, not quantized ones")

@@ -87,14 +87,14 @@ KNOWN_FAILURES: dict[str, str] = {
                         "in transformers (time_step_limit fails validation on reload)",
     "nemotron_h": "its tiny config does not survive save_pretrained and from_pretrained in "
                   "transformers (time_step_limit fails validation on reload)",
-    "inkling_text": "localize fails inside its shared experts on whole-text batches (a shape "
-                    "mismatch, 8192 against 64); not yet understood",
     "mimo_v2_flash": "bfloat16 only: fold and hooks round differently, which flips the "
-                     "router's top-k choice for some token, so mlp-out logits differ beyond 3x "
-                     "the noise floor; float32 is exact",
+                     "router's top-k choice for some token, so the logits of an experts site "
+                     "(mlp or mlp-out, depending on the units drawn) differ beyond 3x the noise "
+                     "floor; float32 is exact",
     "sarvam_moe": "bfloat16 only: fold and hooks round differently, which flips the router's "
-                  "top-k choice for some token, so mlp-out logits differ beyond 3x the noise "
-                  "floor; float32 is exact",
+                  "top-k choice for some token, so the logits of an experts site (mlp or "
+                  "mlp-out, depending on the units drawn) differ beyond 3x the noise floor; "
+                  "float32 is exact",
     "inkling2_text": "transformers cannot reload its tiny saved checkpoint (a negative "
                      "tensor dimension on from_pretrained)",
     "inkling2_loop_text": "transformers cannot reload its tiny saved checkpoint (a negative "
@@ -362,7 +362,8 @@ def markdown(outcomes: list[Outcome]) -> str:
         f"{sum(o.passes('mlp') for o in outcomes)}; mlp-out: "
         f"{sum(o.passes('mlp-out') for o in outcomes)}",
         f"- Mixture-of-Experts model types built: {len(moe)}; pass head: "
-        f"{sum(o.passes('head') for o in moe)}, mlp-out: {sum(o.passes('mlp-out') for o in moe)}",
+        f"{sum(o.passes('head') for o in moe)}, mlp (each expert's neurons): "
+        f"{sum(o.passes('mlp') for o in moe)}, mlp-out: {sum(o.passes('mlp-out') for o in moe)}",
         "",
         "Real weights: SmolLM2-135M-Instruct (Llama) and Gemma 3 270M, dequantized from their "
         "GGUF files, pass the same checks for head, mlp and mlp-out "

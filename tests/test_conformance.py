@@ -54,6 +54,8 @@ def test_targets(outcomes: dict[str, Outcome]) -> None:
     for outcome in outcomes.values():
         if outcome.experts and outcome.model_type not in KNOWN_FAILURES:
             assert outcome.passes("mlp-out"), (outcome.model_type, outcome.sites)
+            # The experts' neurons, wherever aufold reaches them (stacked experts).
+            assert "mlp" in outcome.absent or outcome.passes("mlp"), outcome.model_type
 
 
 def test_docs_say_what_the_suite_finds(outcomes: dict[str, Outcome]) -> None:

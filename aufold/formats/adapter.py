@@ -40,15 +40,20 @@ def adapter_key(module: str, name: str) -> str:
 
 
 def check_adapter_targets(architecture: Architecture, edit: Edit, format_name: str) -> None:
-    """Refuse units of a Mixture-of-Experts block's output: PEFT adapts a Linear module,
-    and no single one produces that output (every expert's down projection does)."""
+    """Refuse units inside a Mixture-of-Experts block: PEFT adapts a Linear module, and no
+    single one produces the block's output (every expert's down projection does) or reads
+    its neurons (they are columns of one stacked experts tensor)."""
     for group in edit.groups():
-        if group.site == "mlp-out" and 0 <= group.layer < architecture.num_layers \
-                and architecture.layer_sites[group.layer].mlp_down is None:
-            raise AufoldError(
-                f"an {format_name} adapter cannot hold 'mlp-out' units of layer {group.layer}: "
-                f"that is the output of a Mixture-of-Experts block, which no single Linear "
-                f"module produces for PEFT to adapt; export --format checkpoint instead")
+        if group.site not in ("mlp", "mlp-out") or not 0 <= group.layer < architecture.num_layers \
+                or architecture.layer_sites[group.layer].mlp_down is not None:
+            continue
+        what = ("the output of a Mixture-of-Experts block, which no single Linear module "
+                "produces" if group.site == "mlp-out" else
+                "neurons of a Mixture-of-Experts block's experts, which are columns of one "
+                "stacked experts tensor, not the input of a Linear module")
+        raise AufoldError(f"{format_name} adapters cannot hold {group.site!r} units of layer "
+                          f"{group.layer}: they are {what} for PEFT to adapt; export --format "
+                          f"checkpoint instead")
 
 
 def write_adapter(adapter: Adapter, record: ExportRecord, out: Path) -> None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal
 from aufold.errors import AufoldError
 from aufold.sites.kinds import (
     SITES,
+    SiteKind,
     VectorSite,
     not_foldable_message,
     site_kind,
@@ -38,11 +39,21 @@ GGUF_LAYERS = "blk"  # GGUF names decoder-layer tensors blk.{layer}.<name>
 @dataclass(frozen=True)
 class FoldTensor:
     """A stored tensor that a fold scales: its name relative to a decoder layer, the axis
-    that indexes the site's units, and whether it may be missing (a bias)."""
+    that indexes the site's units, and whether it may be missing (a bias).
+
+    The neurons of stacked experts ([E, ...]) are indexed by two axes: ``expert_axis``
+    and ``axis``. Unit u is then neuron u % n of expert u // n, n the size of ``axis``.
+    """
 
     name: str
     axis: int
     optional: bool = False
+    expert_axis: int | None = None
+
+    def units(self, shape: Sequence[int]) -> int:
+        """How many units a stored tensor of ``shape`` holds."""
+        experts = 1 if self.expert_axis is None else shape[self.expert_axis]
+        return int(experts * shape[self.axis])
 
 
 @dataclass(frozen=True)
@@ -64,12 +75,21 @@ class LayerSites:
     # projection, stacked [E, ...], their biases, a shared expert's down projection).
     moe_block: str | None = None
     expert_outputs: tuple[FoldTensor, ...] = ()
+    # The stacked experts' down projection, whose input columns are the block's 'mlp'
+    # units, one per (expert, neuron); None where the experts are not stacked.
+    expert_neurons: FoldTensor | None = None
 
-    def module(self, projection: str) -> str | None:
-        """The module of a site's projection in this layer, None where it has none."""
-        if projection == "attention_out":
+    def module(self, kind: SiteKind) -> str | None:
+        """The module of a site in this layer, None where it has none: the projection, or
+        for experts the block (its output) or the stacked experts (their neurons)."""
+        if kind.projection == "attention_out":
             return self.attention_out
-        return self.mlp_down if self.mlp_down is not None else self.moe_block
+        if self.mlp_down is not None:
+            return self.mlp_down
+        if kind.placement == "input":
+            return None if self.expert_neurons is None else \
+                self.expert_neurons.name.rpartition(".")[0]
+        return self.moe_block
 
 
 @dataclass(frozen=True)
@@ -141,11 +161,11 @@ class Architecture:
     def module_path(self, site: str, layer: int) -> str:
         """The dotted module path of a site in a layer, e.g. ``model.layers.3.mlp.down_proj``."""
         self.check_sites((site,))
-        projection = site_kind(site).projection
+        kind = site_kind(site)
         base = f"{self.layers}.{layer}"
-        if projection == "layer":
+        if kind.projection == "layer":
             return base
-        module = self._layer(layer).module(projection)
+        module = self._layer(layer).module(kind)
         if module is None:
             raise AufoldError(f"layer {layer} of this {self.model_type} model has no {site!r} "
                               f"site (it has it in layers {_ranges(self.site_layers(site))}); "
@@ -167,6 +187,9 @@ class Architecture:
             raise AufoldError(not_foldable_message(site))
         module = self.module_path(site, layer)
         sites = self._layer(layer)
+        neurons = self.expert_neurons(site, layer)
+        if neurons is not None:
+            return (neurons,)
         if kind.projection == "mlp_down" and sites.mlp_down is None:  # mlp-out of experts
             return tuple(replace(tensor, name=f"{module}.{tensor.name}")
                          for tensor in sites.expert_outputs)
@@ -174,6 +197,17 @@ class Architecture:
         if kind.placement == "input":
             return (weight,)
         return (weight, FoldTensor(f"{module}.bias", 0, optional=True))
+
+    def expert_neurons(self, site: str, layer: int) -> FoldTensor | None:
+        """Where a site's units in ``layer`` are neurons of stacked experts: their down
+        projection (named from the model's root); None for every other site and layer."""
+        kind = site_kind(site)
+        sites = self._layer(layer)
+        if kind.projection != "mlp_down" or kind.placement != "input" or sites.mlp_down \
+                or sites.expert_neurons is None:
+            return None
+        neurons = sites.expert_neurons
+        return replace(neurons, name=f"{self.layers}.{layer}.{neurons.name}")
 
     def weight_axis(self, site: str) -> int:
         """The axis of a dense projection's stored weight that indexes the units of a site."""
@@ -195,9 +229,9 @@ class Architecture:
         Edit to GGUF tensors as it does to state-dict tensors.
         """
         absent = dict(self.absent)
-        if self.has_experts and "mlp-out" not in absent:
-            absent["mlp-out"] = (f"aufold does not fold the experts of a GGUF "
-                                 f"{self.model_type} file")
+        for site in ("mlp", "mlp-out"):
+            if self.has_experts and site not in absent:
+                absent[site] = f"aufold does not fold the experts of a GGUF {self.model_type} file"
         named = tuple(LayerSites(self.gguf_attention_out if layer.attention_out else None,
                                  self.gguf_mlp_down if layer.mlp_down else None)
                       for layer in self.layer_sites)

@@ -128,10 +128,12 @@ def _derive(model: nn.Module) -> Architecture:
     layers = model.get_submodule(layers_path)
     hidden = _hidden_size(text, model)
     layer_sites = tuple(_layer_sites(layer, entries, hidden) for layer in layers)
+    if override.no_expert_neurons:
+        layer_sites = tuple(replace(sites, expert_neurons=None) for sites in layer_sites)
     if not layer_sites:
         raise AufoldError(f"unsupported architecture {model_type!r}: its decoder "
                           f"({layers_path}) has no layers")
-    absent, skipped = _missing(layer_sites, model_type)
+    absent, skipped = _missing(layer_sites, model_type, override.no_expert_neurons)
     return Architecture(
         model_type=model_type, layers=layers_path, layer_sites=layer_sites,
         layout=_layout(layers, layer_sites, model_type),
@@ -250,12 +252,13 @@ def _layer_sites(layer: nn.Module, entries: list[_Entry], hidden: int) -> LayerS
 
 
 def _experts(layer: nn.Module, path: str, entries: list[_Entry], hidden: int
-             ) -> tuple[str, tuple[FoldTensor, ...]] | None:
-    """A Mixture-of-Experts block and the tensors whose slices are its output units.
+             ) -> tuple[str, tuple[FoldTensor, ...], FoldTensor | None] | None:
+    """A Mixture-of-Experts block, the tensors whose slices are its output units, and the
+    stacked down projection whose input columns are its (expert, neuron) units.
 
     ``path`` is the experts' down projection, ``<block>.<experts>.<down>``: a stacked
     [E, out, in] (or, transposed, [E, in, out]) parameter as transformers 5 keeps them,
-    or a list of per-expert projections.
+    or a list of per-expert projections (whose neurons aufold does not read).
     """
     experts_path, _, down = path.rpartition(".")
     block, _, experts_name = experts_path.rpartition(".")
@@ -265,12 +268,14 @@ def _experts(layer: nn.Module, path: str, entries: list[_Entry], hidden: int
     if _has_weightless_experts(layer.get_submodule(block)):
         return None
     tensors: list[FoldTensor] = []
+    neurons = None
     stacked = getattr(experts, down, None)
     if isinstance(stacked, nn.Parameter) and stacked.dim() == 3:
         axis = _expert_axis(experts, stacked, hidden)
         if axis is None:
             return None
         tensors.append(FoldTensor(f"{experts_name}.{down}", axis))
+        neurons = FoldTensor(f"{experts_path}.{down}", 3 - axis, expert_axis=0)
         bias = getattr(experts, f"{down}_bias", None)
         if isinstance(bias, nn.Parameter):
             tensors.append(FoldTensor(f"{experts_name}.{down}_bias", 1))
@@ -297,7 +302,7 @@ def _experts(layer: nn.Module, path: str, entries: list[_Entry], hidden: int
                 tensors.append(FoldTensor(f"{name}.{down}", axis))
         elif name.rpartition(".")[2] in shared_names and _projection(block_module, name, hidden):
             tensors += _dense_output(module, name)
-    return block, tuple(tensors)
+    return block, tuple(tensors), neurons
 
 
 def _has_weightless_experts(block: nn.Module) -> bool:
@@ -346,7 +351,8 @@ def _layout(layers: nn.ModuleList, layer_sites: tuple[LayerSites, ...], model_ty
     return kinds.pop() if kinds else "linear"
 
 
-def _missing(layer_sites: tuple[LayerSites, ...], model_type: str
+def _missing(layer_sites: tuple[LayerSites, ...], model_type: str,
+             no_expert_neurons: str | None = None
              ) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
     """Why each site is missing: from every layer (absent), or from some (those are skipped)."""
     reasons: dict[str, str] = {}
@@ -356,9 +362,12 @@ def _missing(layer_sites: tuple[LayerSites, ...], model_type: str
         if sites.attention_out is None:
             missing["head"] = (f"layer {number} of {model_type} has no attention output "
                                f"projection that transformers' plan names")
-        if sites.mlp_down is None:
-            missing["mlp"] = (f"{model_type} has experts in the MLP of layer {number}, so no "
-                              f"single weight holds its 'mlp' units" if sites.moe_block else
+        if sites.mlp_down is None and sites.expert_neurons is None:
+            missing["mlp"] = (f"aufold cannot read the expert neurons of {model_type}: "
+                              f"{no_expert_neurons}" if sites.moe_block and no_expert_neurons
+                              else f"{model_type} keeps the experts of layer {number} as a list "
+                              f"of modules, whose neurons aufold does not read (it reads "
+                              f"stacked experts)" if sites.moe_block else
                               f"layer {number} of {model_type} has no MLP down projection that "
                               f"transformers' plan names")
         if sites.mlp_down is None and sites.moe_block is None:

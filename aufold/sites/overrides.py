@@ -33,6 +33,9 @@ class Override:
     mlp_down_bias: str | None = None
     norm_after_mlp_down: str | None = None
     gguf_mlp_up: str | None = "ffn_up"
+    # Why the neurons of this model's stacked experts cannot be read one expert at a time
+    # (aufold.experts needs a per-expert slice of the down projection); None: they can.
+    no_expert_neurons: str | None = None
 
 
 def _plan(layers: str, attention_out: str, mlp_down: str) -> Mapping[str, Role]:
@@ -83,7 +86,9 @@ OVERRIDES: Mapping[str, Override] = {
                                   "layers.*.feed_forward.down_proj": "mlp_down",
                                   "layers.*.feed_forward.experts.down_proj": "experts_down",
                                   "layers.*.feed_forward.shared_expert.down_proj":
-                                      "shared_expert_down"}),
+                                      "shared_expert_down"},
+                            no_expert_neurons="its experts run as one batched product over every "
+                                              "expert and token, with no per-expert slice"),
     "aria_text": Override(plan={"layers.*.self_attn.o_proj": "attention_out",
                                 "layers.*.mlp.experts.down_proj": "experts_down",
                                 "layers.*.mlp.shared_experts.down_proj": "shared_expert_down"}),

@@ -154,7 +154,7 @@ def fold_gguf_tensor(tensor: ReaderTensor, tensor_edit: TensorEdit,
     blocks = raw.reshape(*shape[:-1], shape[-1] // block_size, type_size).copy()
     row_scaling = _rows_only(tensor_edit)
     if row_scaling is not None and kind in BLOCK_SCALES:
-        check_edit_fits(shape, tensor_edit)
+        check_edit_fits(shape, tensor_edit, tensor.name)
         rows, factors = row_scaling
         scale_rows(blocks, rows.numpy(), factors.numpy(), kind, tensor.name)
         fold = TensorFold(tensor.name, kind.name, kind.name, "block scales",
