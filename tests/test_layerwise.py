@@ -35,7 +35,7 @@ from aufold.sites import architecture_for
 from aufold.source import smollm2_gguf_path
 
 DENSE_SITES = ("head", "mlp", "mlp-out", "residual")
-MOE_SITES = ("head", "residual")
+MOE_SITES = DENSE_SITES  # an experts block's neurons (mlp) and output (mlp-out) stream too
 
 
 def _pairs() -> list[ContrastivePair]:
@@ -60,6 +60,36 @@ def test_counts_equal_the_in_memory_localization(model_type: str, tmp_path: Path
     assert_same_counts(got, want)
     assert got.fingerprint == want.fingerprint and got.settings == want.settings
     assert got.settings["full_text_pairs"] == 3
+
+
+def test_a_model_that_reads_cached_answers_otherwise_streams_whole_texts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MPT's ALiBi counts the padding between a prompt and its answers as distance, so the
+    in-memory probe runs its pairs as whole texts. The streamed pass carries the same probe
+    along, finds the same, and counts again from whole texts: the plans agree. Trusting the
+    shared prompts instead would change 47 head and 265 mlp counts of this model."""
+    import conformance
+
+    import aufold.layerwise.localize as layerwise_localize
+    from aufold.localize import prompt_cache_works
+
+    model, tokenizer, pairs = conformance.tiny("mpt"), tiny_tokenizer(), _pairs()
+    assert not prompt_cache_works(model)
+    folder = tmp_path / "mpt"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    want = localize(model, tokenizer, pairs, ("head", "mlp"), batch_size=4, progress=False,
+                    model_id="m")
+    got = localize_layerwise(LayerwiseModel(folder), tokenizer, pairs, ("head", "mlp"),
+                             batch_size=4, progress=False, model_id="m")
+    assert_same_counts(got, want)
+    assert got.settings == want.settings and got.settings["full_text_pairs"] == len(pairs)
+
+    monkeypatch.setattr(layerwise_localize, "same_reading", lambda *_: True)
+    trusting = localize_layerwise(LayerwiseModel(folder), tokenizer, pairs, ("head", "mlp"),
+                                  batch_size=4, progress=False, model_id="m")
+    assert trusting.settings["full_text_pairs"] == 3
+    assert not torch.equal(trusting.counts["mlp"].positive, want.counts["mlp"].positive)
 
 
 def test_bfloat16_checkpoint_and_spilled_hidden_states(tmp_path: Path) -> None:
@@ -311,6 +341,24 @@ def test_evaluate_items_and_math_refusal(tmp_path: Path) -> None:
     with pytest.raises(AufoldError, match="multiple-choice tasks only"):
         evaluate_items(lm, tokenizer, [Item("2 + 3 =", (), "5", 5.0, "sum-0")], kind="math",
                        progress=False)
+
+
+@pytest.mark.parametrize("model_type", MOE_ARCHITECTURES)
+def test_experts_edits_evaluate_as_in_memory(model_type: str, tmp_path: Path) -> None:
+    """Expert hooks on a streamed layer find the weights it loads, as in memory."""
+    from test_tune import layered_plan, tiny_items
+
+    from aufold.evaluate import evaluate_items
+
+    folder = save_tiny_model(model_type, tmp_path / "model")
+    model, tokenizer, lm = tiny_model(model_type), tiny_tokenizer(), LayerwiseModel(folder)
+    for site in ("mlp", "mlp-out"):
+        edit = layered_plan(model, [site]).select(40, 10.0, [site])
+        want = evaluate_items(model, tokenizer, tiny_items(), scorer="loglik", edit=edit,
+                              progress=False)
+        got = evaluate_items(lm, tokenizer, tiny_items(), scorer="loglik", edit=edit,
+                             progress=False)
+        assert got.items == want.items, site
 
 
 def test_math_tasks_are_refused_before_anything_loads(tmp_path: Path,

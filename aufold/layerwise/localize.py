@@ -28,22 +28,27 @@ from aufold.localize import (
     DEFAULT_TIE_TOLERANCE,
     SharedInputs,
     at_last_token,
-    layers_without,
     check_cache_filled,
+    PROBE,
+    EncodedPair,
     check_options,
     check_sites,
     count_layer,
     counted_plan,
     encode_pairs,
     full_batches,
+    Handle,
     full_inputs,
+    last_token_hooks,
+    layers_without,
     new_counts,
     shared_batches,
+    same_reading,
     shared_inputs,
 )
 from aufold.modeling import fitted_length, site_width
 from aufold.pairs import ContrastivePair, validate_pairs
-from aufold.plan import Plan
+from aufold.plan import Plan, SiteCounts
 from aufold.progress import bar as progress_bar
 from aufold.sites import site_kind
 
@@ -84,20 +89,34 @@ def localize_layerwise(
     max_length = fitted_length(lm, max_length)
     encoded, truncated = encode_pairs(tokenizer, pairs, max_length=max_length,
                                       chat_template=chat_template)
+    padding = pad_id(tokenizer)
+    counts = _count(lm, encoded, sites, batch_size, padding, tie_tolerance, progress)
+    if counts is None:  # answers read on a prompt's cache differ here: every text runs whole
+        encoded = [EncodedPair([], pair.prompt + pair.positive, pair.prompt + pair.negative)
+                   for pair in encoded]
+        counts = _count(lm, encoded, sites, batch_size, padding, tie_tolerance, progress)
+        assert counts is not None
+    return counted_plan(model_id or str(lm.checkpoint.folder), lm.fingerprint(), len(pairs), counts,
+                        {"max_length": max_length, "chat_template": chat_template,
+                         "tie_tolerance": tie_tolerance, "truncated_texts": truncated,
+                         "dtype": str(lm.dtype).removeprefix("torch."),
+                         "full_text_pairs": sum(1 for pair in encoded if not pair.prompt),
+                         **layers_without(lm, sites)})
+
+
+def _count(lm: LayerwiseModel, encoded: list[EncodedPair], sites: Sequence[str],
+           batch_size: int, padding: int, tie_tolerance: float, progress: bool
+           ) -> dict[str, SiteCounts] | None:
+    """The counts, one pass over the layers. Pairs that share a prompt carry the in-memory
+    probe along (:func:`aufold.localize.prompt_cache_works`): its two pairs run with a shared
+    prompt and as whole texts, uncounted, and where the last layer reads them differently
+    the counts are discarded (None), to be made again from whole texts."""
     shared = [pair for pair in encoded if pair.prompt]
     full = [pair for pair in encoded if not pair.prompt]
-    padding = pad_id(tokenizer)
-    cpu = torch.device("cpu")
-    groups, shapes = [], []
-    hidden = lm.config.hidden_size
-    for chunk in shared_batches(shared, batch_size, getattr(lm.config, "sliding_window", None)):
-        inputs = shared_inputs(chunk, padding, cpu)
-        groups.append(_Group(inputs, None, (len(shapes), len(shapes) + 1)))
-        shapes += [(*inputs.prompts.input_ids.shape, hidden), (*inputs.answers.input_ids.shape, hidden)]
-    for chunk in full_batches(full, batch_size):
-        batch = full_inputs(chunk, padding, cpu)
-        groups.append(_Group(None, batch, (len(shapes),)))
-        shapes.append((*batch.input_ids.shape, hidden))
+    groups, shapes = _groups(lm, shared, full, batch_size, padding)
+    probes = _probe_groups(lm, first_block=len(shapes)) if shared else ([], [])
+    shapes += probes[1]
+    read: list[torch.Tensor] = []  # the probe's last layer, shared then whole
 
     counts = new_counts(sites, lm.num_layers, lambda site: site_width(lm.model, site), lm.device)
     runner = LayerRunner(lm)
@@ -106,23 +125,63 @@ def localize_layerwise(
             progress_bar(total=lm.num_layers + 1, desc="localize (layer streaming)", unit="layer",
                          enabled=progress) as bar:
         with lm.loaded(OUTSIDE, only=(lm.embeddings,)), runner.stage(None):
-            for group in groups:
+            for group in groups + probes[0]:
                 _embed(runner, group, store)
         bar.update(1)
         for layer in range(lm.num_layers):
+            last_layer = layer == lm.num_layers - 1
             with lm.loaded(layer), runner.stage(layer), _SiteReader(lm, sites, layer) as reader:
                 for group in groups:
-                    _run_layer(runner, reader, group, store, keep=layer < lm.num_layers - 1)
+                    _run_layer(runner, reader, group, store, keep=not last_layer)
                     for site, activations in reader.take().items():
                         count_layer(counts[site], layer, activations.to(lm.device), tie_tolerance)
+                for group in probes[0]:
+                    _run_layer(runner, reader, group, store, keep=not last_layer)
+                    reader.take()
+                    if last_layer:
+                        assert reader.output is not None and reader.last is not None
+                        read.append(at_last_token(reader.output, reader.last).float())
             bar.update(1)
+    if read and not same_reading(read[0], read[1], lm.dtype):
+        return None
+    return counts
 
-    return counted_plan(model_id or str(lm.checkpoint.folder), lm.fingerprint(), len(pairs), counts,
-                        {"max_length": max_length, "chat_template": chat_template,
-                         "tie_tolerance": tie_tolerance, "truncated_texts": truncated,
-                         "dtype": str(lm.dtype).removeprefix("torch."),
-                         "full_text_pairs": len(full),
-                         **layers_without(lm.architecture, sites)})
+
+def _probe_groups(lm: LayerwiseModel, first_block: int
+                  ) -> tuple[list[_Group], list[tuple[int, ...]]]:
+    """The in-memory probe's two pairs as one batch with a shared prompt, then as one batch of
+    whole texts, in the same rows, padded with token 0 as there."""
+    cpu = torch.device("cpu")
+    hidden = lm.config.hidden_size
+    inputs = shared_inputs(list(PROBE), 0, cpu)
+    whole = full_inputs([EncodedPair([], p.prompt + p.positive, p.prompt + p.negative)
+                         for p in PROBE], 0, cpu)
+    groups = [_Group(inputs, None, (first_block, first_block + 1)),
+              _Group(None, whole, (first_block + 2,))]
+    shapes = [(*inputs.prompts.input_ids.shape, hidden), (*inputs.answers.input_ids.shape, hidden),
+              (*whole.input_ids.shape, hidden)]
+    return groups, shapes
+
+
+def _groups(lm: LayerwiseModel, shared: list[EncodedPair], full: list[EncodedPair],
+            batch_size: int, padding: int, first_block: int = 0
+            ) -> tuple[list[_Group], list[tuple[int, ...]]]:
+    """The batches of pairs, and the shapes of their hidden states in the store (whose
+    indices start at ``first_block``)."""
+    cpu = torch.device("cpu")
+    groups: list[_Group] = []
+    shapes: list[tuple[int, ...]] = []
+    hidden = lm.config.hidden_size
+    for chunk in shared_batches(shared, batch_size, getattr(lm.config, "sliding_window", None)):
+        inputs = shared_inputs(chunk, padding, cpu)
+        block = first_block + len(shapes)
+        groups.append(_Group(inputs, None, (block, block + 1)))
+        shapes += [(*inputs.prompts.input_ids.shape, hidden), (*inputs.answers.input_ids.shape, hidden)]
+    for chunk in full_batches(full, batch_size):
+        batch = full_inputs(chunk, padding, cpu)
+        groups.append(_Group(None, batch, (first_block + len(shapes),)))
+        shapes.append((*batch.input_ids.shape, hidden))
+    return groups, shapes
 
 
 def _embed(runner: LayerRunner, group: _Group, store: HiddenStore) -> None:
@@ -186,7 +245,7 @@ class _SiteReader:
         self.last: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
         self._read: dict[str, torch.Tensor] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._handles: list[Handle] = []
 
     def __enter__(self) -> _SiteReader:
         for site in self.sites:
@@ -194,24 +253,13 @@ class _SiteReader:
                 continue  # the layer's output, which the runner returns
             if self.layer not in self.lm.architecture.site_layers(site):
                 continue  # a hybrid model's layer without this site
-            module = self.lm.model.get_submodule(self.lm.architecture.module_path(site, self.layer))
-            if site_kind(site).placement == "input":
-                self._handles.append(module.register_forward_pre_hook(
-                    lambda _m, args, kwargs, site=site: self._store(
-                        site, args[0] if args else next(iter(kwargs.values()))), with_kwargs=True))
-            else:
-                self._handles.append(module.register_forward_hook(
-                    lambda _m, _args, output, site=site: self._store(
-                        site, output[0] if isinstance(output, tuple) else output)))
+            self._handles += last_token_hooks(self.lm.model, site, self.layer, lambda: self.last,
+                                              lambda read, site=site: self._read.update({site: read}))
         return self
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
-
-    def _store(self, site: str, hidden: torch.Tensor) -> None:
-        if self.last is not None:
-            self._read[site] = at_last_token(hidden, self.last)
 
     def take(self) -> dict[str, torch.Tensor]:
         """This pass's last-token activations per site, once."""
