@@ -150,10 +150,14 @@ def _small(config: PretrainedConfig) -> dict[str, Any]:
     """Constructor arguments that shrink ``config``: the sizes it has, its sub-configs too."""
     kwargs: dict[str, Any] = {}
     for key, value in {**SIZES, **TOKEN_IDS}.items():
-        current = getattr(config, key, None)
-        if current is None or (key in TOKEN_IDS and not isinstance(current, int)):
+        current = _attribute(config, key)
+        if (current is None and not _needed(config, key)) or (
+                key in TOKEN_IDS and not isinstance(current, int)):
             continue
         kwargs[key] = value
+    if _attribute(config, "kv_lora_rank") is not None and "num_key_value_heads" in kwargs:
+        # Multi-head latent attention expands keys and values to every head from a latent.
+        kwargs["num_key_value_heads"] = SIZES["num_attention_heads"]
     kinds = getattr(config, "layer_types", None)
     if isinstance(kinds, list) and len(kinds) >= SIZES["num_hidden_layers"] and "layer_types" in config.to_dict():
         # The default pattern's last layers (which end with a full-attention one), so that
@@ -165,7 +169,35 @@ def _small(config: PretrainedConfig) -> dict[str, Any]:
             kwargs[key] = {**sub.to_dict(), **_small(sub)}
             if "layer_types" not in _small(sub):
                 kwargs[key].pop("layer_types", None)  # derived again from the small layer count
+            kwargs[key].pop("per_layer_config", None)  # the same (Gemma 4's)
     return kwargs
+
+
+# Sizes that some configs leave None by default although their model needs them (Ministral's
+# head_dim, Nemotron's key-value heads, Dots1's experts); elsewhere None means "off" (no
+# sliding window, no query LoRA) and stays.
+_NEEDED_WHEN_NONE = ("head_dim", "num_key_value_heads", "n_routed_experts")
+
+
+def _attribute(config: PretrainedConfig, key: str) -> Any:
+    """A config attribute, None where it has none or keeps it per layer (Gemma 4's head_dim,
+    which the default per-layer configs then set)."""
+    try:
+        return getattr(config, key, None)
+    except Exception:  # noqa: BLE001 - transformers' AmbiguousGlobalPerLayerAttributeError
+        return None
+
+
+def _needed(config: PretrainedConfig, key: str) -> bool:
+    """Whether an attribute the config has but leaves None must be set to build the model."""
+    try:
+        if not hasattr(config, key):
+            return False
+    except Exception:  # noqa: BLE001 - a per-layer attribute
+        return False
+    if key == "num_experts_per_tok":  # routed experts with no default top-k (DeepSeek-V2's)
+        return any(getattr(config, name, None) for name in ("n_routed_experts", "num_local_experts"))
+    return key in _NEEDED_WHEN_NONE
 
 
 def tiny(model_type: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:

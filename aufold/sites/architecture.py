@@ -73,8 +73,11 @@ class LayerSites:
     # A Mixture-of-Experts block: its output is the mlp-out site, and ``expert_outputs``
     # are the tensors whose slices are that output's units (every expert's down
     # projection, stacked [E, ...], their biases, a shared expert's down projection).
+    # Empty where the block passes that sum through a norm of its own (``moe_norm``):
+    # its output then scales with no weight, so the layer has no mlp-out site.
     moe_block: str | None = None
     expert_outputs: tuple[FoldTensor, ...] = ()
+    moe_norm: str | None = None
     # The stacked experts' down projection, whose input columns are the block's 'mlp'
     # units, one per (expert, neuron); None where the experts are not stacked.
     expert_neurons: FoldTensor | None = None
@@ -89,7 +92,7 @@ class LayerSites:
         if kind.placement == "input":
             return None if self.expert_neurons is None else \
                 self.expert_neurons.name.rpartition(".")[0]
-        return self.moe_block
+        return self.moe_block if self.expert_outputs else None
 
 
 @dataclass(frozen=True)

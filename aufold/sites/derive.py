@@ -247,7 +247,12 @@ def _layer_sites(layer: nn.Module, entries: list[_Entry], hidden: int) -> LayerS
         if entry.role == "experts_down":
             experts = _experts(layer, entry.path, entries, hidden)
             if experts is not None:
-                return LayerSites(attention_out, None, *experts)
+                block, outputs, neurons = experts
+                norm = _inner_norm(layer.get_submodule(block))
+                return LayerSites(attention_out, None, moe_block=block,
+                                  expert_outputs=() if norm else outputs,
+                                  moe_norm=f"{block}.{norm}" if norm else None,
+                                  expert_neurons=neurons)
     return LayerSites(attention_out, None)
 
 
@@ -303,6 +308,15 @@ def _experts(layer: nn.Module, path: str, entries: list[_Entry], hidden: int
         elif name.rpartition(".")[2] in shared_names and _projection(block_module, name, hidden):
             tensors += _dense_output(module, name)
     return block, tuple(tensors), neurons
+
+
+def _inner_norm(block: nn.Module) -> str | None:
+    """A norm inside an experts block (AXK1 normalizes the sum of its experts before
+    returning it), by name; None where the block has none."""
+    for name, module in block.named_modules():
+        if name and ("norm" in type(module).__name__.lower() or "norm" in name.rpartition(".")[2]):
+            return name
+    return None
 
 
 def _has_weightless_experts(block: nn.Module) -> bool:
@@ -370,7 +384,11 @@ def _missing(layer_sites: tuple[LayerSites, ...], model_type: str,
                               f"stacked experts)" if sites.moe_block else
                               f"layer {number} of {model_type} has no MLP down projection that "
                               f"transformers' plan names")
-        if sites.mlp_down is None and sites.moe_block is None:
+        if sites.mlp_down is None and sites.moe_norm is not None:
+            missing["mlp-out"] = (f"the experts block of layer {number} of {model_type} passes "
+                                  f"the sum of its experts through a norm ({sites.moe_norm}), "
+                                  f"so no weight scales its output")
+        elif sites.mlp_down is None and sites.moe_block is None:
             missing["mlp-out"] = (f"layer {number} of {model_type} has no MLP down projection "
                                   f"or experts block that aufold can fold")
         for site, reason in missing.items():
