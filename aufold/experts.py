@@ -69,6 +69,11 @@ def register_expert_hook(experts: nn.Module, down: str, hook: ExpertHook) -> Exp
     (a stacked [E, ...] down projection), at every forward, until the handle is removed."""
     hooks: list[ExpertHook] | None = experts.__dict__.get(_HOOKS)
     if hooks is None:
+        if hasattr(experts, "_hf_hook") or "forward" in experts.__dict__:
+            raise AufoldError(
+                f"the experts module {type(experts).__name__} has its forward replaced (accelerate "
+                f"offloads it with device_map), so aufold cannot run their per-expert loop; load "
+                f"the model without device_map offload to use the 'mlp' site of its experts")
         hooks = []
         eager = _eager_forward(type(experts))
 

@@ -25,7 +25,8 @@ from aufold.fold import TensorEdit
 _PLAIN = re.compile(r"^[\w.*]+$")  # a pattern that is a name with one wildcard, not a regex
 
 
-def per_expert_names(name: str, model_type: str, stored: Mapping[str, str]) -> list[str] | None:
+def per_expert_names(name: str, model_type: str, stored: Mapping[str, str],
+                     experts: int | None = None) -> list[str] | None:
     """The stored names of experts 0, 1, ... whose stack along dim 0 is the in-memory tensor
     ``name``, as transformers' conversion mapping for ``model_type`` states it; None where
     it states no plain stack for ``name`` or the checkpoint lacks expert 0."""
@@ -56,6 +57,10 @@ def per_expert_names(name: str, model_type: str, stored: Mapping[str, str]) -> l
                     break
                 names.append(found)
             if names:
+                if experts is not None and len(names) != experts:
+                    raise AufoldError(f"the checkpoint stores {len(names)} experts for {name} "
+                                      f"({names[0]}, ...), but the model has {experts}; the "
+                                      f"checkpoint is incomplete or belongs to another model")
                 return names
     return None
 

@@ -173,7 +173,7 @@ def export_streamed(
     architecture.check_sites(recipe.sites)
     recipe.check_fingerprint(checkpoint_fingerprint(checkpoint, config, architecture), force=force)
     edit = recipe.edit()
-    edits = stored_edits(checkpoint, weight_edits(edit, architecture), str(config["model_type"]))
+    edits = stored_edits(checkpoint, weight_edits(edit, architecture), config)
     # Measured once the edit is known to fit the stored tensors, before anything is written.
     cost = measure_cost() if measure_cost is not None else None
     convert = conversion_dtype(checkpoint, dtype)
@@ -188,8 +188,8 @@ def export_streamed(
     return edit, report
 
 
-def stored_edits(checkpoint: Checkpoint, edits: Mapping[str, TensorEdit], model_type: str
-                 ) -> dict[str, dict[TensorEntry, TensorEdit]]:
+def stored_edits(checkpoint: Checkpoint, edits: Mapping[str, TensorEdit],
+                 config: Mapping[str, object]) -> dict[str, dict[TensorEntry, TensorEdit]]:
     """The edits by shard file and stored tensor, each checked against the stored shape. A
     stacked experts tensor that the checkpoint stores one expert at a time is edited in its
     stored experts (:mod:`aufold.stored_experts`)."""
@@ -199,7 +199,8 @@ def stored_edits(checkpoint: Checkpoint, edits: Mapping[str, TensorEdit], model_
         if stored is not None:
             by_stored[stored] = tensor_edit
             continue
-        experts = per_expert_names(name, model_type, checkpoint.weight_map)
+        experts = per_expert_names(name, str(config["model_type"]), checkpoint.weight_map,
+                                   _num_experts(config))
         if experts is not None:
             split = split_by_expert(tensor_edit, len(experts),
                                     lambda number: checkpoint.entry(experts[number]).shape)
@@ -215,6 +216,15 @@ def stored_edits(checkpoint: Checkpoint, edits: Mapping[str, TensorEdit], model_
                               f"floating-point weights only, not quantized ones")
         by_shard.setdefault(checkpoint.weight_map[stored], {})[entry] = tensor_edit
     return by_shard
+
+
+def _num_experts(config: Mapping[str, object]) -> int | None:
+    """The routed experts per block, under whichever name the config gives them."""
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def fold_checkpoint(

@@ -30,7 +30,7 @@ from aufold.evaluate.resume import MAX_RESUME_POINTS
 from aufold.layerwise import load_for_run
 from aufold.layerwise.evaluate import MATH_NEEDS_WHOLE_MODEL
 from aufold.localize import DEFAULT_BATCH_SIZE as LOCALIZE_BATCH_SIZE
-from aufold.modeling import fingerprint, is_layerwise, num_layers, resolve_source, site_width
+from aufold.modeling import fingerprint, is_layerwise, layer_widths, resolve_source
 from aufold.plan import Plan, check_alpha
 from aufold.plotting import INSTALL_HINT, matplotlib_available, plot_heatmap
 from aufold.safety.limits import check_scale_factors
@@ -327,7 +327,7 @@ def tune(
             plan.check_fingerprint(fingerprint(model), force=force)
         else:
             assert pairs is not None
-            check_grid_units({site: num_layers(model) * site_width(model, site) for site in sites}, ks)
+            check_grid_units({site: sum(layer_widths(model, site)) for site in sites}, ks)
             echo(f"localizing on {len(pairs)} pairs of {task} over sites {', '.join(sites)}")
             plan = localize_any(model, tokenizer, pairs, sites, batch_size=localize_batch_size,
                                 chat_template=chat_template, progress=progress,

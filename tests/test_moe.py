@@ -479,3 +479,26 @@ def test_mlp_localizes_each_experts_neurons_with_unpicked_experts_tied(arch: str
     # in a pair where its expert was picked for one text only.
     decided = counts.positive + counts.negative
     assert int(decided.max()) <= len(PAIRS) and int((decided < len(PAIRS)).sum()) > width
+
+
+def test_a_checkpoint_missing_an_expert_is_refused_before_anything_is_written(
+        tmp_path: Path) -> None:
+    model = tiny_model("qwen2_moe")
+    source = save_tiny_model("qwen2_moe", tmp_path / "source")
+    stored = tensors(source)
+    kept = {name: t for name, t in stored.items() if ".mlp.experts.3." not in name}
+    (file,) = source.glob("*.safetensors")
+    save_file(kept, file, metadata={"format": "pt"})
+    plan = random_plan(model, sites=("mlp-out",))
+    with pytest.raises(AufoldError, match=r"stores 3 experts .* but the model has 4"):
+        export(source, plan, k=K, alpha=ALPHA, out=tmp_path / "out", cost=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_expert_hooks_refuse_an_offloaded_experts_module() -> None:
+    model = tiny_model("mixtral")
+    experts = experts_of(model, 0)
+    experts._hf_hook = object()  # what accelerate's device_map offload leaves on a module
+    edit = Edit.of([SteeredUnit("mlp", 0, 3, 1.0)])
+    with pytest.raises(AufoldError, match="device_map"), steer(model, edit):
+        pass

@@ -92,6 +92,11 @@ OVERRIDES: Mapping[str, Override] = {
     "aria_text": Override(plan={"layers.*.self_attn.o_proj": "attention_out",
                                 "layers.*.mlp.experts.down_proj": "experts_down",
                                 "layers.*.mlp.shared_experts.down_proj": "shared_expert_down"}),
+    # The head outputs are gated by a sigmoid of the layer input inside o_proj, then read by
+    # o_proj.linear: the gated head outputs are the head site.
+    **{model_type: Override(plan={"layers.*.self_attn.o_proj.linear": "attention_out",
+                                  "layers.*.mlp.experts.down_proj": "experts_down"})
+       for model_type in ("inkling2_text", "inkling2_loop_text")},
     "gpt_oss": Override(plan={"layers.*.self_attn.o_proj": "attention_out",
                               "layers.*.mlp.experts.down_proj": "experts_down"}),
     "hunyuan_v1_moe": Override(plan={"layers.*.self_attn.o_proj": "attention_out",
