@@ -24,13 +24,16 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from aufold.errors import AufoldError
+
+if TYPE_CHECKING:
+    from aufold.sites import FoldTensor
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,26 @@ class ExpertNeurons:
     expert: int
     tokens: torch.Tensor  # int64 [rows]
     neurons: torch.Tensor  # [rows, neurons per expert]
+
+
+@dataclass(frozen=True)
+class StackedExperts:
+    """One layer's experts module in a loaded model and its stacked down projection
+    ``module.<down>``, whose input columns are the experts' neurons."""
+
+    path: str  # the experts module's name in the model
+    module: nn.Module
+    down: str
+    units: int  # experts x neurons per expert
+    per_expert: int
+
+    @classmethod
+    def of(cls, model: nn.Module, neurons: FoldTensor) -> StackedExperts:
+        """Where the expert neurons that ``neurons`` (a layer's fold tensor) names are."""
+        path, _, down = neurons.name.rpartition(".")
+        shape = model.get_parameter(neurons.name).shape
+        return cls(path, model.get_submodule(path), down, neurons.units(shape),
+                   shape[neurons.axis])
 
 
 # A hook sees one expert's neurons and returns the neurons to use instead, or None.

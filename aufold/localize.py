@@ -44,7 +44,7 @@ from aufold.encoding import (
     pad_right,
 )
 from aufold.errors import AufoldError
-from aufold.experts import ExpertNeurons, register_expert_hook
+from aufold.experts import ExpertNeurons, StackedExperts, register_expert_hook
 from aufold.modeling import (
     check_site_exists,
     fingerprint,
@@ -158,6 +158,10 @@ class EncodedPair:
     positive: list[int]
     negative: list[int]
 
+    def whole(self) -> EncodedPair:
+        """The same pair as two full texts, read without a shared prompt."""
+        return EncodedPair([], self.prompt + self.positive, self.prompt + self.negative)
+
 
 def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[ContrastivePair], *,
                  max_length: int = DEFAULT_MAX_LENGTH, chat_template: bool = False
@@ -198,8 +202,7 @@ def last_token_activations(model: PreTrainedModel, encoded: Sequence[EncodedPair
     device = input_device(model)
     window = getattr(model.config, "sliding_window", None)
     if not prompt_cache_works(model):  # every text runs whole: slower, the same counts
-        encoded = [EncodedPair([], pair.prompt + pair.positive, pair.prompt + pair.negative)
-                   for pair in encoded]
+        encoded = [pair.whole() for pair in encoded]
     shared = [pair for pair in encoded if pair.prompt]
     full = [pair for pair in encoded if not pair.prompt]
     with _LastTokenReader(model, sites, num_layers(model)) as reader, \
@@ -235,7 +238,7 @@ def prompt_cache_works(model: PreTrainedModel) -> bool:
     if known is not None and known[0] == model.dtype:
         return known[1]
     device = input_device(model)
-    whole = [EncodedPair([], p.prompt + p.positive, p.prompt + p.negative) for p in PROBE]
+    whole = [pair.whole() for pair in PROBE]
     try:
         with _LastTokenReader(model, ["residual"], num_layers(model)) as reader:
             _run_shared(model, reader, list(PROBE), 0, device)
@@ -432,10 +435,7 @@ def _expert_neuron_hooks(model: PreTrainedModel, neurons: FoldTensor,
                          last: Callable[[], torch.Tensor | None],
                          store: Callable[[torch.Tensor], Any]) -> list[Handle]:
     """Read every expert's neurons at the last tokens: NaN where the expert did not run."""
-    path, _, down = neurons.name.rpartition(".")
-    experts = model.get_submodule(path)
-    shape = model.get_parameter(neurons.name).shape
-    per_expert = shape[neurons.axis]
+    experts = StackedExperts.of(model, neurons)
     state: dict[str, torch.Tensor] = {}
 
     def start(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -445,12 +445,12 @@ def _expert_neuron_hooks(model: PreTrainedModel, neurons: FoldTensor,
             return
         hidden = args[0] if args else next(iter(kwargs.values()))
         if hidden.shape[0] % len(rows):
-            raise AufoldError(f"the experts of {path} take {hidden.shape[0]} rows, not a whole "
+            raise AufoldError(f"the experts of {experts.path} take {hidden.shape[0]} rows, not a whole "
                               f"number of tokens for each of {len(rows)} texts")
         tokens = hidden.shape[0] // len(rows)
         state["flat"] = torch.arange(len(rows), device=hidden.device) * tokens \
             + rows.to(hidden.device)
-        state["read"] = torch.full((len(rows), neurons.units(shape)), float("nan"),
+        state["read"] = torch.full((len(rows), experts.units), float("nan"),
                                    dtype=hidden.dtype, device=hidden.device)
 
     def collect(call: ExpertNeurons) -> None:
@@ -458,16 +458,16 @@ def _expert_neuron_hooks(model: PreTrainedModel, neurons: FoldTensor,
             return
         row, text = (call.tokens.to(state["flat"].device)[:, None] == state["flat"]).nonzero(
             as_tuple=True)
-        first = call.expert * per_expert
-        state["read"][text, first:first + per_expert] = call.neurons[row].to(state["read"].dtype)
+        first = call.expert * experts.per_expert
+        state["read"][text, first:first + experts.per_expert] = call.neurons[row].to(state["read"].dtype)
 
     def finish(_module: nn.Module, _args: Any, _output: Any) -> None:
         if "read" in state:
             store(state.pop("read"))
 
-    return [experts.register_forward_pre_hook(start, with_kwargs=True),
-            register_expert_hook(experts, down, collect),
-            experts.register_forward_hook(finish)]
+    return [experts.module.register_forward_pre_hook(start, with_kwargs=True),
+            register_expert_hook(experts.module, experts.down, collect),
+            experts.module.register_forward_hook(finish)]
 
 
 class _Stop(Exception):

@@ -18,7 +18,12 @@ from torch import nn
 
 from aufold.edit import Edit, UnitGroup, scaled
 from aufold.errors import AufoldError
-from aufold.experts import ExpertHook, ExpertNeurons, register_expert_hook
+from aufold.experts import (
+    ExpertHook,
+    ExpertNeurons,
+    StackedExperts,
+    register_expert_hook,
+)
 from aufold.modeling import (
     check_site_exists,
     layer_widths,
@@ -63,10 +68,10 @@ def steer(model: PreTrainedModel, edit: Edit | VectorEdit) -> Iterator[PreTraine
             for group in step.groups():
                 neurons = architecture.expert_neurons(group.site, group.layer)
                 if neurons is not None:
-                    experts, _, down = neurons.name.rpartition(".")
-                    per_expert = model.get_parameter(neurons.name).shape[neurons.axis]
-                    handles.append(register_expert_hook(model.get_submodule(experts), down,
-                                                        _scale_expert_units(group, per_expert)))
+                    experts = StackedExperts.of(model, neurons)
+                    handles.append(register_expert_hook(
+                        experts.module, experts.down,
+                        _scale_expert_units(group, experts.per_expert)))
                     continue
                 module = site_module(model, group.site, group.layer)
                 handles.append(_register(module, group))

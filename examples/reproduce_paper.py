@@ -453,10 +453,12 @@ def main() -> None:
         (staging / f"{out.stem}.json").write_text(json.dumps(
             [record(run) for run in runs], indent=2) + "\n")
         for item in staging.iterdir():
-            target = out.parent / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(item, target)
+            if item.is_dir():  # the figures: replace this script's own, keep any others there
+                (out.parent / item.name).mkdir(exist_ok=True)
+                for figure in item.iterdir():
+                    os.replace(figure, out.parent / item.name / figure.name)
+            else:
+                os.replace(item, out.parent / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {out} in {(time.perf_counter() - started) / 60:.1f} min")

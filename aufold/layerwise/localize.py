@@ -92,8 +92,7 @@ def localize_layerwise(
     padding = pad_id(tokenizer)
     counts = _count(lm, encoded, sites, batch_size, padding, tie_tolerance, progress)
     if counts is None:  # answers read on a prompt's cache differ here: every text runs whole
-        encoded = [EncodedPair([], pair.prompt + pair.positive, pair.prompt + pair.negative)
-                   for pair in encoded]
+        encoded = [pair.whole() for pair in encoded]
         counts = _count(lm, encoded, sites, batch_size, padding, tie_tolerance, progress)
         assert counts is not None
     return counted_plan(model_id or str(lm.checkpoint.folder), lm.fingerprint(), len(pairs), counts,
@@ -154,8 +153,7 @@ def _probe_groups(lm: LayerwiseModel, first_block: int
     cpu = torch.device("cpu")
     hidden = lm.config.hidden_size
     inputs = shared_inputs(list(PROBE), 0, cpu)
-    whole = full_inputs([EncodedPair([], p.prompt + p.positive, p.prompt + p.negative)
-                         for p in PROBE], 0, cpu)
+    whole = full_inputs([pair.whole() for pair in PROBE], 0, cpu)
     groups = [_Group(inputs, None, (first_block, first_block + 1)),
               _Group(None, whole, (first_block + 2,))]
     shapes = [(*inputs.prompts.input_ids.shape, hidden), (*inputs.answers.input_ids.shape, hidden),
@@ -164,22 +162,20 @@ def _probe_groups(lm: LayerwiseModel, first_block: int
 
 
 def _groups(lm: LayerwiseModel, shared: list[EncodedPair], full: list[EncodedPair],
-            batch_size: int, padding: int, first_block: int = 0
-            ) -> tuple[list[_Group], list[tuple[int, ...]]]:
-    """The batches of pairs, and the shapes of their hidden states in the store (whose
-    indices start at ``first_block``)."""
+            batch_size: int, padding: int) -> tuple[list[_Group], list[tuple[int, ...]]]:
+    """The batches of pairs, and the shapes of their hidden states in the store."""
     cpu = torch.device("cpu")
     groups: list[_Group] = []
     shapes: list[tuple[int, ...]] = []
     hidden = lm.config.hidden_size
     for chunk in shared_batches(shared, batch_size, getattr(lm.config, "sliding_window", None)):
         inputs = shared_inputs(chunk, padding, cpu)
-        block = first_block + len(shapes)
+        block = len(shapes)
         groups.append(_Group(inputs, None, (block, block + 1)))
         shapes += [(*inputs.prompts.input_ids.shape, hidden), (*inputs.answers.input_ids.shape, hidden)]
     for chunk in full_batches(full, batch_size):
         batch = full_inputs(chunk, padding, cpu)
-        groups.append(_Group(None, batch, (first_block + len(shapes),)))
+        groups.append(_Group(None, batch, (len(shapes),)))
         shapes.append((*batch.input_ids.shape, hidden))
     return groups, shapes
 
