@@ -198,7 +198,11 @@ def last_token_activations(model: PreTrainedModel, encoded: Sequence[EncodedPair
     """Per batch of pairs, each site's activations at the last real token of every text, by
     layer: rows interleave each pair's positive and negative text. Pairs share their prompt
     where their tokens allow (:func:`encode_pairs`). Localization counts signs over this
-    stream; contrastive activation addition (:mod:`aufold.vectors.caa`) averages it."""
+    stream; contrastive activation addition (:mod:`aufold.vectors.caa`) averages it.
+
+    A layer's tensor is [texts, that layer's units]: widths may differ between layers (a
+    dense MLP beside experts), and an expert's neurons read NaN in a text whose last token
+    the router did not send to it (:func:`last_token_hooks`)."""
     device = input_device(model)
     window = getattr(model.config, "sliding_window", None)
     if not prompt_cache_works(model):  # every text runs whole: slower, the same counts

@@ -75,34 +75,38 @@ def _stored_templates(template: str, renamings: Sequence[tuple[str, str]]) -> li
 
 
 def split_by_expert(tensor_edit: TensorEdit, experts: int,
-                    stored_shape: Callable[[int], Sequence[int]]) -> dict[int, TensorEdit]:
+                    stored_shape: Callable[[int], Sequence[int]], name: str = "a stacked tensor"
+                    ) -> dict[int, TensorEdit]:
     """The edit of a stacked [E, ...] tensor as edits of its E slices, by expert, each
     slice's axes one lower; experts the edit leaves alone are left out.
 
     A scaling on a stacked axis scales the same slices of every expert; the (expert, axis)
     units of expert neurons scale their own expert's slice only. ``stored_shape(e)`` is
-    the shape of expert e's stored tensor.
+    the shape of expert e's stored tensor; ``name`` names the stacked tensor in errors.
     """
     split: dict[int, TensorEdit] = {}
     for number, axes in enumerate(tensor_edit.steps):
         for axis, (index, scale) in axes.items():
             if isinstance(axis, int):
                 if axis == 0:
-                    raise AufoldError("an edit that scales whole experts cannot be split by "
-                                      "expert")
+                    raise AufoldError(f"the edit scales whole experts of {name}, which cannot "
+                                      f"be split into per-expert tensors; aufold's sites never "
+                                      f"do this, so the edit was not made by aufold")
                 for expert in range(experts):
                     edit = split.setdefault(expert, TensorEdit(optional=tensor_edit.optional))
                     edit.step(number)[axis - 1] = (index, scale)
                 continue
             expert_axis, inner = axis
             if expert_axis != 0:
-                raise AufoldError("expert neurons must be indexed by the stacked axis 0")
+                raise AufoldError(f"the expert neurons of {name} are indexed by axis "
+                                  f"{expert_axis}, but only a stack on axis 0 can be split into "
+                                  f"per-expert tensors; load the model whole to fold it")
             width = stored_shape(0)[inner - 1]
             owners = index // width
             if int(owners.max()) >= experts:
-                raise AufoldError(f"the edit steers expert {int(owners.max())}, but the "
-                                  f"checkpoint stores {experts} experts; the plan was made for "
-                                  f"another model")
+                raise AufoldError(f"the edit steers expert {int(owners.max())} of {name}, but "
+                                  f"the checkpoint stores {experts} experts; the plan was made "
+                                  f"for another model: localize again on this one")
             for expert in owners.unique().tolist():
                 mine = owners == expert
                 edit = split.setdefault(expert, TensorEdit(optional=tensor_edit.optional))

@@ -203,10 +203,12 @@ def stored_edits(checkpoint: Checkpoint, edits: Mapping[str, TensorEdit],
                                    _num_experts(config))
         if experts is not None:
             split = split_by_expert(tensor_edit, len(experts),
-                                    lambda number: checkpoint.entry(experts[number]).shape)
+                                    lambda number: checkpoint.entry(experts[number]).shape, name)
             by_stored.update({experts[number]: part for number, part in split.items()})
         elif not tensor_edit.optional:
-            raise TensorNotStored(f"the checkpoint has no tensor {name}; the plan does not fit it")
+            raise TensorNotStored(f"the checkpoint stores no tensor {name} under that name "
+                                  f"(transformers may build it from other tensors when loading, "
+                                  f"or the plan may be for another model)")
     by_shard: dict[str, dict[TensorEntry, TensorEdit]] = {}
     for stored, tensor_edit in by_stored.items():
         entry = checkpoint.entry(stored)

@@ -82,19 +82,13 @@ TOKEN_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 # Model types that build and whose sites resolve, but where a check fails: what fails.
 # tests/test_conformance.py fails when one starts to pass, so the list stays true.
+_ROUTER_FLIP = ("bfloat16 only: fold and hooks round differently, which flips the router's "
+                "top-k choice for some token, so the logits of a site (whichever the units "
+                "drawn make it) differ beyond 3x the noise floor; float32 is exact")
 KNOWN_FAILURES: dict[str, str] = {
-    "granitemoehybrid": "its tiny config does not survive save_pretrained and from_pretrained "
-                        "in transformers (time_step_limit fails validation on reload)",
-    "nemotron_h": "its tiny config does not survive save_pretrained and from_pretrained in "
-                  "transformers (time_step_limit fails validation on reload)",
-    "mimo_v2_flash": "bfloat16 only: fold and hooks round differently, which flips the "
-                     "router's top-k choice for some token, so the logits of an experts site "
-                     "(mlp or mlp-out, depending on the units drawn) differ beyond 3x the noise "
-                     "floor; float32 is exact",
-    "sarvam_moe": "bfloat16 only: fold and hooks round differently, which flips the router's "
-                  "top-k choice for some token, so the logits of an experts site (mlp or "
-                  "mlp-out, depending on the units drawn) differ beyond 3x the noise floor; "
-                  "float32 is exact",
+    "mimo_v2_flash": _ROUTER_FLIP,
+    "sarvam_moe": _ROUTER_FLIP,
+    "lfm2_moe": _ROUTER_FLIP,
     "inkling2_text": "transformers cannot reload its tiny saved checkpoint (a negative "
                      "tensor dimension on from_pretrained)",
     "inkling2_loop_text": "transformers cannot reload its tiny saved checkpoint (a negative "
@@ -139,7 +133,32 @@ def tiny_config(model_type: str) -> PretrainedConfig:
     default = config_class()
     if getattr(default, "is_encoder_decoder", False):
         raise Unsupported("an encoder-decoder model: aufold steers decoder-only language models")
-    return config_class(**_small(default))
+    kwargs = _small(default)
+    for key, value in EXTRA_ARGUMENTS.get(model_type, {}).items():
+        kwargs[key] = {**kwargs.get(key, {}), **value} if isinstance(value, dict) else value
+    return config_class(**kwargs)
+
+
+_QWEN4_EXP_INDEXER = dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16,
+                          indexer_budget=8, indexer_compress_ratio=2)
+# Constructor arguments that some config classes need to build at all, beyond small sizes:
+# their defaults leave None a size that the model reads (Dots1's shared experts, LFM2-MoE's
+# layer kinds, Qwen4-Exp's sparse-attention indexer, DBRX's rotary base), or spell out the
+# full-size layer pattern (GPT-Neo's, LFM2-MoE's dense layers).
+EXTRA_ARGUMENTS: dict[str, dict[str, Any]] = {
+    "dots1": dict(n_shared_experts=1, num_experts_per_tok=2),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
+    "dbrx": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                 ffn_config=dict(ffn_hidden_size=32, moe_top_k=2),
+                 d_model=SIZES["hidden_size"]),  # read before hidden_size is mapped to it
+    "qwen4_exp": dict(text_config=_QWEN4_EXP_INDEXER),
+    "qwen4_exp_text": _QWEN4_EXP_INDEXER,
+    # Hybrid models whose default layer pattern starts with two layers without attention.
+    "bamba": dict(attn_layer_indices=[1]),
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"]),
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),
+}
 
 
 class Unsupported(Exception):
@@ -150,6 +169,8 @@ def _small(config: PretrainedConfig) -> dict[str, Any]:
     """Constructor arguments that shrink ``config``: the sizes it has, its sub-configs too."""
     kwargs: dict[str, Any] = {}
     for key, value in {**SIZES, **TOKEN_IDS}.items():
+        if _read_only(config, key):  # derived from other sizes (Falcon's head_dim)
+            continue
         current = _attribute(config, key)
         if (current is None and not _needed(config, key)) or (
                 key in TOKEN_IDS and not isinstance(current, int)):
@@ -177,6 +198,12 @@ def _small(config: PretrainedConfig) -> dict[str, Any]:
 # head_dim, Nemotron's key-value heads, Dots1's experts); elsewhere None means "off" (no
 # sliding window, no query LoRA) and stays.
 _NEEDED_WHEN_NONE = ("head_dim", "num_key_value_heads", "n_routed_experts")
+
+
+def _read_only(config: PretrainedConfig, key: str) -> bool:
+    """Whether the config class derives ``key`` (a property without a setter)."""
+    attribute = getattr(type(config), config.attribute_map.get(key, key), None)
+    return isinstance(attribute, property) and attribute.fset is None
 
 
 def _attribute(config: PretrainedConfig, key: str) -> Any:

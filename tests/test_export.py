@@ -169,3 +169,18 @@ def test_localize_writes_a_readable_plan(base_and_plan: tuple[Path, Path]) -> No
     direct = localize(model, tokenizer, PAIRS, ["head", "mlp", "mlp-out"], progress=False)
     for site in plan.sites:
         assert torch.equal(direct.counts[site].positive, plan.counts[site].positive)
+
+
+def test_a_config_holding_an_infinity_resolves_its_sites(tmp_path: Path) -> None:
+    """Bamba's time_step_limit is (0, inf): config.json spells inf {"__float__": "Infinity"},
+    which the sites of a checkpoint on disk (the streamed export) must read back as a float."""
+    from conformance import tiny_config
+
+    config = tiny_config("bamba")
+    assert config.time_step_limit[1] == float("inf")
+    config.save_pretrained(tmp_path)
+    assert "__float__" in (tmp_path / "config.json").read_text()
+    from transformers import AutoConfig
+
+    architecture = architecture_for(AutoConfig.from_pretrained(tmp_path))
+    assert [layer.attention_out for layer in architecture.layer_sites] == [None, "self_attn.o_proj"]

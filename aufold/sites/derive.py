@@ -89,7 +89,9 @@ def _architecture_for_json(config_class: type, config_json: str) -> Architecture
     import transformers
     from transformers import AutoModelForCausalLM
 
-    config = config_class.from_dict(json.loads(config_json))
+    # to_json_string writes infinities as {"__float__": "Infinity"} (Bamba's time_step_limit);
+    # transformers' own reader turns them back into floats.
+    config = config_class.from_dict(config_class._decode_special_floats(json.loads(config_json)))
     # The class the checkpoint was saved from, where transformers has it (a text decoder
     # saved alone, such as MllamaForCausalLM, has a config that the Auto class does not map).
     # aufold loads models with AutoModelForCausalLM; only a config it does not map (a text
@@ -311,10 +313,12 @@ def _experts(layer: nn.Module, path: str, entries: list[_Entry], hidden: int
 
 
 def _inner_norm(block: nn.Module) -> str | None:
-    """A norm inside an experts block (AXK1 normalizes the sum of its experts before
-    returning it), by name; None where the block has none."""
-    for name, module in block.named_modules():
-        if name and ("norm" in type(module).__name__.lower() or "norm" in name.rpartition(".")[2]):
+    """The norm an experts block applies to its own output (AXK1's ``post_mlp_layernorm``),
+    by name; None where it has none. Only such an output norm (a direct ``post_*`` child)
+    stops the block's output from being linear in its experts' down projection rows; a
+    norm on the block's input does not."""
+    for name, module in block.named_children():
+        if name.startswith("post_") and ("norm" in type(module).__name__.lower() or "norm" in name):
             return name
     return None
 

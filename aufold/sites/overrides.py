@@ -79,6 +79,21 @@ OVERRIDES: Mapping[str, Override] = {
     "bitnet": Override(plan=_LLAMA_NAMES),
     "diffllama": Override(plan=_LLAMA_NAMES),
     "hunyuan_v1_dense": Override(plan=_LLAMA_NAMES),
+    "dory": Override(plan=_LLAMA_NAMES),
+    "lfm2": Override(plan=_plan("layers", "self_attn.out_proj", "feed_forward.w2")),
+    "lfm2_moe": Override(plan={**_plan("layers", "self_attn.out_proj", "feed_forward.w2"),
+                               "layers.*.feed_forward.experts.down_proj": "experts_down"}),
+    "lfm3": Override(plan=_plan("layers", "self_attn.o_proj", "feed_forward.w2")),
+    "bamba": Override(plan=_plan("layers", "self_attn.o_proj", "feed_forward.down_proj")),
+    "falcon_h1": Override(plan=_plan("layers", "self_attn.o_proj", "feed_forward.down_proj")),
+    "recurrent_gemma": Override(plan=_plan("layers", "temporal_block.o_proj",
+                                           "mlp_block.down_proj")),
+    "modernbert-decoder": Override(plan=_plan("layers", "attn.Wo", "mlp.Wo")),
+    "gpt_neox_japanese": Override(plan=_plan("layers", "attention.dense", "mlp.dense_4h_to_h")),
+    "moshi": Override(plan=_plan("layers", "self_attn.o_proj.linear", "mlp.fc2")),
+    "trocr": Override(plan=_FC2),
+    "cpmant": Override(plan=_plan("encoder.layers", "self_att.self_attention.attention_out",
+                                  "ffn.ffn.w_out")),
     "mllama_text_model": Override(plan=_LLAMA_NAMES),
     "emu3_text_model": Override(plan=_LLAMA_NAMES),
     # Plans that name the experts' fused gate-up projection but not their down projection.
@@ -97,6 +112,14 @@ OVERRIDES: Mapping[str, Override] = {
     **{model_type: Override(plan={"layers.*.self_attn.o_proj.linear": "attention_out",
                                   "layers.*.mlp.experts.down_proj": "experts_down"})
        for model_type in ("inkling2_text", "inkling2_loop_text")},
+    # DBRX keeps its experts as 2D [E * ffn, hidden] parameters that it views per expert
+    # inside its forward: only its heads are found.
+    "dbrx": Override(plan={"blocks.*.norm_attn_norm.attn.out_proj": "attention_out"}),
+    # Every layer has one mixer: Mamba, attention, a dense MLP or experts.
+    "nemotron_h": Override(plan={"layers.*.mixer.o_proj": "attention_out",
+                                 "layers.*.mixer.down_proj": "mlp_down",
+                                 "layers.*.mixer.experts.down_proj": "experts_down",
+                                 "layers.*.mixer.shared_experts.down_proj": "shared_expert_down"}),
     "gpt_oss": Override(plan={"layers.*.self_attn.o_proj": "attention_out",
                               "layers.*.mlp.experts.down_proj": "experts_down"}),
     "hunyuan_v1_moe": Override(plan={"layers.*.self_attn.o_proj": "attention_out",
@@ -105,7 +128,7 @@ OVERRIDES: Mapping[str, Override] = {
     **{model_type: _BERT for model_type in (
         "bert", "bert-generation", "roberta", "roberta-prelayernorm", "camembert",
         "xlm-roberta", "data2vec-text", "electra", "ernie", "rembert", "roc_bert",
-        "megatron-bert", "big_bird", "xmod")},
+        "megatron-bert", "big_bird", "xmod", "roformer", "xlm-roberta-xl", "git")},
 }
 
 
