@@ -100,15 +100,19 @@ def test_unknown_site_and_missing_option_are_one_line(workspace: Path) -> None:
                   "give either --pairs FILE or --task NAME")
 
 
-def test_unsupported_architecture(workspace: Path) -> None:
-    # Mamba has no attention heads and no MLP: transformers states no plan for its layers.
-    folder = workspace / "mamba"
+@pytest.mark.parametrize(("model_type", "reason"), [
+    # Mamba has no attention heads and no MLP: the override table says so.
+    ("mamba", "unsupported architecture 'mamba': a state-space model: its layers have neither"),
+    # XLM keeps attention and MLP in two parallel lists, and no plan or override names them.
+    ("xlm", "unsupported architecture 'xlm': transformers states no tensor-parallel plan"),
+])
+def test_unsupported_architecture(workspace: Path, model_type: str, reason: str) -> None:
+    folder = workspace / model_type
     folder.mkdir(exist_ok=True)
     config = json.loads((workspace / "base" / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
-    fails_cleanly(workspace, ["localize", "{root}/mamba", "--pairs", "{root}/pairs.jsonl", "--site",
-                              "mlp", "--out", "{root}/p"],
-                  "unsupported architecture 'mamba': transformers states no tensor-parallel plan")
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    fails_cleanly(workspace, ["localize", f"{{root}}/{model_type}", "--pairs",
+                              "{root}/pairs.jsonl", "--site", "mlp", "--out", "{root}/p"], reason)
 
 
 def test_a_config_transformers_cannot_read(workspace: Path) -> None:

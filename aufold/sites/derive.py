@@ -152,6 +152,8 @@ def _bias_flag(flag: str | None) -> str | None:
 
 def _entries(text: Any, override: Override, model_type: str) -> list[_Entry]:
     """The plan's input-split entries with one ``*`` (the layer index), classified."""
+    if override.unsupported:
+        raise AufoldError(f"unsupported architecture {model_type!r}: {override.unsupported}")
     plan: Mapping[str, Any] = override.plan or (getattr(text, "base_model_tp_plan", None) or {})
     entries = []
     for pattern, style in plan.items():
@@ -265,7 +267,8 @@ def _experts(layer: nn.Module, path: str, entries: list[_Entry], hidden: int
 
     ``path`` is the experts' down projection, ``<block>.<experts>.<down>``: a stacked
     [E, out, in] (or, transposed, [E, in, out]) parameter as transformers 5 keeps them,
-    or a list of per-expert projections (whose neurons aufold does not read).
+    or (whose neurons aufold does not read) a list of per-expert projections or an
+    [E * in, out] parameter.
     """
     experts_path, _, down = path.rpartition(".")
     block, _, experts_name = experts_path.rpartition(".")
@@ -286,6 +289,11 @@ def _experts(layer: nn.Module, path: str, entries: list[_Entry], hidden: int
         bias = getattr(experts, f"{down}_bias", None)
         if isinstance(bias, nn.Parameter):
             tensors.append(FoldTensor(f"{experts_name}.{down}_bias", 1))
+    elif isinstance(stacked, nn.Parameter) and stacked.dim() == 2 and stacked.shape[1] == hidden:
+        # The experts' down projections as one [E * in, out] parameter that the forward views
+        # per expert (DBRX's): output unit i is column i for every expert. Its neurons are
+        # not read (the forward slices a view, which aufold.experts does not follow).
+        tensors.append(FoldTensor(f"{experts_name}.{down}", 1))
     elif isinstance(experts, nn.ModuleList):
         for number, expert in enumerate(experts):
             if not _projection(expert, down, hidden):

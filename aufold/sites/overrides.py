@@ -36,6 +36,8 @@ class Override:
     # Why the neurons of this model's stacked experts cannot be read one expert at a time
     # (aufold.experts needs a per-expert slice of the down projection); None: they can.
     no_expert_neurons: str | None = None
+    # Why aufold cannot steer this model type at all; None: it can, where its sites are found.
+    unsupported: str | None = None
 
 
 def _plan(layers: str, attention_out: str, mlp_down: str) -> Mapping[str, Role]:
@@ -112,9 +114,12 @@ OVERRIDES: Mapping[str, Override] = {
     **{model_type: Override(plan={"layers.*.self_attn.o_proj.linear": "attention_out",
                                   "layers.*.mlp.experts.down_proj": "experts_down"})
        for model_type in ("inkling2_text", "inkling2_loop_text")},
-    # DBRX keeps its experts as 2D [E * ffn, hidden] parameters that it views per expert
-    # inside its forward: only its heads are found.
-    "dbrx": Override(plan={"blocks.*.norm_attn_norm.attn.out_proj": "attention_out"}),
+    # DBRX keeps its experts' down projections as one [E * ffn, hidden] parameter.
+    "dbrx": Override(plan={"blocks.*.norm_attn_norm.attn.out_proj": "attention_out",
+                           "blocks.*.ffn.experts.mlp.w2": "experts_down"},
+                     no_expert_neurons="it keeps its experts' down projections as one "
+                                       "[E * ffn, hidden] parameter that its forward views per "
+                                       "expert, which aufold does not follow"),
     # Every layer has one mixer: Mamba, attention, a dense MLP or experts.
     "nemotron_h": Override(plan={"layers.*.mixer.o_proj": "attention_out",
                                  "layers.*.mixer.down_proj": "mlp_down",
@@ -125,6 +130,21 @@ OVERRIDES: Mapping[str, Override] = {
     "hunyuan_v1_moe": Override(plan={"layers.*.self_attn.o_proj": "attention_out",
                                      "layers.*.mlp.experts.down_proj": "experts_down",
                                      "layers.*.mlp.shared_mlp.down_proj": "shared_expert_down"}),
+    # Model types aufold cannot steer, and why.
+    **{model_type: Override(unsupported="a state-space model: its layers have neither "
+                                        "attention heads nor an MLP, only a Mamba mixer")
+       for model_type in ("mamba", "mamba2", "falcon_mamba")},
+    # Recurrent models: the projection that reads the time-mixing (RWKV) or mLSTM (xLSTM)
+    # outputs takes the place of the attention output projection.
+    "rwkv": Override(plan=_plan("blocks", "attention.output", "feed_forward.value")),
+    "xlstm": Override(plan=_plan("blocks", "mlstm_layer.out_proj", "ffn.proj_down")),
+    "jetmoe": Override(unsupported="its attention heads and MLP neurons are mixtures of experts "
+                                   "of its own kind (ParallelExperts, routed per token), which "
+                                   "no site of aufold's describes"),
+    "longcat_flash": Override(unsupported="each layer has two attention blocks and two MLPs "
+                                          "(self_attn.0 and .1, mlps.0 and .1), and its experts "
+                                          "include identity experts that no weight scales; "
+                                          "aufold's sites hold one projection per layer"),
     **{model_type: _BERT for model_type in (
         "bert", "bert-generation", "roberta", "roberta-prelayernorm", "camembert",
         "xlm-roberta", "data2vec-text", "electra", "ernie", "rembert", "roc_bert",
