@@ -75,7 +75,7 @@ def _stored_templates(template: str, renamings: Sequence[tuple[str, str]]) -> li
 
 
 def split_by_expert(tensor_edit: TensorEdit, experts: int,
-                    stored_shape: Callable[[int], Sequence[int]], name: str = "a stacked tensor"
+                    stored_shape: Callable[[int], Sequence[int]], name: str
                     ) -> dict[int, TensorEdit]:
     """The edit of a stacked [E, ...] tensor as edits of its E slices, by expert, each
     slice's axes one lower; experts the edit leaves alone are left out.
